@@ -1,0 +1,275 @@
+"""Image folders: finding the files, splitting them, decoding any image into a normalised tensor.
+
+Layout: ``ROOT/train/<class>/*`` is required; ``ROOT/<val_split>/<class>/*`` is the validation set if
+present (else a stratified, seeded slice of train); ``ROOT/<test_split>/<class>/*`` is the test set if
+present. Files are found recursively; hidden files and files without an image extension are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .utils import UserError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+# Errors PIL raises for zero-byte, truncated, corrupt or absurdly large files.
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Deterministic evaluation preprocessing: resize the short side, center crop, normalise."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def resize_size(self) -> int:
+        return int(self.input_size / self.crop_pct)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: parallel tuples of file paths and integer labels."""
+
+    name: str
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    source: str = ""  # folder it came from, e.g. "train/" or "carved from train/"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def counts(self, n_classes: int) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=n_classes).tolist()
+
+    def subset(self, keep: list[int]) -> "Split":
+        return Split(self.name, tuple(self.files[i] for i in keep), tuple(self.labels[i] for i in keep), self.source)
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """Classes and the train / val / test splits of one data folder."""
+
+    root: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split | None
+    ignored_files: tuple[str, ...] = field(default=(), repr=False)
+
+    def summary(self) -> dict:
+        n = len(self.classes)
+        out = {"root": self.root, "classes": list(self.classes), "n_classes": n}
+        for split in (self.train, self.val, self.test):
+            if split is not None:
+                out[split.name] = {"source": split.source, "n": len(split), "per_class": split.counts(n)}
+        out["ignored_files"] = len(self.ignored_files)
+        return out
+
+
+def _scan_class_folders(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Map class name -> sorted image files (recursive, following symlinks); also list ignored files."""
+    classes: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():  # follows symlinks
+            ignored.append(entry.path)
+            continue
+        files = []
+        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(path)
+                else:
+                    files.append(path)
+        classes[entry.name] = sorted(files)
+    return classes, ignored
+
+
+def _require_nonempty(split_dir: Path, per_class: dict[str, list[str]]) -> None:
+    if not per_class:
+        raise UserError(f"{split_dir}: no class folders inside (expected {split_dir}/<class>/<image>)")
+    empty = [c for c, files in per_class.items() if not files]
+    if empty:
+        raise UserError(
+            f"{split_dir}: class folder(s) with no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+            + ", ".join(str(split_dir / c) for c in empty)
+        )
+
+
+def _check_same_classes(train_dir: Path, other_dir: Path, train: set[str], other: set[str]) -> None:
+    if train != other:
+        parts = []
+        if train - other:
+            parts.append(f"only in {train_dir}: {', '.join(sorted(train - other))}")
+        if other - train:
+            parts.append(f"only in {other_dir}: {', '.join(sorted(other - train))}")
+        raise UserError("class folders differ between splits; " + "; ".join(parts))
+
+
+def load_splits(
+    root: str | os.PathLike,
+    val_split: str = "val",
+    test_split: str = "test",
+    valid_frac: float = 0.2,
+    split_seed: int = 0,
+    max_per_class: int | None = None,
+) -> ImageSplits:
+    """Find the images under `root` and build train / val / test splits.
+
+    If `val_split` exists (and is not also the test split) it is the validation set; otherwise a
+    stratified `valid_frac` of each class is carved out of train with `split_seed`. `max_per_class`
+    caps the images taken from train (before carving), chosen with the same seed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data {root}: no such folder")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"--data {root}: missing {train_dir} (expected {root}/train/<class>/<image>)")
+    if not 0.0 < valid_frac < 1.0:
+        raise UserError(f"--valid-frac {valid_frac}: must be between 0 and 1")
+    if max_per_class is not None and max_per_class < 1:
+        raise UserError(f"--max-per-class {max_per_class}: must be at least 1")
+
+    train_files, ignored = _scan_class_folders(train_dir)
+    _require_nonempty(train_dir, train_files)
+    classes = tuple(sorted(train_files))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def folder_split(name: str, split_dir: Path) -> Split:
+        per_class, ign = _scan_class_folders(split_dir)
+        ignored.extend(ign)
+        _require_nonempty(split_dir, per_class)
+        _check_same_classes(train_dir, split_dir, set(classes), set(per_class))
+        files = [f for c in classes for f in per_class[c]]
+        labels = [index[c] for c in classes for _ in per_class[c]]
+        return Split(name, tuple(files), tuple(labels), f"{split_dir.name}/")
+
+    test_dir = root / test_split
+    test = folder_split("test", test_dir) if test_dir.is_dir() and test_split != "train" else None
+
+    rng = np.random.default_rng(split_seed)
+    val_dir = root / val_split
+    use_val_folder = val_dir.is_dir() and val_split not in (test_split, "train")
+    tr_files: list[str] = []
+    tr_labels: list[int] = []
+    va_files: list[str] = []
+    va_labels: list[int] = []
+    for c in classes:
+        files = train_files[c]
+        order = rng.permutation(len(files)) if (max_per_class or not use_val_folder) else np.arange(len(files))
+        if max_per_class is not None:
+            order = order[:max_per_class]
+        chosen = [files[i] for i in order]
+        if use_val_folder:
+            n_val = 0
+        else:
+            if len(chosen) < 2:
+                raise UserError(
+                    f"{train_dir / c}: {len(chosen)} image(s); carving a validation split needs at least 2 per class"
+                )
+            n_val = min(len(chosen) - 1, max(1, round(len(chosen) * valid_frac)))
+        # Keep each split in file order so runs do not depend on the carving permutation's order.
+        va_files += sorted(chosen[:n_val])
+        va_labels += [index[c]] * n_val
+        tr_files += sorted(chosen[n_val:])
+        tr_labels += [index[c]] * (len(chosen) - n_val)
+
+    train = Split("train", tuple(tr_files), tuple(tr_labels), "train/")
+    if use_val_folder:
+        val = folder_split("val", val_dir)
+    else:
+        val = Split("val", tuple(va_files), tuple(va_labels), f"carved from train/ ({valid_frac:g}, seed {split_seed})")
+    return ImageSplits(str(root), classes, train, val, test, tuple(ignored))
+
+
+def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
+    """Decode any supported image into an 8-bit RGB PIL image.
+
+    Large JPEGs are decoded at reduced scale (still >= `min_size` on each side) so an 8000x6000 photo
+    never materialises at full size. Grey, 16-bit, palette, RGBA and CMYK images become RGB; alpha is
+    dropped.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns on palette transparency and EXIF oddities
+        img = Image.open(path)
+        if min_size is not None and img.format == "JPEG":
+            img.draft("RGB", (min_size, min_size))
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        elif img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+def build_transform(pre: Preprocessing):
+    """The torchvision transform for `pre` (PIL RGB image -> normalised float tensor)."""
+    from torchvision import transforms
+
+    interp = {
+        "bilinear": transforms.InterpolationMode.BILINEAR,
+        "bicubic": transforms.InterpolationMode.BICUBIC,
+    }[pre.interpolation]
+    return transforms.Compose(
+        [
+            transforms.Resize(pre.resize_size, interpolation=interp),
+            transforms.CenterCrop(pre.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are ``(image_tensor, label, index, ok)``; a file that fails to decode gives ``ok=False``
+    and a zero image, so one bad file never stops a pass and every bad file can be reported."""
+
+    def __init__(self, split: Split, pre: Preprocessing):
+        self.split = split
+        self.pre = pre
+        self.transform = build_transform(pre)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_rgb(self.split.files[i], min_size=self.pre.resize_size)
+            x = self.transform(img)
+            ok = True
+        except BAD_IMAGE_ERRORS:
+            x = torch.zeros(3, self.pre.input_size, self.pre.input_size)
+            ok = False
+        return x, self.split.labels[i], i, ok
+
+
+def describe_bad_image(path: str) -> str:
+    """A short reason why `path` does not decode (for error listings)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        load_rgb(path)
+    except BAD_IMAGE_ERRORS as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0][:120]
+    return "decoded on retry"
+

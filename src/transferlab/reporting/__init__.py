@@ -1,0 +1,1 @@
+"""Figures and the HTML report. Reads result records (dicts / JSON files); never imports torch."""

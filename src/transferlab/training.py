@@ -1,0 +1,164 @@
+"""One training run: minibatch Adam (or SGD) with early stopping on validation cross-entropy.
+
+Per batch: ``loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)`` (bias not penalised).
+Epoch 0 evaluates the untrained model on validation before any update. After every epoch the
+validation cross-entropy decides: a strict improvement keeps a copy of the trainable state in
+memory; `patience` epochs without one stop training; the best state is restored at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .freezing import set_train_mode, trainable_parameters, trainable_state
+from .heads import l2_penalty
+from .utils import UserError
+
+
+class BatchSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def batches(self, order: torch.Tensor, batch_size: int): ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one run (saved beside every run)."""
+
+    lr: float = 1e-3
+    l2: float = 0.0
+    seed: int = 0
+    epochs: int = 100
+    patience: int = 15
+    batch_size: int = 64
+    optimizer: str = "adam"  # "adam" | "sgd" (momentum 0.9)
+    momentum: float = 0.9
+
+    def validate(self) -> None:
+        """UserError naming the flag for values that cannot train."""
+        checks = [
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: must be a positive number"),
+            (math.isfinite(self.l2) and self.l2 >= 0, f"--l2 {self.l2}: must be zero or positive"),
+            (self.epochs >= 0, f"--epochs {self.epochs}: must be zero or positive"),
+            (self.patience >= 1, f"--patience {self.patience}: must be at least 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
+            (self.optimizer in ("adam", "sgd"), f"--optimizer {self.optimizer}: expected adam or sgd"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass
+class FitResult:
+    """History (one dict per epoch, epoch 0 first), the chosen epoch and how the run ended."""
+
+    history: list[dict]
+    best_epoch: int
+    status: str  # "done" | "diverged"
+    best_state: dict = field(repr=False)
+    train_seconds: float = 0.0
+
+    @property
+    def best(self) -> dict:
+        return self.history[self.best_epoch]
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, source: BatchSource, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy, error rate) of `net` on `source`, in eval mode, in the source's order."""
+    xent_sum, wrong, n = 0.0, 0, 0
+    order = torch.arange(len(source))
+    for x, y in source.batches(order, batch_size):
+        logits = net(x)
+        xent_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        wrong += (logits.argmax(1) != y).sum().item()
+        n += len(y)
+    return xent_sum / n, wrong / n
+
+
+def fit(
+    model: nn.Module,
+    net: nn.Module,
+    head: nn.Linear,
+    train: BatchSource,
+    val: BatchSource,
+    cfg: TrainConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train `model`'s trainable parameters; `net` maps a source's inputs to logits.
+
+    `net` is either the whole model (images in) or the suffix of its chain after a cache (cached
+    activations in); the modules are shared, so both paths train the same parameters. The batch
+    order comes from a generator seeded with ``cfg.seed``, identically in both paths.
+    """
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("training and validation splits must both hold at least one image")
+    params = list(trainable_parameters(model).values())
+    optimizer = make_optimizer(params, cfg)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    n_train = len(train)
+    l2_scale = cfg.l2 / n_train
+
+    set_train_mode(model, False)
+    val_xent, val_err = evaluate(net, val)
+    history = [dict(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=val_xent, val_err=val_err)]
+    best_epoch, best_xent, best_state = 0, val_xent, trainable_state(model)
+    status, since_best = "done", 0
+    if on_epoch:
+        on_epoch(history[-1])
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        set_train_mode(model, True)
+        loss_sum = xent_sum = 0.0
+        wrong = 0
+        for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
+            logits = net(x)
+            xent = F.cross_entropy(logits, y)
+            loss = xent + l2_scale * l2_penalty(head) if cfg.l2 else xent
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            b = len(y)
+            loss_sum += loss.item() * b
+            xent_sum += xent.item() * b
+            wrong += (logits.detach().argmax(1) != y).sum().item()
+        set_train_mode(model, False)
+        val_xent, val_err = evaluate(net, val)
+        record = dict(
+            epoch=epoch,
+            train_loss=loss_sum / n_train,
+            train_xent=xent_sum / n_train,
+            train_err=wrong / n_train,
+            val_xent=val_xent,
+            val_err=val_err,
+        )
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if not (math.isfinite(record["train_loss"]) and math.isfinite(val_xent)):
+            status = "diverged"
+            break
+        if val_xent < best_xent:
+            best_epoch, best_xent, best_state, since_best = epoch, val_xent, trainable_state(model), 0
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                break
+    train_seconds = time.perf_counter() - start
+    model.load_state_dict(best_state, strict=False)
+    set_train_mode(model, False)
+    return FitResult(history, best_epoch, status, best_state, train_seconds)
