@@ -74,7 +74,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return CATALOGUE[name]
     except KeyError:
-        close = difflib.get_close_matches(name, CATALOGUE, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, CATALOGUE, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(CATALOGUE)}"
         raise UserError(f"--backbone {name}: unknown backbone{hint}") from None
 

@@ -1,0 +1,91 @@
+import copy
+import os
+import time
+
+import pytest
+import torch
+
+from transferlab.data import load_splits
+from transferlab.features import FeatureCache, cached_split_inputs
+from transferlab.study import EngineConfig, Workbench
+from transferlab.training import TrainConfig
+
+METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
+
+
+def run_history(backbone, splits, k, use_cache, cache_dir=None, epochs=4):
+    engine = EngineConfig("cpu", use_cache=use_cache, progress=False, num_workers=0)
+    bench = Workbench(copy.deepcopy(backbone), splits, engine, cache_dir)
+    result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8), k)
+    return bench, result
+
+
+def assert_same_history(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for key in METRICS:
+            if ra[key] is None:
+                assert rb[key] is None
+            else:
+                assert abs(ra[key] - rb[key]) <= tol, (ra["epoch"], key, ra[key], rb[key])
+
+
+@pytest.mark.parametrize("k, cut", [(1, "output"), (3, "features.stage4.unit1")])
+def test_cached_run_equals_running_the_frozen_backbone_every_epoch(tiny_folder, resnet10_random, k, cut):
+    splits = load_splits(tiny_folder)
+    cached_bench, cached = run_history(resnet10_random, splits, k, use_cache=True)
+    _, full = run_history(resnet10_random, splits, k, use_cache=False)
+    assert cached_bench.cached and cached_bench.cut_name == cut
+    assert_same_history(cached.history, full.history)
+    assert cached.best_epoch == full.best_epoch
+
+
+def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path):
+    splits = load_splits(tiny_folder)
+    bb = copy.deepcopy(resnet10_random)
+    from transferlab.features import Chain, first_trainable_block
+    from transferlab.freezing import FreezePlan
+
+    FreezePlan(1).apply(bb.model)
+    chain = bb.chain()
+    prefix = Chain(chain[: first_trainable_block(chain)])
+    cache = FeatureCache(tmp_path / "cache")
+    cpu = torch.device("cpu")
+
+    def get(split, backbone=bb):
+        return cached_split_inputs(backbone, prefix, "output", split, cache, cpu, num_workers=0, progress=False)
+
+    first, _, hit = get(splits.val)
+    assert not hit and first.inputs.shape == (9, 512)
+    again, _, hit = get(splits.val)
+    assert hit and torch.equal(again.inputs, first.inputs)
+
+    # A modified image file (new mtime) invalidates the entry.
+    path = splits.val.files[0]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _, _, hit = get(splits.val)
+    assert not hit
+
+    # Different weights: a different key.
+    other = copy.deepcopy(bb)
+    with torch.no_grad():
+        other.model.features.init_block.conv.conv.weight.add_(1.0)
+    from transferlab.backbones import weights_digest
+
+    other.weights_digest = weights_digest(other.model, "output")
+    assert cache.key(other, "output", splits.val, other.spec.preprocessing, cpu) != cache.key(bb, "output", splits.val, bb.spec.preprocessing, cpu)
+
+    # A corrupted file is detected, never used, and rebuilt.
+    key = cache.key(bb, "output", splits.val, bb.spec.preprocessing, cpu)
+    file = cache.path(splits.val, key)
+    data = bytearray(file.read_bytes())
+    data[-20] ^= 0xFF  # flip a bit inside the tensor data
+    file.write_bytes(bytes(data))
+    rebuilt, _, hit = get(splits.val)
+    assert not hit
+    assert torch.allclose(rebuilt.inputs, first.inputs, atol=1e-6)
+    truncated = file.read_bytes()[:100]
+    file.write_bytes(truncated)
+    _, _, hit = get(splits.val)
+    assert not hit

@@ -1,0 +1,110 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transferlab.data import load_splits
+from transferlab.features import SplitInputs, TensorSource
+from transferlab.freezing import FreezePlan, frozen_digest, layer_names, set_train_mode
+from transferlab.heads import new_head
+from transferlab.study import EngineConfig, Workbench
+from transferlab.training import TrainConfig, evaluate, fit
+from transferlab.utils import UserError
+
+CPU = torch.device("cpu")
+
+
+def feature_source(n, dim, n_classes, seed, shift=2.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % n_classes
+    x = torch.randn(n, dim, generator=g) + shift * F.one_hot(y, dim).float()
+    return TensorSource(SplitInputs(x, y, []), CPU)
+
+
+def test_resnet10_layers_and_probe_size(resnet10_random):
+    model = copy.deepcopy(resnet10_random.model)
+    model.output = new_head(512, 10, seed=0)
+    names = layer_names(model)
+    assert names[-3:] == ["features.stage4.unit1.identity_conv.conv", "features.stage4.unit1.identity_conv.bn", "output"]
+    assert names[0] == "features.init_block.conv.conv"
+    assert FreezePlan(1).apply(model) == ["output"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5130
+    assert FreezePlan(3).apply(model) == names[-3:]
+    with pytest.raises(UserError, match=f"between 1 and {len(names)}"):
+        FreezePlan(len(names) + 1).apply(model)
+
+
+def test_train_mode_only_for_modules_with_trainable_params(resnet10_random):
+    model = copy.deepcopy(resnet10_random.model)
+    FreezePlan(3).apply(model)
+    set_train_mode(model, True)
+    training = {n for n, m in model.named_modules() if m.training}
+    assert training == {"features.stage4.unit1.identity_conv.conv", "features.stage4.unit1.identity_conv.bn", "output"}
+
+
+def test_loss_formula_matches_hand_computation():
+    train, val = feature_source(20, 6, 3, seed=1), feature_source(9, 6, 3, seed=2)
+    head = new_head(6, 3, seed=5)
+    w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+    cfg = TrainConfig(lr=0.1, l2=3.0, seed=0, epochs=1, patience=5, batch_size=20, optimizer="sgd")
+    result = fit(head, head, head, train, val, cfg)
+    # One full batch: the recorded loss is the loss at the initial weights.
+    logits = train.inputs @ w0.T + b0
+    expected = F.cross_entropy(logits, train.labels) + (3.0 / 20) * (w0**2).sum()
+    assert math.isclose(result.history[1]["train_loss"], expected.item(), rel_tol=1e-6)
+    assert math.isclose(result.history[1]["train_xent"], F.cross_entropy(logits, train.labels).item(), rel_tol=1e-6)
+    # The bias is not penalised: its gradient is the cross-entropy's alone.
+    assert result.history[1]["train_loss"] > result.history[1]["train_xent"]
+
+
+def test_epoch_zero_is_validation_of_the_untrained_head():
+    train, val = feature_source(30, 8, 4, seed=1), feature_source(12, 8, 4, seed=2)
+    head = new_head(8, 4, seed=3)
+    before = evaluate(head, val)
+    result = fit(head, head, head, train, val, TrainConfig(epochs=3, patience=10))
+    first = result.history[0]
+    assert first["epoch"] == 0 and first["train_loss"] is None and first["train_err"] is None
+    assert (first["val_xent"], first["val_err"]) == pytest.approx(before)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+
+
+def test_early_stopping_restores_the_best_epoch():
+    # Noise labels: validation cross-entropy gets worse as the head memorises train.
+    g = torch.Generator().manual_seed(0)
+    train = TensorSource(SplitInputs(torch.randn(40, 30, generator=g), torch.randint(0, 3, (40,), generator=g), []), CPU)
+    val = TensorSource(SplitInputs(torch.randn(30, 30, generator=g), torch.randint(0, 3, (30,), generator=g), []), CPU)
+    head = new_head(30, 3, seed=0)
+    cfg = TrainConfig(lr=0.05, epochs=200, patience=4, batch_size=8)
+    result = fit(head, head, head, train, val, cfg)
+    xents = [h["val_xent"] for h in result.history]
+    assert result.best_epoch == xents.index(min(xents))
+    assert result.history[-1]["epoch"] == result.best_epoch + 4 < 200  # stopped by patience
+    assert evaluate(head, val) == pytest.approx((result.best["val_xent"], result.best["val_err"]), abs=1e-6)
+
+
+def test_same_seed_same_history_different_seed_different():
+    train, val = feature_source(50, 8, 4, seed=1), feature_source(12, 8, 4, seed=2)
+    runs = []
+    for seed in (7, 7, 8):
+        head = new_head(8, 4, seed=seed)
+        runs.append(fit(head, head, head, train, val, TrainConfig(seed=seed, epochs=4, batch_size=16)).history)
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_folder, resnet10_random, k):
+    """MoCo's linear-eval sanity check, including batch-norm running statistics."""
+    bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), EngineConfig("cpu", progress=False, num_workers=0), None)
+    bench.prepare(k)
+    bench.reset(seed=0)
+    frozen_bn = bench.model.features.stage4.unit1.body.conv2.bn
+    before_mean = frozen_bn.running_mean.clone()
+    digest = frozen_digest(bench.model)
+    trained_bn_before = bench.model.features.stage4.unit1.identity_conv.bn.running_mean.clone()
+    bench.run(TrainConfig(lr=1e-2, epochs=3, batch_size=8), k)
+    assert frozen_digest(bench.model) == digest
+    assert torch.equal(frozen_bn.running_mean, before_mean)
+    trained_bn_after = bench.model.features.stage4.unit1.identity_conv.bn.running_mean
+    assert torch.equal(trained_bn_after, trained_bn_before) == (k == 1)
