@@ -89,3 +89,15 @@ def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path)
     file.write_bytes(truncated)
     _, _, hit = get(splits.val)
     assert not hit
+
+
+def test_memory_guard_falls_back_to_the_full_model_with_a_notice(tiny_folder, resnet10_random, caplog):
+    engine = EngineConfig("cpu", use_cache=True, cache_max_gb=1e-6, progress=False, num_workers=0)
+    bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None)
+    with caplog.at_level("WARNING"):
+        bench.prepare(3)
+    assert not bench.cached
+    assert "--cache-max-gb 1e-06" in bench.notice and "features.stage4.unit1" in bench.notice
+    assert bench.notice in caplog.text
+    result = bench.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8), 3)
+    assert result.status == "done" and len(result.history) == 2

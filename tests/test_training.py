@@ -108,3 +108,25 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_
     assert torch.equal(frozen_bn.running_mean, before_mean)
     trained_bn_after = bench.model.features.stage4.unit1.identity_conv.bn.running_mean
     assert torch.equal(trained_bn_after, trained_bn_before) == (k == 1)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_batched_probes_match_individual_runs(optimizer):
+    from transferlab.training import fit_linear_probes
+
+    train, val = feature_source(70, 16, 5, seed=1, shift=1.0), feature_source(25, 16, 5, seed=2, shift=1.0)
+    cfgs = [TrainConfig(lr=lr, l2=l2, seed=4, epochs=25, patience=3, batch_size=16, optimizer=optimizer)
+            for lr in (1e-3, 3e-2, 50.0) for l2 in (0.0, 10.0)]
+    batched = fit_linear_probes([new_head(16, 5, seed=4) for _ in cfgs], train, val, cfgs, head_name="output")
+    for cfg, got in zip(cfgs, batched):
+        head = new_head(16, 5, seed=4)
+        ref = fit(head, head, head, train, val, cfg)
+        assert got.best_epoch == ref.best_epoch and got.status == ref.status
+        assert len(got.history) == len(ref.history)
+        for a, b in zip(got.history, ref.history):
+            for key in ("train_loss", "train_xent", "train_err", "val_xent", "val_err"):
+                if a[key] is None or not math.isfinite(a[key]):
+                    assert (a[key] is None) == (b[key] is None)
+                else:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (cfg, a["epoch"], key)
+        assert torch.allclose(got.best_state["output.weight"], ref.best_state["weight"], atol=1e-5)

@@ -31,7 +31,7 @@ from .features import (
 )
 from .freezing import FreezePlan, frozen_digest, layer_names, set_train_mode, trainable_parameters
 from .heads import new_head
-from .training import FitResult, TrainConfig, evaluate, fit
+from .training import FitResult, TrainConfig, evaluate, fit, fit_linear_probes
 from .utils import UserError, check_writable_dir
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ class Workbench:
         self.timings: dict[str, float] = {}
         backbone.reset_classifier(new_head(backbone.feature_dim, self.n_classes, seed=0))
         backbone.model.to(self.device)
+        if self.device.type == "cuda":
+            backbone.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
         self._pristine = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
         self._n_trainable: int | None = None
         self._sources: dict[str, object] = {}
@@ -167,12 +170,10 @@ class Workbench:
         return Chain(chain[self.cut_index:] if self.cached else chain)
 
     # -- runs ------------------------------------------------------------------------------------
-    def reset(self, seed: int, head_state: dict | None = None) -> torch.nn.Linear:
-        """Pristine pretrained weights everywhere, and a fresh head from `seed` (or `head_state`)."""
+    def reset(self, seed: int) -> torch.nn.Linear:
+        """Pristine pretrained weights everywhere, and a fresh head initialised from `seed`."""
         self.model.load_state_dict(self._pristine)
         head = new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.device)
-        if head_state is not None:
-            head.load_state_dict(head_state)
         self.backbone.reset_classifier(head)
         FreezePlan(self._n_trainable or 1).apply(self.model)
         return head
@@ -185,6 +186,31 @@ class Workbench:
             self.model.load_state_dict({k: v.to(self.device) for k, v in start_state.items()}, strict=False)
             head = self.backbone.classifier
         return fit(self.model, self.net, head, self._sources["train"], self._sources["val"], cfg, on_epoch)
+
+    def run_probes(self, cfgs: list[TrainConfig]) -> list[FitResult]:
+        """Linear probes (k = 1) for many configs; on cached features, heads sharing a seed train together."""
+        self.prepare(1)
+        if not self.cached:
+            return [self.run(cfg, 1) for cfg in cfgs]
+        results: list[FitResult | None] = [None] * len(cfgs)
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(cfgs):
+            groups.setdefault((c.seed, c.epochs, c.batch_size, c.optimizer, c.momentum), []).append(i)
+        for members in groups.values():
+            seed = cfgs[members[0]].seed
+            heads = [new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.device) for _ in members]
+            batch = fit_linear_probes(
+                heads, self._sources["train"], self._sources["val"], [cfgs[i] for i in members], self.backbone.classifier_name
+            )
+            for i, r in zip(members, batch):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def load_trained(self, n_trainable_layers: int, state: dict) -> None:
+        """Put a run's trained state (e.g. a FitResult's best_state) into the model for evaluation."""
+        self.prepare(n_trainable_layers)
+        self.reset(seed=0)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
 
     def test_accuracy(self) -> float | None:
         """Accuracy of the current model on the test split (computed on demand, once per call)."""

@@ -162,3 +162,137 @@ def fit(
     model.load_state_dict(best_state, strict=False)
     set_train_mode(model, False)
     return FitResult(history, best_epoch, status, best_state, train_seconds)
+
+
+def _same_schedule(cfgs: list[TrainConfig]) -> None:
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        if (c.seed, c.epochs, c.batch_size, c.optimizer, c.momentum) != (first.seed, first.epochs, first.batch_size, first.optimizer, first.momentum):
+            raise ValueError("batched probes must share seed, epochs, batch size and optimizer")
+
+
+class _StackedOptimizer:
+    """Adam / SGD-momentum on stacked per-head tensors with a per-head learning rate.
+
+    Mirrors the arithmetic of ``torch.optim.Adam`` (single-tensor path) and ``torch.optim.SGD`` so a
+    batched run reproduces the individual runs.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lrs: torch.Tensor, cfg: TrainConfig, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lrs, self.cfg = params, lrs, cfg
+        self.betas, self.eps, self.step_count = betas, eps, 0
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+
+    def _lr(self, p: torch.Tensor) -> torch.Tensor:
+        return self.lrs.view(-1, *([1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.step_count += 1
+        for p, g, (m, v) in zip(self.params, grads, self.state):
+            lr = self._lr(p)
+            if self.cfg.optimizer == "sgd":
+                if self.step_count == 1:
+                    m.copy_(g)
+                else:
+                    m.mul_(self.cfg.momentum).add_(g)
+                p.sub_(lr * m)
+                continue
+            b1, b2 = self.betas
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            bias1 = 1 - b1**self.step_count
+            bias2_sqrt = math.sqrt(1 - b2**self.step_count)
+            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
+            p.sub_((lr / bias1) * m / denom)
+
+
+def _stacked_metrics(weight, bias, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head (G,) mean cross-entropy and error count, plus the (G, B, C) logits."""
+    logits = torch.einsum("bd,gcd->gbc", x, weight) + bias[:, None, :]
+    g, b, c = logits.shape
+    xent = F.cross_entropy(logits.reshape(g * b, c), y.repeat(g), reduction="none").view(g, b).mean(1)
+    wrong = (logits.argmax(2) != y).sum(1)
+    return xent, wrong, logits
+
+
+def fit_linear_probes(
+    heads: list[nn.Linear],
+    train,
+    val,
+    cfgs: list[TrainConfig],
+    head_name: str = "",
+) -> list[FitResult]:
+    """Train several linear heads on the same cached features in one batched pass.
+
+    The heads must share seed, epochs, batch size and optimizer (so they see identical minibatches);
+    each has its own lr, l2 and patience, its own early stopping and divergence check. Each result is
+    what :func:`fit` would return for that head alone (tested within 1e-5); the heads are left holding
+    their best weights. `head_name` prefixes the keys of each ``best_state`` (e.g. ``"output"``).
+    """
+    _same_schedule(cfgs)
+    cfg0, n_heads, n_train = cfgs[0], len(cfgs), len(train)
+    weight = torch.stack([h.weight.detach() for h in heads]).clone().requires_grad_(True)
+    bias = torch.stack([h.bias.detach() for h in heads]).clone().requires_grad_(True)
+    device = weight.device
+    lrs = torch.tensor([c.lr for c in cfgs], dtype=weight.dtype, device=device)
+    l2_scale = torch.tensor([c.l2 / n_train for c in cfgs], dtype=weight.dtype, device=device)
+    optimizer = _StackedOptimizer([weight, bias], lrs, cfg0)
+    order_gen = torch.Generator().manual_seed(cfg0.seed)
+    prefix = f"{head_name}." if head_name else ""
+
+    def val_metrics():
+        with torch.no_grad():
+            xent_sum = torch.zeros(n_heads, device=device)
+            wrong = torch.zeros(n_heads, dtype=torch.long, device=device)
+            for x, y in val.batches(torch.arange(len(val)), 512):
+                xent, w, _ = _stacked_metrics(weight, bias, x, y)
+                xent_sum += xent * len(y)
+                wrong += w
+            return (xent_sum / len(val)).tolist(), (wrong.double() / len(val)).tolist()
+
+    def snapshot(g):
+        return {prefix + "weight": weight[g].detach().clone(), prefix + "bias": bias[g].detach().clone()}
+
+    vx, ve = val_metrics()
+    histories = [[dict(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=vx[g], val_err=ve[g])] for g in range(n_heads)]
+    best_epoch, best_xent = [0] * n_heads, list(vx)
+    best_state = [snapshot(g) for g in range(n_heads)]
+    since_best, status, active = [0] * n_heads, ["done"] * n_heads, [True] * n_heads
+    start = time.perf_counter()
+    for epoch in range(1, cfg0.epochs + 1):
+        if not any(active):
+            break
+        loss_sum = torch.zeros(n_heads, device=device)
+        xent_sum = torch.zeros(n_heads, device=device)
+        wrong = torch.zeros(n_heads, dtype=torch.long, device=device)
+        for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg0.batch_size):
+            xent, w, _ = _stacked_metrics(weight, bias, x, y)
+            loss = xent + l2_scale * weight.pow(2).sum((1, 2))
+            grads = torch.autograd.grad(loss.sum(), [weight, bias])
+            optimizer.step(grads)
+            b = len(y)
+            loss_sum += loss.detach() * b
+            xent_sum += xent.detach() * b
+            wrong += w
+        vx, ve = val_metrics()
+        tl, tx, te = (loss_sum / n_train).tolist(), (xent_sum / n_train).tolist(), (wrong.double() / n_train).tolist()
+        for g in range(n_heads):
+            if not active[g]:
+                continue
+            histories[g].append(dict(epoch=epoch, train_loss=tl[g], train_xent=tx[g], train_err=te[g], val_xent=vx[g], val_err=ve[g]))
+            if not (math.isfinite(tl[g]) and math.isfinite(vx[g])):
+                status[g], active[g] = "diverged", False
+            elif vx[g] < best_xent[g]:
+                best_epoch[g], best_xent[g], best_state[g], since_best[g] = epoch, vx[g], snapshot(g), 0
+            else:
+                since_best[g] += 1
+                active[g] = since_best[g] < cfgs[g].patience
+    seconds = (time.perf_counter() - start) / n_heads
+    results = []
+    for g, head in enumerate(heads):
+        with torch.no_grad():
+            head.weight.copy_(best_state[g][prefix + "weight"])
+            head.bias.copy_(best_state[g][prefix + "bias"])
+        results.append(FitResult(histories[g], best_epoch[g], status[g], best_state[g], seconds))
+    return results
