@@ -132,6 +132,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .search import sweep
+    from .sweep_cli import build_config, reproduce_command, resolve
+
+    values = resolve(args)
+    cfg = build_config(values)
+    out = Path(values["out"])
+    rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv))
+    for r in rows:
+        acc = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
+        print(f"{r['backbone']:20s} {r['method']:6s} lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']} "
+              f"val_xent={r['val_xent']:.4f} val_err={r['val_err']:.4f} test_acc={acc}")
+    print(f"outputs: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'report.html'}, {out / 'ledger.sqlite'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .reporting.report import build_report
+
+    rows = build_report(args.dir)
+    print(f"{len(rows)} summary rows; report: {Path(args.dir) / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description="Transfer-learning experiments on small image sets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -152,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_probe)
 
+    from .sweep_cli import add_sweep_flags
+
+    p = sub.add_parser("sweep", help="grid search (and LP-then-FT) over backbones, resumable")
+    add_sweep_flags(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="rebuild summary, figures and report.html from a sweep's ledger")
+    p.add_argument("dir", help="the sweep's output folder")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("demo", help="offline demo: digits images + efficientnet_lite0 linear probe")
     p.add_argument("--out", default=DEFAULT_DEMO_OUT)
     p.add_argument("--device", default="auto")
@@ -163,9 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    argv_seen = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="transferlab: %(message)s")
+    func = args.func
+    del args.func
+    args.argv = argv_seen
     try:
-        return args.func(args)
+        return func(args)
     except UserError as e:
         print(f"transferlab: error: {e}", file=sys.stderr)
         return 2

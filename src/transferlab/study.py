@@ -106,7 +106,6 @@ class Workbench:
         backbone.model.to(self.device)
         if self.device.type == "cuda":
             backbone.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
         self._pristine = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
         self._n_trainable: int | None = None
         self._sources: dict[str, object] = {}
@@ -187,11 +186,11 @@ class Workbench:
             head = self.backbone.classifier
         return fit(self.model, self.net, head, self._sources["train"], self._sources["val"], cfg, on_epoch)
 
-    def run_probes(self, cfgs: list[TrainConfig]) -> list[FitResult]:
+    def run_probes(self, cfgs: list[TrainConfig], on_epoch=None) -> list[FitResult]:
         """Linear probes (k = 1) for many configs; on cached features, heads sharing a seed train together."""
         self.prepare(1)
         if not self.cached:
-            return [self.run(cfg, 1) for cfg in cfgs]
+            return [self.run(cfg, 1, on_epoch=on_epoch) for cfg in cfgs]
         results: list[FitResult | None] = [None] * len(cfgs)
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(cfgs):
@@ -200,7 +199,7 @@ class Workbench:
             seed = cfgs[members[0]].seed
             heads = [new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.device) for _ in members]
             batch = fit_linear_probes(
-                heads, self._sources["train"], self._sources["val"], [cfgs[i] for i in members], self.backbone.classifier_name
+                heads, self._sources["train"], self._sources["val"], [cfgs[i] for i in members], self.backbone.classifier_name, on_epoch
             )
             for i, r in zip(members, batch):
                 results[i] = r

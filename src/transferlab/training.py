@@ -222,6 +222,7 @@ def fit_linear_probes(
     val,
     cfgs: list[TrainConfig],
     head_name: str = "",
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> list[FitResult]:
     """Train several linear heads on the same cached features in one batched pass.
 
@@ -288,6 +289,8 @@ def fit_linear_probes(
             else:
                 since_best[g] += 1
                 active[g] = since_best[g] < cfgs[g].patience
+        if on_epoch:
+            on_epoch(dict(epoch=epoch, val_xent=min(vx), val_err=min(ve), active=sum(active)))
     seconds = (time.perf_counter() - start) / n_heads
     results = []
     for g, head in enumerate(heads):

@@ -1,0 +1,175 @@
+"""Summary files, figures and the self-contained HTML report of a sweep, rebuilt from its ledger alone."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+from ..ledger import Ledger
+from ..utils import UserError, atomic_write_bytes, write_json
+from . import figures
+
+SUMMARY_KEYS = (
+    "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
+    "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc",
+)
+METHODS = ("LP", "LP-FT")
+LOSS_TEXT = "loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised)"
+
+
+def summary_rows(ledger: Ledger) -> list[dict]:
+    """One row per (backbone, method) chosen on validation, in sweep order."""
+    rows = []
+    for name in ledger.get_meta("backbones", []):
+        info = ledger.get_meta(f"backbone_info:{name}", {})
+        for method in METHODS:
+            run_hash = ledger.choice(name, method)
+            if run_hash is None:
+                continue
+            run = ledger.run(run_hash)
+            cfg, m = run["config"], run["metrics"]
+            rows.append({
+                "backbone": name, "source": info.get("source"), "source_top1": info.get("source_top1"),
+                "method": method, "lr": cfg["lr"], "l2": cfg["l2"], "seed": cfg["seed"],
+                "n_trainable_layers": m["n_trainable_layers"], "trainable_params": m["trainable_params"],
+                "best_epoch": m["best_epoch"], "val_xent": m["val_xent"], "val_err": m["val_err"],
+                "test_acc": run["test_acc"],
+            })
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_KEYS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    if v is None:
+        return "–"
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]:
+    """Write every figure; return (caption, path) in report order."""
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    config = ledger.get_meta("config", {})
+    made: list[tuple[str, Path]] = []
+    if rows:
+        plot_rows = [dict(r, arch=r["backbone"].removesuffix("_cub")) for r in rows]
+        figures.plot_transfer(plot_rows, fig_dir / "transfer.png")
+        made.append(("Target test accuracy vs source top-1 accuracy (one panel per source data set)", fig_dir / "transfer.png"))
+    for name in ledger.get_meta("backbones", []):
+        lp_hash = ledger.choice(name, "LP")
+        if lp_hash is None:
+            continue
+        lp = ledger.run(lp_hash)
+        c = lp["config"]
+        path = fig_dir / f"curves_{name}.png"
+        figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path, f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
+        made.append((f"{name}: learning curves of the chosen probe (star: early stop)", path))
+        cells = [dict(lr=r["config"]["lr"], l2=r["config"]["l2"], val_err=(r["metrics"] or {}).get("val_err") if r["status"] == "done" else None)
+                 for r in ledger.runs(name, "LP") if r["config"]["lr"] in config.get("lrs", []) and r["config"]["l2"] in config.get("l2s", [])]
+        if cells:
+            path = fig_dir / f"grid_{name}.png"
+            figures.plot_grid(cells, list(config["lrs"]), list(config["l2s"]), path, f"{name}: best val error over seeds")
+            made.append((f"{name}: validation error over the lr x l2 grid", path))
+        ft_hash = ledger.choice(name, "LP-FT")
+        if ft_hash is not None:
+            ft = ledger.run(ft_hash)
+            path = fig_dir / f"lpft_{name}.png"
+            figures.plot_lpft(lp["history"], lp["metrics"]["best_epoch"], ft["history"], ft["metrics"]["best_epoch"], path,
+                              f"{name}: LP, then fine-tune the last {ft['metrics']['n_trainable_layers']} layers (lr={ft['config']['lr']:g})")
+            made.append((f"{name}: LP until its early stop, then FT from the best probe", path))
+    return made
+
+
+def _lpft_verdict(rows: list[dict]) -> list[str]:
+    lines = []
+    by = {(r["backbone"], r["method"]): r for r in rows}
+    for (name, method), lp in by.items():
+        ft = by.get((name, "LP-FT"))
+        if method != "LP" or ft is None or lp["test_acc"] is None or ft["test_acc"] is None:
+            continue
+        delta = 100 * (ft["test_acc"] - lp["test_acc"])
+        verdict = "improved" if delta > 0 else "lowered" if delta < 0 else "did not change"
+        lines.append(
+            f"{name}: fine-tuning the last {ft['n_trainable_layers']} layers from the best probe {verdict} test accuracy "
+            f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "
+            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f}; FT early-stopped at epoch {ft['best_epoch']})."
+        )
+    return lines
+
+
+def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) -> str:
+    data = ledger.get_meta("data_summary", {})
+    command = ledger.get_meta("command", "")
+    skipped = ledger.get_meta("skipped_backbones", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title><style>",
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
+        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}",
+        "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6;padding:2px 4px}</style></head><body>",
+        "<h1>transferlab report</h1>",
+        "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th><th>LP test acc</th><th>LP-FT test acc</th></tr>",
+    ]
+    by = {(r["backbone"], r["method"]): r for r in rows}
+    for name in dict.fromkeys(r["backbone"] for r in rows):
+        lp, ft = by.get((name, "LP"), {}), by.get((name, "LP-FT"), {})
+        parts.append(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(lp.get('source')))}</td><td>{_fmt(lp.get('source_top1'), '.2f')}</td>"
+            f"<td>{_fmt(lp.get('test_acc'))}</td><td>{_fmt(ft.get('test_acc'))}</td></tr>"
+        )
+    parts.append("</table>")
+    verdicts = _lpft_verdict(rows)
+    if verdicts:
+        parts.append("<h3>What LP-then-FT did</h3><ul>" + "".join(f"<li>{v}</li>" for v in verdicts) + "</ul>")
+    parts.append("<h2>Chosen hyperparameters (on validation only)</h2><table><tr>" + "".join(f"<th>{k}</th>" for k in SUMMARY_KEYS) + "</tr>")
+    for r in rows:
+        parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r[k], '.4g'))}</td>" for k in SUMMARY_KEYS) + "</tr>")
+    parts.append("</table>")
+    parts.append(f"<h2>Loss</h2><pre>{html.escape(LOSS_TEXT)}</pre><p>Adam, minibatches; early stopping on validation "
+                 "cross-entropy, the best epoch's weights restored; the test split is evaluated once, for each chosen configuration.</p>")
+    parts.append(f"<h2>Data</h2><p>{html.escape(str(data.get('root', '')))}: {data.get('n_classes', '?')} classes</p>"
+                 "<table><tr><th>split</th><th>source</th><th>images</th><th>per class (min–max)</th></tr>")
+    for split in ("train", "val", "test"):
+        if split in data:
+            pc = data[split]["per_class"]
+            parts.append(f"<tr><td>{split}</td><td>{html.escape(data[split]['source'])}</td><td>{data[split]['n']}</td><td>{min(pc)}–{max(pc)}</td></tr>")
+    parts.append("</table><p>Classes: " + html.escape(", ".join(data.get("classes", []))) + "</p>")
+    if skipped:
+        parts.append("<h2>Skipped backbones</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
+    parts.append("<h2>Figures</h2>")
+    parts += [_img(path, caption) for caption, path in made]
+    parts.append(f"<h2>Reproduce</h2><pre>{html.escape(command)}</pre></body></html>")
+    return "\n".join(parts)
+
+
+def build_report(out: str | Path) -> list[dict]:
+    """Write summary.json, summary.csv, figures/*.png and report.html from ``out/ledger.sqlite``."""
+    out = Path(out)
+    path = out / "ledger.sqlite"
+    if not path.is_file():
+        raise UserError(f"{out}: no ledger.sqlite here (is it a sweep's output folder?)")
+    ledger = Ledger(path, readonly=True)
+    try:
+        rows = summary_rows(ledger)
+        write_json(out / "summary.json", rows)
+        _write_csv(out / "summary.csv", rows)
+        made = _draw(ledger, out, rows)
+        atomic_write_bytes(out / "report.html", render_html(ledger, rows, made).encode())
+    finally:
+        ledger.close()
+    return rows

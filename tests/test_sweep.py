@@ -1,0 +1,127 @@
+import json
+import sqlite3
+
+import pytest
+
+from transferlab.cli import main
+from transferlab.ledger import Ledger
+from transferlab.reporting.report import SUMMARY_KEYS
+from transferlab.study import Workbench
+
+GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
+        "--epochs", "6", "--patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
+        "--device", "cpu", "--workers", "0", "--no-progress"]
+
+
+def sweep(data, out, *extra):
+    return main(["sweep", "--data", str(data), "--out", str(out), *GRID, *extra])
+
+
+@pytest.fixture
+def count_test_evaluations(monkeypatch):
+    calls = []
+    original = Workbench.test_accuracy
+
+    def counting(self):
+        calls.append(self._n_trainable)
+        return original(self)
+
+    monkeypatch.setattr(Workbench, "test_accuracy", counting)
+    return calls
+
+
+def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_path, count_test_evaluations):
+    out = tmp_path / "sweep"
+    assert sweep(tiny_folder, out) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert [(r["backbone"], r["method"]) for r in rows] == [("efficientnet_lite0", "LP"), ("efficientnet_lite0", "LP-FT")]
+    assert all(tuple(r) == SUMMARY_KEYS for r in rows)
+    assert rows[0]["n_trainable_layers"] == 1 and rows[1]["n_trainable_layers"] == 3
+    assert rows[0]["source"] == "imagenet1k" and rows[0]["source_top1"] == 75.1
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    lp = [r for r in ledger.runs("efficientnet_lite0", "LP")]
+    ft = [r for r in ledger.runs("efficientnet_lite0", "LP-FT")]
+    assert len(lp) == 8 and len(ft) == 2
+    # The chosen probe has the lowest validation cross-entropy; only chosen runs have a test accuracy.
+    chosen_lp = min((r for r in lp if r["status"] == "done"), key=lambda r: (r["metrics"]["val_xent"], r["metrics"]["val_err"]))
+    assert ledger.choice("efficientnet_lite0", "LP") == chosen_lp["hash"]
+    tested = {r["hash"] for r in lp + ft if r["test_acc"] is not None}
+    assert tested == {ledger.choice("efficientnet_lite0", "LP"), ledger.choice("efficientnet_lite0", "LP-FT")}
+    assert count_test_evaluations == [1, 3]
+    # LP-FT starts exactly from the restored best probe.
+    for run in ft:
+        assert run["history"][0]["val_xent"] == pytest.approx(chosen_lp["metrics"]["val_xent"], abs=1e-5)
+        assert run["history"][0]["val_err"] == pytest.approx(chosen_lp["metrics"]["val_err"], abs=1e-9)
+        assert run["config"]["l2"] == chosen_lp["config"]["l2"] and run["config"]["seed"] == chosen_lp["config"]["seed"]
+    for name in ("report.html", "summary.csv", "figures/transfer.png", "figures/curves_efficientnet_lite0.png",
+                 "figures/grid_efficientnet_lite0.png", "figures/lpft_efficientnet_lite0.png"):
+        assert (out / name).stat().st_size > 0, name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert "(l2 / n_train) * sum(W_head ** 2)" in html and "transferlab sweep --data" in html
+
+
+def test_rerun_skips_finished_runs_and_report_rebuilds(tiny_folder, tmp_path, count_test_evaluations, monkeypatch):
+    out = tmp_path / "sweep"
+    assert sweep(tiny_folder, out) == 0
+    first = (out / "summary.json").read_bytes()
+    calls = []
+    monkeypatch.setattr(Workbench, "run_probes", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(Workbench, "run", lambda *a, **k: calls.append(a))
+    assert sweep(tiny_folder, out) == 0
+    assert calls == [] and (out / "summary.json").read_bytes() == first
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").exists() and (out / "summary.json").read_bytes() == first
+
+
+def test_interrupted_sweep_resumes_to_the_same_summary(tiny_folder, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert sweep(tiny_folder, full) == 0
+    out = tmp_path / "interrupted"
+    original = Workbench.run
+    state = {"n": 0}
+
+    def interrupt_second_ft(self, *args, **kwargs):
+        state["n"] += 1
+        if state["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Workbench, "run", interrupt_second_ft)
+    assert sweep(tiny_folder, out) == 130
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    statuses = sorted(r["status"] for r in ledger.runs())
+    assert statuses.count("running") == 1 and statuses.count("done") == 9
+    assert ledger.integrity() == "ok"
+    monkeypatch.setattr(Workbench, "run", original)
+    assert sweep(tiny_folder, out) == 0
+    assert (out / "summary.json").read_bytes() == (full / "summary.json").read_bytes()
+
+
+def test_a_different_sweep_in_the_same_folder_is_refused(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(out), "--lr", "1e-3", "--l2", "0", "--seeds", "0",
+                 "--epochs", "2", "--no-progress", "--workers", "0"]) == 0
+    code = main(["sweep", "--data", str(tiny_folder), "--out", str(out), "--valid-frac", "0.3", "--val-split", "none",
+                 "--lr", "1e-3", "--l2", "0", "--seeds", "0", "--epochs", "2", "--no-progress"])
+    assert code == 2 and "different sweep" in capsys.readouterr().err
+
+
+def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
+    from transferlab.sweep_cli import build_config, resolve
+    from transferlab.cli import build_parser
+
+    yml = tmp_path / "study.yaml"
+    yml.write_text(f"data: {tiny_folder}\nout: {tmp_path / 'o'}\nlr: [0.001, 0.01]\nl2: 0,1\nseeds: [3]\nlpft: true\nft-layers: 2\n")
+    args = build_parser().parse_args(["sweep", "--config", str(yml), "--lr", "0.5"])
+    args.argv = []
+    cfg = build_config(resolve(args))
+    assert cfg.lrs == (0.5,) and cfg.l2s == (0.0, 1.0) and cfg.seeds == (3,) and cfg.lpft and cfg.ft_layers == 2
+    yml.write_text("data: x\nout: y\nlearning_rate: 3\n")
+    args = build_parser().parse_args(["sweep", "--config", str(yml)])
+    args.argv = []
+    from transferlab.utils import UserError
+
+    with pytest.raises(UserError, match="unknown key.*learning_rate"):
+        resolve(args)
