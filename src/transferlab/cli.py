@@ -208,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transferlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("transferlab: interrupted; finished work is kept", file=sys.stderr)
+        print("transferlab: interrupted; finished work is kept (re-run the same command to resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: one line, the traceback only with --verbose
+        if args.verbose:
+            raise
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"transferlab: internal error: {type(e).__name__}: {first} (re-run with --verbose for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

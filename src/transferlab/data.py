@@ -197,7 +197,7 @@ def load_splits(
         val = folder_split("val", val_dir)
     else:
         val = Split("val", tuple(va_files), tuple(va_labels), f"carved from train/ ({valid_frac:g}, seed {split_seed})")
-    return ImageSplits(str(root), classes, train, val, test, tuple(ignored))
+    return ImageSplits(str(root.resolve()), classes, train, val, test, tuple(ignored))
 
 
 def load_rgb(path: str, min_size: int | None = None) -> Image.Image:

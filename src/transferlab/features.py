@@ -78,11 +78,6 @@ class SplitInputs:
     labels: torch.Tensor  # (N,) int64
     bad_files: list[str]
 
-    def drop(self, bad_index: list[int]) -> "SplitInputs":
-        keep = torch.ones(len(self.labels), dtype=torch.bool)
-        keep[bad_index] = False
-        return SplitInputs(self.inputs[keep], self.labels[keep], self.bad_files)
-
 
 def _loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin=False):
     dataset = ImageDataset(split, pre)
@@ -216,20 +211,32 @@ class FeatureCache:
         atomic_write_bytes(self.path(split, key), data)
 
 
-def apply_bad_image_policy(split: Split, item: SplitInputs, on_bad_image: str) -> tuple[SplitInputs, list[str]]:
-    """'error': one UserError listing every bad file; 'skip': drop them and return their paths."""
-    if not item.bad_files:
-        return item, []
+def bad_image_policy(split: Split, bad_files: list[str], on_bad_image: str) -> list[int]:
+    """Indices of `split` to keep. 'error': one UserError listing every bad file; 'skip': drop them (logged)."""
+    if not bad_files:
+        return list(range(len(split)))
     if on_bad_image == "error":
-        listing = "; ".join(f"{p} ({describe_bad_image(p)})" for p in item.bad_files)
+        listing = "; ".join(f"{p} ({describe_bad_image(p)})" for p in bad_files)
         raise UserError(
-            f"{len(item.bad_files)} image(s) in split '{split.name}' cannot be decoded: {listing} "
+            f"{len(bad_files)} image(s) in split '{split.name}' cannot be decoded: {listing} "
             "(fix or remove them, or pass --on-bad-image skip)"
         )
-    index = {p: i for i, p in enumerate(split.files)}
-    for p in item.bad_files:
+    for p in bad_files:
         log.warning("skipping unreadable image %s", p)
-    return item.drop([index[p] for p in item.bad_files]), list(item.bad_files)
+    bad = set(bad_files)
+    return [i for i, f in enumerate(split.files) if f not in bad]
+
+
+def find_bad_images(split: Split, pre: Preprocessing, num_workers: int | None = None, progress: bool = True) -> list[str]:
+    """Decode every image of `split` once (for the uncached path) and return the files that fail."""
+    workers = default_num_workers() if num_workers is None else num_workers
+    bad: list[str] = []
+    bar = tqdm(total=len(split), desc=f"check {split.name}", unit="img", disable=not progress, leave=False)
+    for _x, _y, idx, ok in _loader(split, pre, 64, workers):
+        bad += [split.files[i] for i in idx[~ok].tolist()]
+        bar.update(len(idx))
+    bar.close()
+    return bad
 
 
 def cached_split_inputs(
@@ -257,8 +264,10 @@ def cached_split_inputs(
         labels = torch.tensor(split.labels, dtype=torch.int64)
         item = SplitInputs(inputs, labels, [split.files[i] for i in bad_index])
         cache.save(split, key, item)
-    item, skipped = apply_bad_image_policy(split, item, on_bad_image)
-    return item, skipped, hit
+    keep = bad_image_policy(split, item.bad_files, on_bad_image)
+    if len(keep) < len(split):
+        item = SplitInputs(item.inputs[keep], item.labels[keep], item.bad_files)
+    return item, list(item.bad_files), hit
 
 
 @torch.no_grad()

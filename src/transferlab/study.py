@@ -24,7 +24,9 @@ from .features import (
     ImageSource,
     SplitInputs,
     TensorSource,
+    bad_image_policy,
     cached_split_inputs,
+    find_bad_images,
     estimate_cache_bytes,
     first_trainable_block,
     resolve_device,
@@ -158,7 +160,13 @@ class Workbench:
                 self.skipped_files[split.name] = skipped
             source = TensorSource(item, self.device)
         else:
-            source = ImageSource(split, self.backbone.spec.preprocessing, self.device, self.engine.num_workers)
+            pre = self.backbone.spec.preprocessing
+            bad = find_bad_images(split, pre, self.engine.num_workers, self.engine.progress)
+            keep = bad_image_policy(split, bad, self.on_bad_image)
+            if bad:
+                self.skipped_files[split.name] = bad
+                split = split.subset(keep)
+            source = ImageSource(split, pre, self.device, self.engine.num_workers)
         self.timings[f"inputs_{split.name}_s"] = self.timings.get(f"inputs_{split.name}_s", 0.0) + time.perf_counter() - start
         return source
 

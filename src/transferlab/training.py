@@ -22,6 +22,18 @@ from .heads import l2_penalty
 from .utils import UserError
 
 
+# A run whose epoch-average train cross-entropy exceeds this multiple of the untrained model's
+# validation cross-entropy has blown up (e.g. lr=100 with Adam), even if no value is inf or NaN yet.
+EXPLODED_FACTOR = 100.0
+
+
+def has_diverged(train_xent: float, val_xent: float, start_val_xent: float) -> bool:
+    """Non-finite metrics, or a train cross-entropy that exploded relative to where training started."""
+    if not (math.isfinite(train_xent) and math.isfinite(val_xent)):
+        return True
+    return train_xent > EXPLODED_FACTOR * max(start_val_xent, 1e-3)
+
+
 class BatchSource(Protocol):
     def __len__(self) -> int: ...
 
@@ -149,7 +161,7 @@ def fit(
         history.append(record)
         if on_epoch:
             on_epoch(record)
-        if not (math.isfinite(record["train_loss"]) and math.isfinite(val_xent)):
+        if has_diverged(record["train_xent"], val_xent, history[0]["val_xent"]):
             status = "diverged"
             break
         if val_xent < best_xent:
@@ -282,7 +294,7 @@ def fit_linear_probes(
             if not active[g]:
                 continue
             histories[g].append(dict(epoch=epoch, train_loss=tl[g], train_xent=tx[g], train_err=te[g], val_xent=vx[g], val_err=ve[g]))
-            if not (math.isfinite(tl[g]) and math.isfinite(vx[g])):
+            if has_diverged(tx[g], vx[g], histories[g][0]["val_xent"]):
                 status[g], active[g] = "diverged", False
             elif vx[g] < best_xent[g]:
                 best_epoch[g], best_xent[g], best_state[g], since_best[g] = epoch, vx[g], snapshot(g), 0

@@ -121,7 +121,7 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) 
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}",
-        "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6;padding:2px 4px}</style></head><body>",
+        "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6;padding:2px 4px;white-space:pre-wrap;word-break:break-all}</style></head><body>",
         "<h1>transferlab report</h1>",
         "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th><th>LP test acc</th><th>LP-FT test acc</th></tr>",
     ]
