@@ -134,12 +134,12 @@ def cmd_demo(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .search import sweep
-    from .sweep_cli import build_config, reproduce_command, resolve
+    from .sweep_cli import build_config, build_executor_config, reproduce_command, resolve
 
     values = resolve(args)
     cfg = build_config(values)
     out = Path(values["out"])
-    rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv))
+    rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=build_executor_config(values))
     for r in rows:
         acc = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
         print(f"{r['backbone']:20s} {r['method']:6s} lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']} "

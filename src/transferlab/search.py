@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_MODEL_DIR, CATALOGUE, check_weights_available, get_spec, load_backbone, with_source
 from .freezing import layer_names
+from .executors import finetune_task, make_executor, probe_group_task
 from .ledger import Ledger
 from .study import DataConfig, EngineConfig, Workbench
 from .training import FitResult, TrainConfig
@@ -72,6 +73,17 @@ class SweepConfig:
             for lr in self.ft_lrs:
                 if not (math.isfinite(lr) and lr > 0):
                     raise UserError(f"--ft-lr {lr}: must be a positive number")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where runs execute; results are the same wherever they run."""
+
+    kind: str = "local"  # "local" | "ray"
+    jobs: int = 1  # local worker processes (1: in the coordinating process)
+    ray_address: str | None = None  # None: a private local Ray instance; "auto" or "ray://host:port": a cluster
+    cpus_per_run: float = 1
+    gpus_per_run: float = 0
 
 
 def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
@@ -135,9 +147,11 @@ def choose(rows: list[dict], order: list[str]) -> dict | None:
 class Sweep:
     """Coordinates one sweep: the only writer of the ledger."""
 
-    def __init__(self, cfg: SweepConfig, out: str | Path, force: bool = False, command: str = ""):
+    def __init__(self, cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
+                 executor: ExecutorConfig = ExecutorConfig()):
         cfg.validate()
         self.cfg = cfg
+        self.executor_cfg = executor
         self.out = check_writable_dir(out)
         self.ledger = Ledger(self.out / LEDGER_FILE)
         identity = stable_hash(dataclasses.asdict(cfg.data))
@@ -153,10 +167,13 @@ class Sweep:
         self.ledger.set_meta("identity", identity)
         self.ledger.set_meta("config", dataclasses.asdict(cfg))
         self.ledger.set_meta("command", command)
-        write_json(self.out / "sweep.json", {"config": dataclasses.asdict(cfg), "command": command})
+        write_json(self.out / "sweep.json", {"config": dataclasses.asdict(cfg), "executor": dataclasses.asdict(executor), "command": command})
+        self.executor = None
         self.cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else self.out / "cache"
 
     def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
         self.ledger.close()
 
     # -- the whole study --------------------------------------------------------------------------
@@ -171,6 +188,9 @@ class Sweep:
         self.ledger.set_meta("data_summary", splits.summary())
         if cfg.lpft:
             self._check_ft_layers(names)
+        e = self.executor_cfg
+        self.executor = make_executor(e.kind, self.out, e.jobs, e.ray_address, e.cpus_per_run, e.gpus_per_run)
+        self.task_device = "cuda" if e.gpus_per_run > 0 else "cpu"
         n_runs = len(names) * (len(cfg.probe_configs()) + (len(cfg.ft_lrs) if cfg.lpft else 0))
         bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress, position=0)
         self.epoch_bar = tqdm(desc="epochs", unit="ep", disable=not cfg.engine.progress, position=1, leave=False)
@@ -198,6 +218,19 @@ class Sweep:
             if self.cfg.ft_layers > n_layers:
                 raise UserError(f"--ft-layers {self.cfg.ft_layers}: {name} has only {n_layers} layers")
 
+    def _gather(self, tasks: dict, name: str):
+        """Yield (key, result) as tasks finish; a task whose worker died leaves its runs 'running'."""
+        ex = self.executor
+        while tasks:
+            done, _ = ex.wait_any(list(tasks))
+            for handle in done:
+                key = tasks.pop(handle)
+                try:
+                    yield key, ex.result(handle)
+                except Exception as e:  # worker died or task raised: the runs stay unfinished
+                    log.warning("%s: a run failed in its worker (%s: %s); it stays unfinished for the next run",
+                                name, type(e).__name__, str(e).splitlines()[0][:160] if str(e) else "")
+
     def _on_epoch(self, record: dict) -> None:
         self.epoch_bar.update(1)
         self.epoch_bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}", refresh=False)
@@ -214,20 +247,41 @@ class Sweep:
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cfgs):
             groups.setdefault(c.seed, []).append(i)
+        pending = []
         for members in groups.values():
             if all(self.ledger.is_finished(hashes[i]) for i in members):
                 bar.update(len(members))
-                continue
-            for i in members:
-                self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
-            self.epoch_bar.reset()
-            start = time.perf_counter()
-            results = bench.run_probes([cfgs[i] for i in members], on_epoch=self._on_epoch)
-            params = bench.backbone.feature_dim * bench.n_classes + bench.n_classes
-            for i, result in zip(members, results):
-                self._record(hashes[i], result, params, 1)
-            log.info("%s: %d probes in %.2fs", name, len(members), time.perf_counter() - start)
-            bar.update(len(members))
+            else:
+                pending.append(members)
+        params = bench.backbone.feature_dim * bench.n_classes + bench.n_classes
+        bench.prepare(1)
+        if self.executor is None or not bench.cached:
+            for members in pending:
+                for i in members:
+                    self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
+                self.epoch_bar.reset()
+                results = bench.run_probes([cfgs[i] for i in members], on_epoch=self._on_epoch)
+                for i, result in zip(members, results):
+                    self._record(hashes[i], result, params, 1)
+                bar.update(len(members))
+        else:
+            ex = self.executor
+            inputs = bench.export_inputs()
+            train_ref, val_ref = ex.put(inputs["train"]), ex.put(inputs["val"])
+            tasks = {}
+            for members in pending:
+                for i in members:
+                    self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
+                handle = ex.submit(probe_group_task, bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
+                                   train_ref, val_ref, [cfgs[i] for i in members], self.task_device, ex.threads)
+                tasks[handle] = members
+            for members, results in self._gather(tasks, name):
+                for i, result in zip(members, results):
+                    self._record(hashes[i], result, params, 1)
+                bar.update(len(members))
+        if not all(self.ledger.is_finished(h) for h in hashes):
+            log.warning("%s: some probes are unfinished; re-run the same command to finish them before choosing", name)
+            return None
         chosen = choose(self.ledger.runs(name, "LP"), hashes)
         if chosen is None:
             log.warning("%s: every probe diverged or failed; nothing to test", name)
@@ -247,8 +301,11 @@ class Sweep:
         ft_cfgs = [TrainConfig(lr, probe_cfg["l2"], probe_cfg["seed"], cfg.epochs, cfg.patience, cfg.batch_size, cfg.optimizer)
                    for lr in cfg.ft_lrs]
         hashes = [run_hash("LP-FT", name, digest, cfg.data, c, k, start=probe_hash) for c in ft_cfgs]
-        for h, c in zip(hashes, ft_cfgs):
-            if not self.ledger.is_finished(h):
+        todo = [(h, c) for h, c in zip(hashes, ft_cfgs) if not self.ledger.is_finished(h)]
+        bar.update(len(hashes) - len(todo))
+        bench.prepare(k)
+        if self.executor is None or not bench.cached:
+            for h, c in todo:
                 self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
                 self.epoch_bar.reset()
                 try:
@@ -258,7 +315,25 @@ class Sweep:
                     log.warning("%s LP-FT lr=%g failed: %s", name, c.lr, e)
                 else:
                     self._record(h, result, bench.trainable_param_count(), k)
-            bar.update(1)
+                bar.update(1)
+        else:
+            ex = self.executor
+            bench.reset(seed=0)  # ship pristine weights
+            refs = [ex.put(x) for x in (bench.backbone, bench.splits, bench.export_inputs(), start_state)]
+            tasks = {}
+            for h, c in todo:
+                self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
+                tasks[ex.submit(finetune_task, refs[0], refs[1], k, refs[2], c, refs[3], self.task_device, ex.threads)] = h
+            n_params = None
+            for h, result in self._gather(tasks, name):
+                if n_params is None:
+                    bench.reset(seed=0)
+                    n_params = bench.trainable_param_count()
+                self._record(h, result, n_params, k)
+                bar.update(1)
+        if not all(self.ledger.is_finished(h) for h in hashes):
+            log.warning("%s: some fine-tuning runs are unfinished; re-run the same command to finish them", name)
+            return
         chosen = choose(self.ledger.runs(name, "LP-FT"), hashes)
         if chosen is None:
             log.warning("%s: no fine-tuning run finished; nothing to test", name)
@@ -269,9 +344,10 @@ class Sweep:
             self.ledger.set_test_acc(chosen["hash"], bench.test_accuracy())
 
 
-def sweep(cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "") -> list[dict]:
+def sweep(cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
+          executor: ExecutorConfig = ExecutorConfig()) -> list[dict]:
     """Run (or resume) a sweep into `out`; returns the summary rows (also summary.json/csv, report.html)."""
-    s = Sweep(cfg, out, force, command)
+    s = Sweep(cfg, out, force, command, executor)
     try:
         return s.run()
     finally:

@@ -149,6 +149,23 @@ class Workbench:
             self._sources[split.name] = self._source(split)
         return trainable
 
+    def export_inputs(self) -> dict[str, SplitInputs]:
+        """The cached train/val inputs of the current cut, on CPU (to ship to workers)."""
+        if not self.cached:
+            raise ValueError("export_inputs needs cached inputs")
+        return {name: SplitInputs(src.inputs.cpu(), src.labels.cpu(), []) for name, src in self._sources.items() if name in ("train", "val")}
+
+    def adopt_inputs(self, n_trainable_layers: int, inputs: dict[str, SplitInputs]) -> None:
+        """Use inputs cached elsewhere (by a coordinating process) for `n_trainable_layers`: no extraction here."""
+        FreezePlan(n_trainable_layers).apply(self.model)
+        self._n_trainable = n_trainable_layers
+        chain = self.backbone.chain()
+        self.cut_index = first_trainable_block(chain)
+        self.cut_name = chain[self.cut_index][0]
+        self.prefix = Chain(chain[: self.cut_index])
+        self.cached, self.notice = True, ""
+        self._sources = {name: TensorSource(item, self.device) for name, item in inputs.items()}
+
     def _source(self, split: Split):
         start = time.perf_counter()
         if self.cached:

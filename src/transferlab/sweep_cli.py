@@ -109,5 +109,12 @@ def build_config(values: dict):
     return SweepConfig(data=data, engine=engine, **kw)
 
 
+def build_executor_config(values: dict):
+    from .search import ExecutorConfig
+
+    return ExecutorConfig(values.get("executor", "local"), values.get("jobs", 1), values.get("ray_address"),
+                          values.get("cpus_per_run", 1), values.get("gpus_per_run", 0))
+
+
 def reproduce_command(argv: list[str] | None) -> str:
     return "transferlab " + shlex.join(sys.argv[1:] if argv is None else argv)
