@@ -125,3 +125,17 @@ def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
 
     with pytest.raises(UserError, match="unknown key.*learning_rate"):
         resolve(args)
+
+
+def test_lpft_extracts_once_and_derives_probe_features(tiny_folder, tmp_path):
+    """With --lpft the backbone runs once per image (at the FT cut); probe features are derived from it."""
+    shared, plain = tmp_path / "shared", tmp_path / "plain"
+    assert sweep(tiny_folder, shared) == 0
+    no_ft = [a for a in GRID if a not in ("--lpft",)]
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(plain), *no_ft]) == 0
+    assert sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir()) == ["test", "train", "val"]
+    lp_shared = json.loads((shared / "summary.json").read_text())[0]
+    lp_plain = json.loads((plain / "summary.json").read_text())[0]
+    assert (lp_shared["lr"], lp_shared["l2"], lp_shared["seed"], lp_shared["best_epoch"]) == (lp_plain["lr"], lp_plain["l2"], lp_plain["seed"], lp_plain["best_epoch"])
+    assert lp_shared["val_xent"] == pytest.approx(lp_plain["val_xent"], abs=1e-5)
+    assert lp_shared["test_acc"] == lp_plain["test_acc"]

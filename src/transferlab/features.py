@@ -271,6 +271,14 @@ def cached_split_inputs(
 
 
 @torch.no_grad()
+def run_frozen(blocks: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Run frozen `blocks` (eval mode) over cached activations: deeper cached inputs from shallower ones."""
+    blocks.eval()
+    outs = [blocks(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)]
+    return torch.cat(outs)
+
+
+@torch.no_grad()
 def estimate_cache_bytes(prefix: nn.Module, pre: Preprocessing, n_images: int) -> int:
     """Bytes needed to hold `prefix`'s float32 output for `n_images` images (one dummy forward)."""
     prefix.eval()

@@ -196,7 +196,8 @@ class Sweep:
         self.epoch_bar = tqdm(desc="epochs", unit="ep", disable=not cfg.engine.progress, position=1, leave=False)
         try:
             for name in names:
-                bench = Workbench(load_backbone(name, cfg.model_dir), splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image)
+                bench = Workbench(load_backbone(name, cfg.model_dir), splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
+                                  share_cut_layers=cfg.ft_layers if cfg.lpft else None)
                 spec = bench.backbone.spec
                 self.ledger.set_meta(f"backbone_info:{name}", {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch})
                 self.ledger.set_meta(f"skipped_files:{name}", {})

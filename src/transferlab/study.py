@@ -30,6 +30,7 @@ from .features import (
     estimate_cache_bytes,
     first_trainable_block,
     resolve_device,
+    run_frozen,
 )
 from .freezing import FreezePlan, frozen_digest, layer_names, set_train_mode, trainable_parameters
 from .heads import new_head
@@ -94,8 +95,13 @@ class Workbench:
         engine: EngineConfig,
         cache_dir: str | Path | None,
         on_bad_image: str = "error",
+        share_cut_layers: int | None = None,
     ):
         self.backbone = backbone
+        # With LP-then-FT, cache only at the fine-tuning cut and derive shallower cuts' inputs from it,
+        # so each image still goes through the backbone once.
+        self.share_cut_layers = share_cut_layers
+        self.base_index: int | None = None
         self.splits = splits
         self.engine = engine
         self.device = resolve_device(engine.device)
@@ -144,10 +150,35 @@ class Workbench:
                     f"> --cache-max-gb {self.engine.cache_max_gb:g}; running the full model every epoch"
                 )
                 log.warning(self.notice)
+        self.base_index = self._shared_base(chain, cut) if self.cached else None
         self._sources = {}
         for split in (self.splits.train, self.splits.val):
             self._sources[split.name] = self._source(split)
         return trainable
+
+    def _shared_base(self, chain, cut: int) -> int | None:
+        """The fine-tuning cut to cache at instead of `cut`, when it is earlier and fits the memory budget."""
+        if self.share_cut_layers is None or self.share_cut_layers == self._n_trainable:
+            return None
+        FreezePlan(self.share_cut_layers).apply(self.model)
+        base = first_trainable_block(chain)
+        FreezePlan(self._n_trainable).apply(self.model)
+        if base >= cut:
+            return None
+        n_images = sum(len(s) for s in (self.splits.train, self.splits.val, self.splits.test) if s is not None)
+        need = estimate_cache_bytes(Chain(chain[:base]), self.backbone.spec.preprocessing, n_images)
+        return base if need <= self.engine.cache_max_gb * 1e9 else None
+
+    def _cached_item(self, split: Split) -> tuple[SplitInputs, list[str]]:
+        chain = self.backbone.chain()
+        start = self.cut_index if self.base_index is None else self.base_index
+        item, skipped, _hit = cached_split_inputs(
+            self.backbone, Chain(chain[:start]), chain[start][0], split, self.cache, self.device,
+            self.on_bad_image, num_workers=self.engine.num_workers, progress=self.engine.progress,
+        )
+        if self.base_index is not None:
+            item = SplitInputs(run_frozen(Chain(chain[self.base_index : self.cut_index]), item.inputs, self.device), item.labels, item.bad_files)
+        return item, skipped
 
     def export_inputs(self) -> dict[str, SplitInputs]:
         """The cached train/val inputs of the current cut, on CPU (to ship to workers)."""
@@ -169,10 +200,7 @@ class Workbench:
     def _source(self, split: Split):
         start = time.perf_counter()
         if self.cached:
-            item, skipped, _hit = cached_split_inputs(
-                self.backbone, self.prefix, self.cut_name, split, self.cache, self.device,
-                self.on_bad_image, num_workers=self.engine.num_workers, progress=self.engine.progress,
-            )
+            item, skipped = self._cached_item(split)
             if skipped:
                 self.skipped_files[split.name] = skipped
             source = TensorSource(item, self.device)
