@@ -16,7 +16,6 @@ import json
 import sys
 import time
 
-import numpy as np
 
 from transferlab.backbones import load_backbone
 from transferlab.search import choose

@@ -1,6 +1,5 @@
 import copy
 import os
-import time
 
 import pytest
 import torch
@@ -13,10 +12,10 @@ from transferlab.training import TrainConfig
 METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
 
 
-def run_history(backbone, splits, k, use_cache, cache_dir=None, epochs=4):
+def run_history(backbone, splits, k, use_cache, cache_dir=None, epochs=4, train_bn=False):
     engine = EngineConfig("cpu", use_cache=use_cache, progress=False, num_workers=0)
     bench = Workbench(copy.deepcopy(backbone), splits, engine, cache_dir)
-    result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8), k)
+    result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8, train_bn=train_bn), k)
     return bench, result
 
 
@@ -30,11 +29,11 @@ def assert_same_history(a, b, tol=1e-5):
                 assert abs(ra[key] - rb[key]) <= tol, (ra["epoch"], key, ra[key], rb[key])
 
 
-@pytest.mark.parametrize("k, cut", [(1, "output"), (3, "features.stage4.unit1")])
-def test_cached_run_equals_running_the_frozen_backbone_every_epoch(tiny_folder, resnet10_random, k, cut):
+@pytest.mark.parametrize("k, cut, train_bn", [(1, "output", False), (3, "features.stage4.unit1", False), (3, "features.stage4.unit1", True)])
+def test_cached_run_equals_running_the_frozen_backbone_every_epoch(tiny_folder, resnet10_random, k, cut, train_bn):
     splits = load_splits(tiny_folder)
-    cached_bench, cached = run_history(resnet10_random, splits, k, use_cache=True)
-    _, full = run_history(resnet10_random, splits, k, use_cache=False)
+    cached_bench, cached = run_history(resnet10_random, splits, k, use_cache=True, train_bn=train_bn)
+    _, full = run_history(resnet10_random, splits, k, use_cache=False, train_bn=train_bn)
     assert cached_bench.cached and cached_bench.cut_name == cut
     assert_same_history(cached.history, full.history)
     assert cached.best_epoch == full.best_epoch

@@ -79,9 +79,23 @@ class SplitInputs:
     bad_files: list[str]
 
 
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy / random in each decoding worker from torch's per-worker seed (set by the loader's generator)."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin=False):
+    # Decoding is deterministic today; the workers are seeded anyway so an augmentation added later
+    # stays reproducible (pytorch#7068).
     dataset = ImageDataset(split, pre)
-    kwargs = dict(num_workers=num_workers, pin_memory=pin)
+    kwargs = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_seed_worker,
+                  generator=torch.Generator().manual_seed(0))
     if num_workers > 0:
         kwargs.update(persistent_workers=False, prefetch_factor=4)
     if batch_sampler is not None:

@@ -50,17 +50,20 @@ class FreezePlan:
         return [n for n in layer_names(model) if n in trainable]
 
 
-def set_train_mode(model: nn.Module, training: bool) -> None:
+def set_train_mode(model: nn.Module, training: bool, train_bn: bool = True) -> None:
     """Eval mode everywhere, except (when `training`) modules that own a trainable parameter.
 
     Parameter-free modules (dropout, pooling) also stay in eval mode: the frozen part of the network
-    is then a fixed function of the image, which is what makes feature caching exact.
+    is then a fixed function of the image, which is what makes feature caching exact. With
+    ``train_bn=False`` trainable batch-norm layers learn their affine parameters but keep normalising
+    with (and keep) their pretrained running statistics.
     """
     model.eval()
     if training:
         for module in model.modules():
             if any(p.requires_grad for p in module.parameters(recurse=False)):
-                module.train()
+                if train_bn or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

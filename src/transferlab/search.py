@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +50,7 @@ class SweepConfig:
     lpft: bool = False
     ft_layers: int = 3
     ft_lrs: tuple[float, ...] = (1e-5, 1e-4)
+    ft_train_bn: bool = False
     model_dir: str = DEFAULT_MODEL_DIR
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -299,8 +299,8 @@ class Sweep:
         probe = self.ledger.run(probe_hash)
         probe_cfg = probe["config"]
         start_state = _load_params(self.out, probe_hash)
-        ft_cfgs = [TrainConfig(lr, probe_cfg["l2"], probe_cfg["seed"], cfg.epochs, cfg.patience, cfg.batch_size, cfg.optimizer)
-                   for lr in cfg.ft_lrs]
+        ft_cfgs = [TrainConfig(lr, probe_cfg["l2"], probe_cfg["seed"], cfg.epochs, cfg.patience, cfg.batch_size, cfg.optimizer,
+                               train_bn=cfg.ft_train_bn) for lr in cfg.ft_lrs]
         hashes = [run_hash("LP-FT", name, digest, cfg.data, c, k, start=probe_hash) for c in ft_cfgs]
         todo = [(h, c) for h, c in zip(hashes, ft_cfgs) if not self.ledger.is_finished(h)]
         bar.update(len(hashes) - len(todo))

@@ -369,6 +369,7 @@ def probe(
     patience: int = 15,
     batch_size: int = 64,
     optimizer: str = "adam",
+    train_bn: bool = False,
     n_trainable_layers: int = 1,
     model_dir: str = DEFAULT_MODEL_DIR,
     weights: str | None = None,
@@ -392,7 +393,7 @@ def probe(
         model_dir=model_dir,
         weights=weights,
         n_trainable_layers=n_trainable_layers,
-        train=TrainConfig(lr, l2, seed, epochs, patience, batch_size, optimizer),
+        train=TrainConfig(lr, l2, seed, epochs, patience, batch_size, optimizer, train_bn=train_bn),
         engine=EngineConfig(device, use_cache, cache_dir, cache_max_gb, num_workers, progress),
     )
     return run_probe(cfg, out)

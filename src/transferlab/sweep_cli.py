@@ -12,7 +12,7 @@ from .utils import UserError
 LIST_KEYS = {"backbones": str, "sources": str, "lr": float, "l2": float, "seeds": int, "ft_lr": float}
 SCALAR_KEYS = {
     "data": str, "out": str, "epochs": int, "patience": int, "batch_size": int, "optimizer": str, "lpft": bool,
-    "ft_layers": int, "model_dir": str, "val_split": str, "test_split": str, "valid_frac": float, "split_seed": int,
+    "ft_layers": int, "ft_train_bn": bool, "model_dir": str, "val_split": str, "test_split": str, "valid_frac": float, "split_seed": int,
     "max_per_class": int, "on_bad_image": str, "device": str, "cache_dir": str, "cache_max_gb": float, "workers": int,
     "no_cache": bool, "no_progress": bool, "executor": str, "jobs": int, "ray_address": str, "cpus_per_run": float,
     "gpus_per_run": float,
@@ -36,6 +36,7 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=typ, default=S)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=S)
     p.add_argument("--lpft", action="store_true", default=S, help="LP-then-FT from the chosen probe")
+    p.add_argument("--ft-train-bn", action="store_true", default=S, help="fine-tuned batch-norm layers use batch statistics")
     p.add_argument("--ft-lr", default=S, help="comma list of fine-tuning learning rates (default 1e-5,1e-4)")
     for flag in ("--model-dir", "--val-split", "--test-split", "--device", "--cache-dir", "--ray-address"):
         p.add_argument(flag, default=S)
@@ -103,7 +104,7 @@ def build_config(values: dict):
                             ("seeds", "seeds"), ("ft_lr", "ft_lrs")):
         if key in values:
             kw[field_name] = values[key]
-    for key in ("epochs", "patience", "batch_size", "optimizer", "lpft", "ft_layers", "model_dir"):
+    for key in ("epochs", "patience", "batch_size", "optimizer", "lpft", "ft_layers", "ft_train_bn", "model_dir"):
         if key in values:
             kw[key] = values[key]
     return SweepConfig(data=data, engine=engine, **kw)

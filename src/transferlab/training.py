@@ -52,6 +52,10 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "adam"  # "adam" | "sgd" (momentum 0.9)
     momentum: float = 0.9
+    # Trainable batch-norm layers: False keeps normalising with the pretrained running statistics
+    # (small target sets give noisy batch statistics, and switching a probe's features to them
+    # shifts what the head was trained on); True uses and updates batch statistics.
+    train_bn: bool = False
 
     def validate(self) -> None:
         """UserError naming the flag for values that cannot train."""
@@ -134,7 +138,7 @@ def fit(
         on_epoch(history[-1])
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        set_train_mode(model, True)
+        set_train_mode(model, True, cfg.train_bn)
         loss_sum = xent_sum = 0.0
         wrong = 0
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
