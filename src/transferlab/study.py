@@ -141,8 +141,7 @@ class Workbench:
         self.cached = self.engine.use_cache
         self.notice = ""
         if self.cached:
-            n_images = sum(len(s) for s in (self.splits.train, self.splits.val, self.splits.test) if s is not None)
-            need = estimate_cache_bytes(self.prefix, self.backbone.spec.preprocessing, n_images) if cut else 0
+            need = estimate_cache_bytes(self.prefix, self.backbone.spec.preprocessing, self._n_images()) if cut else 0
             if need > self.engine.cache_max_gb * 1e9:
                 self.cached = False
                 self.notice = (
@@ -156,6 +155,9 @@ class Workbench:
             self._sources[split.name] = self._source(split)
         return trainable
 
+    def _n_images(self) -> int:
+        return sum(len(s) for s in (self.splits.train, self.splits.val, self.splits.test) if s is not None)
+
     def _shared_base(self, chain, cut: int) -> int | None:
         """The fine-tuning cut to cache at instead of `cut`, when it is earlier and fits the memory budget."""
         if self.share_cut_layers is None or self.share_cut_layers == self._n_trainable:
@@ -165,8 +167,7 @@ class Workbench:
         FreezePlan(self._n_trainable).apply(self.model)
         if base >= cut:
             return None
-        n_images = sum(len(s) for s in (self.splits.train, self.splits.val, self.splits.test) if s is not None)
-        need = estimate_cache_bytes(Chain(chain[:base]), self.backbone.spec.preprocessing, n_images)
+        need = estimate_cache_bytes(Chain(chain[:base]), self.backbone.spec.preprocessing, self._n_images())
         return base if need <= self.engine.cache_max_gb * 1e9 else None
 
     def _cached_item(self, split: Split) -> tuple[SplitInputs, list[str]]:
@@ -314,7 +315,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, trainable:
         "val_xent": best["val_xent"],
         "val_err": best["val_err"],
         "test_acc": test_acc,
-        "timings": seconds,
+        "timings": {**seconds, **bench.timings},
         "device": str(bench.device),
     }
 
