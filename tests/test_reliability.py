@@ -210,3 +210,16 @@ def test_sigkill_at_three_points_then_resume_gives_the_same_summary(two_class, t
     con.close()
     assert main(["sweep", "--data", str(two_class), "--out", str(out), *KILL_GRID]) == 0
     assert (out / "summary.json").read_bytes() == (full / "summary.json").read_bytes()
+
+
+def test_disk_full_during_a_run_is_one_line_and_exit_2(two_class, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import transferlab.study as study
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "run.json"))
+
+    monkeypatch.setattr(study, "run_record", full)
+    line = one_line_error(capsys, probe(two_class, tmp_path / "o"))
+    assert "No space left on device" in line and "run.json" in line

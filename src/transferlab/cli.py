@@ -6,6 +6,7 @@ Bad input is reported as one line on stderr with exit code 2; Ctrl-C exits 130 k
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -213,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print("transferlab: interrupted; finished work is kept (re-run the same command to resume)", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: one line, the traceback only with --verbose
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"transferlab: error: {e.strerror}{where}; finished runs are kept, re-run to resume", file=sys.stderr)
+            return 2
         if args.verbose:
             raise
         first = str(e).splitlines()[0][:300] if str(e) else ""

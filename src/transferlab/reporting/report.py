@@ -95,7 +95,7 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
     return made
 
 
-def _lpft_verdict(rows: list[dict]) -> list[str]:
+def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
     lines = []
     by = {(r["backbone"], r["method"]): r for r in rows}
     for (name, method), lp in by.items():
@@ -104,10 +104,13 @@ def _lpft_verdict(rows: list[dict]) -> list[str]:
             continue
         delta = 100 * (ft["test_acc"] - lp["test_acc"])
         verdict = "improved" if delta > 0 else "lowered" if delta < 0 else "did not change"
+        lp_run = ledger.run(ledger.choice(name, "LP"))
+        lp_train_err = lp_run["history"][lp["best_epoch"]]["train_err"] if lp["best_epoch"] else None
+        why = "" if lp_train_err is None else f"; the probe's train error at its best epoch was {lp_train_err:.3f}"
         lines.append(
             f"{name}: fine-tuning the last {ft['n_trainable_layers']} layers from the best probe {verdict} test accuracy "
             f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "
-            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f}; FT early-stopped at epoch {ft['best_epoch']})."
+            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f} at FT epoch {ft['best_epoch']}{why})."
         )
     return lines
 
@@ -133,7 +136,7 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) 
             f"<td>{_fmt(lp.get('test_acc'))}</td><td>{_fmt(ft.get('test_acc'))}</td></tr>"
         )
     parts.append("</table>")
-    verdicts = _lpft_verdict(rows)
+    verdicts = _lpft_verdict(ledger, rows)
     if verdicts:
         parts.append("<h3>What LP-then-FT did</h3><ul>" + "".join(f"<li>{v}</li>" for v in verdicts) + "</ul>")
     parts.append("<h2>Chosen hyperparameters (on validation only)</h2><table><tr>" + "".join(f"<th>{k}</th>" for k in SUMMARY_KEYS) + "</tr>")
