@@ -40,6 +40,18 @@ def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int 
     return root
 
 
+def require(module: str):
+    """Import an optional test dependency; under CI a missing one fails instead of skipping."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is not installed (CI installs .[test,ray])")
+        pytest.skip(f"{module} is not installed")
+
+
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     """3 classes; train 8 / val 3 / test 3 images per class."""

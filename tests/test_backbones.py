@@ -9,6 +9,8 @@ from transferlab.data import build_transform
 from transferlab.features import Chain
 from transferlab.utils import UserError
 
+from conftest import require
+
 
 def test_missing_pytorchcv_weights_name_the_file_and_folder(tmp_path):
     with pytest.raises(UserError) as e:
@@ -74,7 +76,7 @@ def test_unsafe_pickle_is_refused_not_loaded(tmp_path):
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_efficientnet_lite_weights_classify_real_photos(name):
-    skdata = pytest.importorskip("skimage.data")
+    skdata = require("skimage.data")
     from PIL import Image
 
     bb = load_backbone(name)

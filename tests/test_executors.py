@@ -6,6 +6,8 @@ import pytest
 
 from transferlab.cli import main
 
+from conftest import require
+
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,1e-2,3e-2", "--l2", "0,1e-2,1", "--seeds", "0,1",
         "--lpft", "--ft-lr", "1e-4,1e-3", "--epochs", "5", "--device", "cpu", "--workers", "0", "--no-progress"]
 
@@ -25,8 +27,7 @@ def local_summary(tmp_path_factory):
 
 
 def test_ray_executor_matches_local(local_summary, tmp_path, monkeypatch):
-    pytest.importorskip("ray")
-    import ray
+    ray = require("ray")
 
     data, expected = local_summary
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

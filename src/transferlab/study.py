@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, Backbone, load_backbone
 from .data import ImageSplits, Split, load_splits
@@ -339,7 +340,14 @@ def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     t_inputs = time.perf_counter()
     bench.reset(cfg.train.seed)
     frozen_before = frozen_digest(bench.model)
-    result = bench.run(cfg.train, cfg.n_trainable_layers)
+    bar = tqdm(total=cfg.train.epochs + 1, desc="epochs", unit="ep", disable=not cfg.engine.progress, leave=False)
+
+    def on_epoch(record: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}", refresh=False)
+
+    result = bench.run(cfg.train, cfg.n_trainable_layers, on_epoch=on_epoch)
+    bar.close()
     if frozen_digest(bench.model) != frozen_before:
         raise RuntimeError("a frozen parameter or buffer changed during training")
     t_fit = time.perf_counter()
