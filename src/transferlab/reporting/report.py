@@ -152,6 +152,11 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) 
             pc = data[split]["per_class"]
             parts.append(f"<tr><td>{split}</td><td>{html.escape(data[split]['source'])}</td><td>{data[split]['n']}</td><td>{min(pc)}–{max(pc)}</td></tr>")
     parts.append("</table><p>Classes: " + html.escape(", ".join(data.get("classes", []))) + "</p>")
+    bad = {name: ledger.get_meta(f"skipped_files:{name}", {}) for name in ledger.get_meta("backbones", [])}
+    bad_files = sorted({f for per_split in bad.values() for files in per_split.values() for f in files})
+    if bad_files:
+        parts.append(f"<p>Skipped {len(bad_files)} unreadable image(s) (--on-bad-image skip): "
+                     + html.escape(", ".join(bad_files)) + "</p>")
     if skipped:
         parts.append("<h2>Skipped backbones</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
     parts.append("<h2>Figures</h2>")
