@@ -37,7 +37,6 @@ class Chain(nn.Module):
 
     def __init__(self, blocks: list[tuple[str, nn.Module]]):
         super().__init__()
-        self.block_names = [name for name, _ in blocks]
         self.blocks = nn.ModuleList([module for _, module in blocks])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .features import (
     resolve_device,
     run_frozen,
 )
-from .freezing import FreezePlan, frozen_digest, layer_names, set_train_mode, trainable_parameters
+from .freezing import FreezePlan, frozen_digest, set_train_mode, trainable_parameters
 from .heads import new_head
 from .training import FitResult, TrainConfig, evaluate, fit, fit_linear_probes
 from .utils import UserError, check_writable_dir
@@ -125,9 +125,6 @@ class Workbench:
     @property
     def model(self) -> torch.nn.Module:
         return self.backbone.model
-
-    def layers(self) -> list[str]:
-        return layer_names(self.model)
 
     def prepare(self, n_trainable_layers: int) -> list[str]:
         """Freeze all but the last `n_trainable_layers` layers and build the train/val inputs for that cut."""

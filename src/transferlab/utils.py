@@ -78,15 +78,6 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Full sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Create `path` if needed and make sure we can write there, before any work starts."""
     path = Path(path)

@@ -27,7 +27,6 @@ class BackboneSpec:
     source: str  # "imagenet1k" | "cub" | "local"
     source_top1: float | None  # percent, from the zoo's published table
     preprocessing: Preprocessing
-    n_source_classes: int
 
     def with_local_weights(self, path: str) -> "BackboneSpec":
         return replace(self, name=f"{self.name}@{path}", source="local", source_top1=None)
@@ -55,12 +54,12 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 def _build_catalogue() -> dict[str, BackboneSpec]:
     specs: dict[str, BackboneSpec] = {}
     for name, top1 in _PYTORCHCV_IMAGENET.items():
-        specs[name] = BackboneSpec(name, "pytorchcv", name, "imagenet1k", top1, PYTORCHCV_PRE, 1000)
+        specs[name] = BackboneSpec(name, "pytorchcv", name, "imagenet1k", top1, PYTORCHCV_PRE)
     for name, top1 in _PYTORCHCV_CUB.items():
-        specs[name] = BackboneSpec(name, "pytorchcv", name, "cub", top1, PYTORCHCV_PRE, 200)
+        specs[name] = BackboneSpec(name, "pytorchcv", name, "cub", top1, PYTORCHCV_PRE)
     for name, (top1, size, crop) in _EFFICIENTNET_LITE.items():
         pre = Preprocessing(size, crop, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        specs[name] = BackboneSpec(name, "timm", f"tf_{name}", "imagenet1k", top1, pre, 1000)
+        specs[name] = BackboneSpec(name, "timm", f"tf_{name}", "imagenet1k", top1, pre)
     return specs
 
 
