@@ -75,9 +75,12 @@ def _data(args):
 def _print_result(record: dict, out: Path) -> None:
     acc = record["test_acc"]
     acc_text = "n/a (no test split)" if acc is None else f"{acc:.4f}"
+    layers = record["trainable_layers"]
+    shown = ", ".join(layers if len(layers) <= 4 else layers[:2] + ["..."] + layers[-1:])
     print(
         f"{record['backbone']['name']}: status {record['status']}, best epoch {record['best_epoch']} "
-        f"(val xent {record['val_xent']:.4f}, val err {record['val_err']:.4f}), test acc {acc_text}"
+        f"(val xent {record['val_xent']:.4f}, val err {record['val_err']:.4f}), test acc {acc_text}; "
+        f"trained {record['trainable_params']:,} parameters in {len(layers)} layer(s): {shown}"
     )
     print(f"outputs: {out / 'run.json'}, {out / 'head.safetensors'}, {out / 'curves.png'}")
 
