@@ -70,3 +70,31 @@ def _with_two_cpus(init):
         return init(*args, **kwargs)
 
     return wrapped
+
+
+def crash_on_seed_1(*args):
+    """A probe task whose worker process dies (like an OOM kill) for seed 1."""
+    import os
+
+    from transferlab.executors import probe_group_task
+
+    if args[5][0].seed == 1:
+        os._exit(1)
+    return probe_group_task(*args)
+
+
+def test_a_dead_worker_leaves_runs_unfinished_and_a_rerun_redoes_them(local_summary, tmp_path, monkeypatch):
+    import transferlab.search as search
+    from transferlab.ledger import Ledger
+
+    data, expected = local_summary
+    out = tmp_path / "p"
+    monkeypatch.setattr(search, "probe_group_task", crash_on_seed_1)
+    assert main(["sweep", "--data", str(data), "--out", str(out), *GRID, "--jobs", "2"]) == 0
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    statuses = [r["status"] for r in ledger.runs(method="LP")]
+    assert "running" in statuses and ledger.choice("efficientnet_lite0", "LP") is None
+    assert json.loads((out / "summary.json").read_text()) == []
+    ledger.close()
+    monkeypatch.undo()
+    assert run_sweep(data, out, "--jobs", "2") == expected

@@ -223,3 +223,23 @@ def test_disk_full_during_a_run_is_one_line_and_exit_2(two_class, tmp_path, caps
     monkeypatch.setattr(study, "run_record", full)
     line = one_line_error(capsys, probe(two_class, tmp_path / "o"))
     assert "No space left on device" in line and "run.json" in line
+
+
+def test_sigint_exits_130_with_one_line_and_resumes(two_class, tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab", "sweep", "--data", str(two_class), "--out", str(out), *KILL_GRID],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if any(s == "done" for _, s in _ledger_rows(out / "ledger.sqlite")):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before it could be interrupted")
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert main(["sweep", "--data", str(two_class), "--out", str(out), *KILL_GRID]) == 0
+    statuses = {s for _, s in _ledger_rows(out / "ledger.sqlite")}
+    assert statuses == {"done"}
