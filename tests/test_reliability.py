@@ -107,11 +107,13 @@ def test_awkward_but_valid_files_all_work(tmp_path, capsys):
     os.symlink(b / "tiny.webp", a / "linked.webp")
     elsewhere = write_image_folder(tmp_path / "other", {"x": {"c": 2}})
     os.symlink(elsewhere / "x" / "c", a / "linked_folder")
+    Image.new("RGB", (6000, 4000), (200, 10, 30)).save(b / "huge.png")
     huge = load_rgb(str(a / "huge.jpg"), min_size=256)
     assert max(huge.size) <= 2000  # decoded at reduced scale (JPEG draft), never 8000x6000
+    assert max(load_rgb(str(b / "huge.png"), min_size=256).size) <= 1000  # box-reduced right after decoding
     assert probe(root, tmp_path / "o") == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "o" / "run.json").read_text())
-    assert record["data"]["train"]["per_class"] == [3 + 4 + 1 + 2, 3 + 4]
+    assert record["data"]["train"]["per_class"] == [3 + 4 + 1 + 2, 3 + 5]
     assert record["data"]["ignored_files"] == 2
 
 

@@ -204,8 +204,9 @@ def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
     """Decode any supported image into an 8-bit RGB PIL image.
 
     Large JPEGs are decoded at reduced scale (still >= `min_size` on each side) so an 8000x6000 photo
-    never materialises at full size. Grey, 16-bit, palette, RGBA and CMYK images become RGB; alpha is
-    dropped.
+    never materialises at full size; other large images are box-reduced right after decoding (kept at
+    >= 2 x `min_size`) so later steps work on a small copy. Grey, 16-bit, palette, RGBA and CMYK images
+    become RGB; alpha is dropped.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on palette transparency and EXIF oddities
@@ -213,6 +214,10 @@ def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
         if min_size is not None and img.format == "JPEG":
             img.draft("RGB", (min_size, min_size))
         img.load()
+        if min_size is not None and img.format != "JPEG":
+            factor = min(img.size) // (2 * min_size)
+            if factor >= 2 and img.mode not in ("P", "1"):
+                img = img.reduce(factor)
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             arr = np.asarray(img, dtype=np.float64)
             top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
