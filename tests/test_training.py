@@ -134,3 +134,44 @@ def test_batched_probes_match_individual_runs(optimizer):
                 else:
                     assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (cfg, a["epoch"], key)
         assert torch.allclose(got.best_state["output.weight"], ref.best_state["weight"], atol=1e-5)
+
+
+def test_augmentation_is_seeded_per_image_and_independent_of_workers(tiny_folder, resnet10_random):
+    from transferlab.data import ImageDataset
+
+    splits = load_splits(tiny_folder)
+    pre = resnet10_random.spec.preprocessing
+    a, b = ImageDataset(splits.train, pre, augment_seed=5), ImageDataset(splits.train, pre, augment_seed=6)
+    assert torch.equal(a[3][0], ImageDataset(splits.train, pre, augment_seed=5)[3][0])
+    assert not torch.equal(a[3][0], b[3][0])
+    assert not torch.equal(a[3][0], ImageDataset(splits.train, pre)[3][0])
+    histories = []
+    for workers in (0, 2, 0):
+        engine = EngineConfig("cpu", use_cache=False, progress=False, num_workers=workers)
+        bench = Workbench(copy.deepcopy(resnet10_random), splits, engine, None)
+        seed = 1 if len(histories) < 2 else 2
+        histories.append(bench.run(TrainConfig(lr=1e-2, epochs=2, batch_size=8, seed=seed, augment=True), 1).history)
+    assert histories[0] == histories[1]  # same seed, 0 or 2 decoding workers: identical numbers
+    assert histories[0][1] != histories[2][1]
+
+
+def test_augment_without_no_cache_switches_to_the_uncached_path(tiny_folder, tmp_path):
+    import json
+
+    from transferlab.cli import main
+
+    out = tmp_path / "aug"
+    assert main(["probe", "--data", str(tiny_folder), "--backbone", "mobilenet_wd4", "--weights", str(_random_ckpt(tmp_path)),
+                 "--augment", "--epochs", "2", "--device", "cpu", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["cached"] is False and record["config"]["train"]["augment"] is True
+
+
+def _random_ckpt(tmp_path):
+    from safetensors.torch import save_file
+
+    from transferlab.backbones import load_backbone
+
+    path = tmp_path / "wd4.safetensors"
+    save_file({k: v.contiguous() for k, v in load_backbone("mobilenet_wd4", pretrained=False).model.state_dict().items()}, str(path))
+    return path

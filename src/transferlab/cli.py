@@ -57,6 +57,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     g.add_argument("--n-trainable-layers", type=int, default=1, help="train the last k layers (1 = linear probe)")
+    g.add_argument("--augment", action="store_true", help="random resized crops and flips of training images (runs the backbone every epoch)")
     g.add_argument("--train-bn", action="store_true", help="trainable batch-norm layers use batch statistics (default: pretrained running statistics)")
 
 
@@ -110,7 +111,7 @@ def cmd_probe(args) -> int:
         weights=args.weights,
         n_trainable_layers=args.n_trainable_layers,
         train=TrainConfig(args.lr, args.l2, args.seed, args.epochs, args.patience, args.batch_size, args.optimizer,
-                          train_bn=args.train_bn),
+                          train_bn=args.train_bn, augment=args.augment),
         engine=_engine(args),
     )
     out = Path(args.out)

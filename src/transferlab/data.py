@@ -7,6 +7,7 @@ present. Files are found recursively; hidden files and files without an image ex
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -245,14 +246,49 @@ def build_transform(pre: Preprocessing):
     )
 
 
+def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator) -> torch.Tensor:
+    """A random resized crop (35-100% of the area, aspect 3/4-4/3) and a coin-flip horizontal mirror,
+    drawn from `gen` alone, then resized to the input size and normalised like the evaluation view."""
+    from torchvision.transforms import functional as TF
+
+    w, h = img.size
+
+    def uniform(a: float, b: float) -> float:
+        return a + (b - a) * torch.rand(1, generator=gen).item()
+
+    box = None
+    for _ in range(10):
+        area = w * h * uniform(0.35, 1.0)
+        ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            box = (x0, y0, x0 + cw, y0 + ch)
+            break
+    if box is None:  # extreme aspect ratios: the central square
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
+    img = img.crop(box).resize((pre.input_size, pre.input_size), resample)
+    if torch.rand(1, generator=gen).item() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return TF.normalize(TF.to_tensor(img), pre.mean, pre.std)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Items are ``(image_tensor, label, index, ok)``; a file that fails to decode gives ``ok=False``
-    and a zero image, so one bad file never stops a pass and every bad file can be reported."""
+    and a zero image, so one bad file never stops a pass and every bad file can be reported.
 
-    def __init__(self, split: Split, pre: Preprocessing):
+    With ``augment_seed`` set, each item is an :func:`augmented_view` drawn from a generator seeded by
+    (augment_seed, index): the same numbers whatever the number or order of loader workers.
+    """
+
+    def __init__(self, split: Split, pre: Preprocessing, augment_seed: int | None = None):
         self.split = split
         self.pre = pre
         self.transform = build_transform(pre)
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.split)
@@ -260,7 +296,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_rgb(self.split.files[i], min_size=self.pre.resize_size)
-            x = self.transform(img)
+            if self.augment_seed is None:
+                x = self.transform(img)
+            else:
+                gen = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + i)
+                x = augmented_view(img, self.pre, gen)
             ok = True
         except BAD_IMAGE_ERRORS:
             x = torch.zeros(3, self.pre.input_size, self.pre.input_size)

@@ -89,10 +89,11 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin=False):
-    # Decoding is deterministic today; the workers are seeded anyway so an augmentation added later
-    # stays reproducible (pytorch#7068).
-    dataset = ImageDataset(split, pre)
+def _loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin=False,
+            augment_seed: int | None = None):
+    # Augmentations draw from per-item generators (see ImageDataset); the workers are seeded anyway
+    # so nothing else they might randomise escapes the seed (pytorch#7068).
+    dataset = ImageDataset(split, pre, augment_seed)
     kwargs = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_seed_worker,
                   generator=torch.Generator().manual_seed(0))
     if num_workers > 0:
@@ -317,18 +318,27 @@ class TensorSource:
 
 
 class ImageSource:
-    """Training inputs decoded from image files for every batch (the uncached path)."""
+    """Training inputs decoded from image files for every batch (the uncached path).
 
-    def __init__(self, split: Split, pre: Preprocessing, device: torch.device, num_workers: int | None = None):
+    With `augment_seed` set, every pass over the data draws fresh augmented views, seeded by
+    (augment_seed, pass number, image index): reproducible, and independent of the worker count.
+    """
+
+    def __init__(self, split: Split, pre: Preprocessing, device: torch.device, num_workers: int | None = None,
+                 augment_seed: int | None = None):
         self.split, self.pre, self.device = split, pre, device
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.augment_seed = augment_seed
+        self.passes = 0
 
     def __len__(self) -> int:
         return len(self.split)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         chunks = [order[s : s + batch_size].tolist() for s in range(0, len(order), batch_size)]
-        for x, y, idx, ok in _loader(self.split, self.pre, batch_size, self.num_workers, batch_sampler=chunks):
+        seed = None if self.augment_seed is None else self.augment_seed * 100_003 + self.passes
+        self.passes += 1
+        for x, y, idx, ok in _loader(self.split, self.pre, batch_size, self.num_workers, batch_sampler=chunks, augment_seed=seed):
             if not bool(ok.all()):
                 bad = [self.split.files[i] for i in idx[~ok].tolist()]
                 raise UserError(f"image(s) cannot be decoded: {'; '.join(bad)}")

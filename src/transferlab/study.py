@@ -236,7 +236,12 @@ class Workbench:
         if start_state is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in start_state.items()}, strict=False)
             head = self.backbone.classifier
-        return fit(self.model, self.net, head, self._sources["train"], self._sources["val"], cfg, on_epoch)
+        train = self._sources["train"]
+        if cfg.augment:
+            if self.cached:
+                raise UserError("--augment needs the backbone to run on every image every epoch (--no-cache)")
+            train = ImageSource(train.split, train.pre, self.device, train.num_workers, augment_seed=cfg.seed)
+        return fit(self.model, self.net, head, train, self._sources["val"], cfg, on_epoch)
 
     def run_probes(self, cfgs: list[TrainConfig], on_epoch=None) -> list[FitResult]:
         """Linear probes (k = 1) for many configs; on cached features, heads sharing a seed train together."""
@@ -330,6 +335,9 @@ def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
 
     t0 = time.perf_counter()
     cfg.train.validate()
+    if cfg.train.augment and cfg.engine.use_cache:
+        log.warning("--augment: every epoch sees new views of the images, so the backbone runs on every image every epoch (no cache)")
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, use_cache=False))
     out = check_writable_dir(out)
     bench = build_workbench(cfg, out)
     t_load = time.perf_counter()
@@ -376,6 +384,7 @@ def probe(
     batch_size: int = 64,
     optimizer: str = "adam",
     train_bn: bool = False,
+    augment: bool = False,
     n_trainable_layers: int = 1,
     model_dir: str = DEFAULT_MODEL_DIR,
     weights: str | None = None,
@@ -399,7 +408,7 @@ def probe(
         model_dir=model_dir,
         weights=weights,
         n_trainable_layers=n_trainable_layers,
-        train=TrainConfig(lr, l2, seed, epochs, patience, batch_size, optimizer, train_bn=train_bn),
+        train=TrainConfig(lr, l2, seed, epochs, patience, batch_size, optimizer, train_bn=train_bn, augment=augment),
         engine=EngineConfig(device, use_cache, cache_dir, cache_max_gb, num_workers, progress),
     )
     return run_probe(cfg, out)

@@ -56,6 +56,7 @@ class TrainConfig:
     # (small target sets give noisy batch statistics, and switching a probe's features to them
     # shifts what the head was trained on); True uses and updates batch statistics.
     train_bn: bool = False
+    augment: bool = False  # random resized crops + flips of the training images (needs the uncached path)
 
     def validate(self) -> None:
         """UserError naming the flag for values that cannot train."""
