@@ -255,31 +255,32 @@ class Sweep:
             else:
                 pending.append(members)
         params = bench.backbone.feature_dim * bench.n_classes + bench.n_classes
-        bench.prepare(1)
-        if self.executor is None or not bench.cached:
-            for members in pending:
-                for i in members:
-                    self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
-                self.epoch_bar.reset()
-                results = bench.run_probes([cfgs[i] for i in members], on_epoch=self._on_epoch)
-                for i, result in zip(members, results):
-                    self._record(hashes[i], result, params, 1)
-                bar.update(len(members))
-        else:
-            ex = self.executor
-            inputs = bench.export_inputs()
-            train_ref, val_ref = ex.put(inputs["train"]), ex.put(inputs["val"])
-            tasks = {}
-            for members in pending:
-                for i in members:
-                    self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
-                handle = ex.submit(probe_group_task, bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
-                                   train_ref, val_ref, [cfgs[i] for i in members], self.task_device, ex.threads)
-                tasks[handle] = members
-            for members, results in self._gather(tasks, name):
-                for i, result in zip(members, results):
-                    self._record(hashes[i], result, params, 1)
-                bar.update(len(members))
+        if pending:
+            bench.prepare(1)  # extraction (or a cache load) only when there is something to train
+            if self.executor is None or not bench.cached:
+                for members in pending:
+                    for i in members:
+                        self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
+                    self.epoch_bar.reset()
+                    results = bench.run_probes([cfgs[i] for i in members], on_epoch=self._on_epoch)
+                    for i, result in zip(members, results):
+                        self._record(hashes[i], result, params, 1)
+                    bar.update(len(members))
+            else:
+                ex = self.executor
+                inputs = bench.export_inputs()
+                train_ref, val_ref = ex.put(inputs["train"]), ex.put(inputs["val"])
+                tasks = {}
+                for members in pending:
+                    for i in members:
+                        self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
+                    handle = ex.submit(probe_group_task, bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
+                                       train_ref, val_ref, [cfgs[i] for i in members], self.task_device, ex.threads)
+                    tasks[handle] = members
+                for members, results in self._gather(tasks, name):
+                    for i, result in zip(members, results):
+                        self._record(hashes[i], result, params, 1)
+                    bar.update(len(members))
         if not all(self.ledger.is_finished(h) for h in hashes):
             log.warning("%s: some probes are unfinished; re-run the same command to finish them before choosing", name)
             return None
@@ -304,34 +305,32 @@ class Sweep:
         hashes = [run_hash("LP-FT", name, digest, cfg.data, c, k, start=probe_hash) for c in ft_cfgs]
         todo = [(h, c) for h, c in zip(hashes, ft_cfgs) if not self.ledger.is_finished(h)]
         bar.update(len(hashes) - len(todo))
-        bench.prepare(k)
-        if self.executor is None or not bench.cached:
-            for h, c in todo:
-                self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
-                self.epoch_bar.reset()
-                try:
-                    result = bench.run(c, k, start_state=start_state, on_epoch=self._on_epoch)
-                except (RuntimeError, ValueError) as e:  # e.g. out of memory: record, keep going
-                    self.ledger.fail(h, f"{type(e).__name__}: {e}")
-                    log.warning("%s LP-FT lr=%g failed: %s", name, c.lr, e)
-                else:
-                    self._record(h, result, bench.trainable_param_count(), k)
-                bar.update(1)
-        else:
-            ex = self.executor
-            bench.reset(seed=0)  # ship pristine weights
-            refs = [ex.put(x) for x in (bench.backbone, bench.splits, bench.export_inputs(), start_state)]
-            tasks = {}
-            for h, c in todo:
-                self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
-                tasks[ex.submit(finetune_task, refs[0], refs[1], k, refs[2], c, refs[3], self.task_device, ex.threads)] = h
-            n_params = None
-            for h, result in self._gather(tasks, name):
-                if n_params is None:
-                    bench.reset(seed=0)
-                    n_params = bench.trainable_param_count()
-                self._record(h, result, n_params, k)
-                bar.update(1)
+        if todo:
+            bench.prepare(k)
+            if self.executor is None or not bench.cached:
+                for h, c in todo:
+                    self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
+                    self.epoch_bar.reset()
+                    try:
+                        result = bench.run(c, k, start_state=start_state, on_epoch=self._on_epoch)
+                    except (RuntimeError, ValueError) as e:  # e.g. out of memory: record, keep going
+                        self.ledger.fail(h, f"{type(e).__name__}: {e}")
+                        log.warning("%s LP-FT lr=%g failed: %s", name, c.lr, e)
+                    else:
+                        self._record(h, result, bench.trainable_param_count(), k)
+                    bar.update(1)
+            else:
+                ex = self.executor
+                bench.reset(seed=0)  # ship pristine weights
+                n_params = bench.trainable_param_count()
+                refs = [ex.put(x) for x in (bench.backbone, bench.splits, bench.export_inputs(), start_state)]
+                tasks = {}
+                for h, c in todo:
+                    self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
+                    tasks[ex.submit(finetune_task, refs[0], refs[1], k, refs[2], c, refs[3], self.task_device, ex.threads)] = h
+                for h, result in self._gather(tasks, name):
+                    self._record(h, result, n_params, k)
+                    bar.update(1)
         if not all(self.ledger.is_finished(h) for h in hashes):
             log.warning("%s: some fine-tuning runs are unfinished; re-run the same command to finish them", name)
             return
