@@ -16,9 +16,9 @@ import json
 import sys
 import time
 
-
 from transferlab.backbones import load_backbone
 from transferlab.search import choose
+from transferlab.sources import TensorSource
 from transferlab.study import DataConfig, EngineConfig, Workbench
 from transferlab.training import TrainConfig
 
@@ -40,22 +40,25 @@ def main(argv=None) -> dict:
     splits = DataConfig(args.data, test_split=args.test_split).load()
     bench = Workbench(load_backbone(args.backbone), splits, EngineConfig("cpu", progress=not args.json), args.cache_dir)
     t0 = time.perf_counter()
-    bench.prepare(1)
-    bench.test_accuracy()  # test features, for scikit-learn below
+    bench.setup(1)
+    bench.evaluate_test(1)  # test features, for scikit-learn below
     extract_s = time.perf_counter() - t0
 
-    cfgs = [TrainConfig(lr, l2, 0, args.epochs, 15) for lr in LRS for l2 in L2S]
+    cfgs = [TrainConfig(lr=lr, l2=l2, seed=0, epochs=args.epochs, patience=15) for lr in LRS for l2 in L2S]
     t1 = time.perf_counter()
     results = bench.run_probes(cfgs)
     rows = [{"hash": str(i), "status": r.status, "metrics": {"val_xent": r.best["val_xent"], "val_err": r.best["val_err"]}}
             for i, r in enumerate(results)]
     best = int(choose(rows, [str(i) for i in range(len(cfgs))])["hash"])
     bench.load_trained(1, results[best].best_state)
-    probe_acc = bench.test_accuracy()
+    test = bench.evaluate_test(1)
+    assert test is not None, "needs a test split"
+    probe_acc = test.accuracy
     probe_s = time.perf_counter() - t1
 
     def xy(name):
-        src = bench._sources[name]
+        src = bench.setup(1).sources[name]
+        assert isinstance(src, TensorSource)
         return src.inputs.cpu().numpy(), src.labels.cpu().numpy()
 
     (xtr, ytr), (xva, yva), (xte, yte) = xy("train"), xy("val"), xy("test")

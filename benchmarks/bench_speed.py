@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
     # 2. Extraction, then the whole LP grid on cached features (no early stopping).
     cached = bench(True)
     t0 = time.perf_counter()
-    cached.prepare(1)
-    cached.test_accuracy()  # extracts the test split too
+    cached.setup(1)
+    cached.evaluate_test(1)  # extracts the test split too
     extract_s = time.perf_counter() - t0
     cfgs = [TrainConfig(lr=lr, l2=l2, seed=s, epochs=GRID_EPOCHS, patience=GRID_EPOCHS + 1)
             for s in GRID_SEEDS for lr in GRID_LRS for l2 in GRID_L2S]
@@ -99,10 +99,10 @@ def main(argv=None) -> dict:
     ft_full = statistics.median(epoch_times(naive, args.ft_layers, args.naive_epochs + 1)[1:])
     prefix = bench(True)
     t2 = time.perf_counter()
-    prefix.prepare(args.ft_layers)
+    prefix.setup(args.ft_layers)
     prefix_extract_s = time.perf_counter() - t2
     ft_prefix = statistics.median(epoch_times(prefix, args.ft_layers, 6)[1:])
-    say(f"ft epoch full {ft_full:.2f}s, prefix {ft_prefix:.3f}s (cut at {prefix.cut_name})")
+    say(f"ft epoch full {ft_full:.2f}s, prefix {ft_prefix:.3f}s (cut at {prefix.setup(args.ft_layers).cut.name})")
 
     result = {
         "backbone": args.backbone,
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         "speedup_vs_naive": round(naive_grid_est_s / grid_cached_s, 1),
         "grid_over_extract": round(grid_cached_s / extract_s, 3),
         "ft_layers": args.ft_layers,
-        "ft_cut": prefix.cut_name,
+        "ft_cut": prefix.setup(args.ft_layers).cut.name,
         "ft_prefix_extract_s": round(prefix_extract_s, 3),
         "ft_epoch_full_s": round(ft_full, 3),
         "ft_epoch_prefix_s": round(ft_prefix, 4),

@@ -3,13 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require
 from transferlab.backbones import load_backbone
 from transferlab.backbones.registry import get_spec
 from transferlab.data import build_transform
 from transferlab.features import Chain
 from transferlab.utils import UserError
-
-from conftest import require
 
 
 def test_missing_pytorchcv_weights_name_the_file_and_folder(tmp_path):

@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.data import build_transform, load_rgb, load_splits
-from transferlab.backbones.registry import PYTORCHCV_PRE
-from transferlab.utils import UserError
-
 from conftest import write_image_folder
+from transferlab.backbones.registry import PYTORCHCV_PRE
+from transferlab.data import build_transform, load_rgb, load_splits
+from transferlab.utils import UserError
 
 
 def test_folder_splits_keep_class_order_and_counts(tiny_folder):

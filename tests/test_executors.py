@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from transferlab.cli import main
-
 from conftest import require
+from transferlab.cli import main
+from transferlab.tasks import ProbeGroupTask
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,1e-2,3e-2", "--l2", "0,1e-2,1", "--seeds", "0,1",
         "--lpft", "--ft-lr", "1e-4,1e-3", "--epochs", "5", "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -72,28 +72,32 @@ def _with_two_cpus(init):
     return wrapped
 
 
-def crash_on_seed_1(*args):
+class ProbeGroupTaskDyingOnSeed1(ProbeGroupTask):
     """A probe task whose worker process dies (like an OOM kill) for seed 1."""
-    import os
 
-    from transferlab.executors import probe_group_task
+    def __call__(self, on_epoch=None):
+        import os
 
-    if args[5][0].seed == 1:
-        os._exit(1)
-    return probe_group_task(*args)
+        if self.cfgs[0].seed == 1:
+            os._exit(1)
+        return super().__call__(on_epoch)
 
 
-def test_a_dead_worker_leaves_runs_unfinished_and_a_rerun_redoes_them(local_summary, tmp_path, monkeypatch):
+def test_a_dead_worker_fails_its_runs_and_a_rerun_redoes_them(local_summary, tmp_path, monkeypatch):
     import transferlab.search as search
     from transferlab.ledger import Ledger
 
     data, expected = local_summary
     out = tmp_path / "p"
-    monkeypatch.setattr(search, "probe_group_task", crash_on_seed_1)
+    monkeypatch.setattr(search, "ProbeGroupTask", ProbeGroupTaskDyingOnSeed1)
     assert main(["sweep", "--data", str(data), "--out", str(out), *GRID, "--jobs", "2"]) == 0
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
-    statuses = [r["status"] for r in ledger.runs(method="LP")]
-    assert "running" in statuses and ledger.choice("efficientnet_lite0", "LP") is None
+    runs = ledger.runs(method="LP")
+    # The dead worker breaks the pool: its runs, and any that were running beside them, end failed.
+    assert {r["status"] for r in runs} <= {"done", "failed"}
+    failed = [r for r in runs if r["status"] == "failed"]
+    assert {r["config"]["seed"] for r in failed} >= {1} and all("BrokenProcessPool" in r["error"] for r in failed)
+    assert ledger.choice("efficientnet_lite0", "LP") is None
     assert json.loads((out / "summary.json").read_text()) == []
     ledger.close()
     monkeypatch.undo()

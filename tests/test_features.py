@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from transferlab.data import load_splits
-from transferlab.features import FeatureCache, cached_split_inputs
-from transferlab.study import EngineConfig, Workbench
+from transferlab.devices import Placement
+from transferlab.features import Chain, FeatureCache, cached_split_inputs
+from transferlab.freezing import plan_cut
 from transferlab.training import TrainConfig
+from transferlab.workbench import EngineConfig, Workbench
 
 METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
 
 
 def run_history(backbone, splits, k, use_cache, cache_dir=None, epochs=4, train_bn=False):
-    engine = EngineConfig("cpu", use_cache=use_cache, progress=False, num_workers=0)
+    engine = EngineConfig(device="cpu", use_cache=use_cache, progress=False, num_workers=0)
     bench = Workbench(copy.deepcopy(backbone), splits, engine, cache_dir)
     result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8, train_bn=train_bn), k)
     return bench, result
@@ -34,7 +36,7 @@ def test_cached_run_equals_running_the_frozen_backbone_every_epoch(tiny_folder, 
     splits = load_splits(tiny_folder)
     cached_bench, cached = run_history(resnet10_random, splits, k, use_cache=True, train_bn=train_bn)
     _, full = run_history(resnet10_random, splits, k, use_cache=False, train_bn=train_bn)
-    assert cached_bench.cached and cached_bench.cut_name == cut
+    assert cached_bench.setup(k).cached and cached_bench.setup(k).cut.name == cut
     assert_same_history(cached.history, full.history)
     assert cached.best_epoch == full.best_epoch
 
@@ -42,14 +44,9 @@ def test_cached_run_equals_running_the_frozen_backbone_every_epoch(tiny_folder, 
 def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path):
     splits = load_splits(tiny_folder)
     bb = copy.deepcopy(resnet10_random)
-    from transferlab.features import Chain, first_trainable_block
-    from transferlab.freezing import FreezePlan
-
-    FreezePlan(1).apply(bb.model)
-    chain = bb.chain()
-    prefix = Chain(chain[: first_trainable_block(chain)])
+    prefix = Chain(bb.chain()[: plan_cut(bb, 1).index])
     cache = FeatureCache(tmp_path / "cache")
-    cpu = torch.device("cpu")
+    cpu = Placement(torch.device("cpu"))
 
     def get(split, backbone=bb):
         return cached_split_inputs(backbone, prefix, "output", split, cache, cpu, num_workers=0, progress=False)
@@ -91,12 +88,12 @@ def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path)
 
 
 def test_memory_guard_falls_back_to_the_full_model_with_a_notice(tiny_folder, resnet10_random, caplog):
-    engine = EngineConfig("cpu", use_cache=True, cache_max_gb=1e-6, progress=False, num_workers=0)
+    engine = EngineConfig(device="cpu", use_cache=True, cache_max_gb=1e-6, progress=False, num_workers=0)
     bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None)
     with caplog.at_level("WARNING"):
-        bench.prepare(3)
-    assert not bench.cached
-    assert "--cache-max-gb 1e-06" in bench.notice and "features.stage4.unit1" in bench.notice
-    assert bench.notice in caplog.text
+        setup = bench.setup(3)
+    assert not setup.cached
+    assert "--cache-max-gb 1e-06" in setup.notice and "features.stage4.unit1" in setup.notice
+    assert setup.notice in caplog.text
     result = bench.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8), 3)
     assert result.status == "done" and len(result.history) == 2

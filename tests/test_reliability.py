@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_image_folder
 from transferlab.cli import main
 from transferlab.data import load_rgb
-
-from conftest import write_image_folder
 
 FAST = ["--epochs", "3", "--device", "cpu", "--workers", "0", "--no-progress"]
 

@@ -3,9 +3,8 @@
 import json
 
 import transferlab
-from transferlab.cli import main
-
 from conftest import shared_dataset
+from transferlab.cli import main
 
 
 def test_efficientnet_lite0_probe_on_birds10(tmp_path):

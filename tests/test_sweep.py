@@ -5,7 +5,7 @@ import pytest
 from transferlab.cli import main
 from transferlab.ledger import Ledger
 from transferlab.reporting.report import SUMMARY_KEYS
-from transferlab.study import Workbench
+from transferlab.workbench import Workbench
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
         "--epochs", "6", "--patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
@@ -16,20 +16,16 @@ def sweep(data, out, *extra):
     return main(["sweep", "--data", str(data), "--out", str(out), *GRID, *extra])
 
 
-@pytest.fixture
-def count_test_evaluations(monkeypatch):
-    calls = []
-    original = Workbench.test_accuracy
-
-    def counting(self):
-        calls.append(self._n_trainable)
-        return original(self)
-
-    monkeypatch.setattr(Workbench, "test_accuracy", counting)
-    return calls
+def count_test_evaluations(out):
+    """{(backbone, method): number of test-split evaluations} as the ledger counts them."""
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    try:
+        return {(b, m): ledger.test_evaluations(b, m) for b in ("efficientnet_lite0",) for m in ("LP", "LP-FT")}
+    finally:
+        ledger.close()
 
 
-def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_path, count_test_evaluations):
+def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_path):
     out = tmp_path / "sweep"
     assert sweep(tiny_folder, out) == 0
     rows = json.loads((out / "summary.json").read_text())
@@ -46,7 +42,7 @@ def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_
     assert ledger.choice("efficientnet_lite0", "LP") == chosen_lp["hash"]
     tested = {r["hash"] for r in lp + ft if r["test_acc"] is not None}
     assert tested == {ledger.choice("efficientnet_lite0", "LP"), ledger.choice("efficientnet_lite0", "LP-FT")}
-    assert count_test_evaluations == [1, 3]
+    assert count_test_evaluations(out) == {("efficientnet_lite0", "LP"): 1, ("efficientnet_lite0", "LP-FT"): 1}
     # LP-FT starts exactly from the restored best probe.
     for run in ft:
         assert run["history"][0]["val_xent"] == pytest.approx(chosen_lp["metrics"]["val_xent"], abs=1e-5)
@@ -60,15 +56,22 @@ def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_
     assert "(l2 / n_train) * sum(W_head ** 2)" in html and "transferlab sweep --data" in html
 
 
-def test_rerun_skips_finished_runs_and_report_rebuilds(tiny_folder, tmp_path, count_test_evaluations, monkeypatch):
+def _run_rows(out):
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    try:
+        return {r["hash"]: (r["status"], r["updated"], r["test_acc"]) for r in ledger.runs()}
+    finally:
+        ledger.close()
+
+
+def test_rerun_skips_finished_runs_and_report_rebuilds(tiny_folder, tmp_path):
     out = tmp_path / "sweep"
     assert sweep(tiny_folder, out) == 0
-    first = (out / "summary.json").read_bytes()
-    calls = []
-    monkeypatch.setattr(Workbench, "run_probes", lambda *a, **k: calls.append(a) or [])
-    monkeypatch.setattr(Workbench, "run", lambda *a, **k: calls.append(a))
+    first, rows = (out / "summary.json").read_bytes(), _run_rows(out)
     assert sweep(tiny_folder, out) == 0
-    assert calls == [] and (out / "summary.json").read_bytes() == first
+    assert _run_rows(out) == rows  # no run was started again: every row is untouched
+    assert (out / "summary.json").read_bytes() == first
+    assert count_test_evaluations(out) == {("efficientnet_lite0", "LP"): 1, ("efficientnet_lite0", "LP-FT"): 1}
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").exists() and (out / "summary.json").read_bytes() == first
@@ -108,14 +111,14 @@ def test_a_different_sweep_in_the_same_folder_is_refused(tiny_folder, tmp_path, 
 
 
 def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
-    from transferlab.sweep_cli import build_config, resolve
     from transferlab.cli import build_parser
+    from transferlab.sweep_cli import build_configs, resolve
 
     yml = tmp_path / "study.yaml"
     yml.write_text(f"data: {tiny_folder}\nout: {tmp_path / 'o'}\nlr: [0.001, 0.01]\nl2: 0,1\nseeds: [3]\nlpft: true\nft-layers: 2\n")
     args = build_parser().parse_args(["sweep", "--config", str(yml), "--lr", "0.5"])
     args.argv = []
-    cfg = build_config(resolve(args))
+    cfg, _executor = build_configs(resolve(args))
     assert cfg.lrs == (0.5,) and cfg.l2s == (0.0, 1.0) and cfg.seeds == (3,) and cfg.lpft and cfg.ft_layers == 2
     yml.write_text("data: x\nout: y\nlearning_rate: 3\n")
     args = build_parser().parse_args(["sweep", "--config", str(yml)])
@@ -135,6 +138,7 @@ def test_lpft_extracts_once_and_derives_probe_features(tiny_folder, tmp_path):
     assert sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir()) == ["test", "train", "val"]
     lp_shared = json.loads((shared / "summary.json").read_text())[0]
     lp_plain = json.loads((plain / "summary.json").read_text())[0]
-    assert (lp_shared["lr"], lp_shared["l2"], lp_shared["seed"], lp_shared["best_epoch"]) == (lp_plain["lr"], lp_plain["l2"], lp_plain["seed"], lp_plain["best_epoch"])
+    keys = ("lr", "l2", "seed", "best_epoch")
+    assert [lp_shared[k] for k in keys] == [lp_plain[k] for k in keys]
     assert lp_shared["val_xent"] == pytest.approx(lp_plain["val_xent"], abs=1e-5)
     assert lp_shared["test_acc"] == lp_plain["test_acc"]

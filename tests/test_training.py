@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.data import load_splits
-from transferlab.features import SplitInputs, TensorSource
+from transferlab.devices import Placement
 from transferlab.freezing import FreezePlan, frozen_digest, layer_names, set_train_mode
 from transferlab.heads import new_head
-from transferlab.study import EngineConfig, Workbench
+from transferlab.sources import SplitInputs, TensorSource
 from transferlab.training import TrainConfig, evaluate, fit
-from transferlab.utils import UserError
+from transferlab.utils import ConfigError
+from transferlab.workbench import EngineConfig, Workbench
 
-CPU = torch.device("cpu")
+CPU = Placement(torch.device("cpu"))
 
 
 def feature_source(n, dim, n_classes, seed, shift=2.0):
@@ -32,7 +33,7 @@ def test_resnet10_layers_and_probe_size(resnet10_random):
     assert FreezePlan(1).apply(model) == ["output"]
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5130
     assert FreezePlan(3).apply(model) == names[-3:]
-    with pytest.raises(UserError, match=f"between 1 and {len(names)}"):
+    with pytest.raises(ConfigError, match=f"n_trainable_layers={len(names) + 1}: must be between 1 and {len(names)}"):
         FreezePlan(len(names) + 1).apply(model)
 
 
@@ -99,9 +100,8 @@ def test_same_seed_same_history_different_seed_different():
 @pytest.mark.parametrize("k, train_bn", [(1, True), (3, True), (3, False)])
 def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_folder, resnet10_random, k, train_bn):
     """MoCo's linear-eval sanity check, including batch-norm running statistics."""
-    bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), EngineConfig("cpu", progress=False, num_workers=0), None)
-    bench.prepare(k)
-    bench.reset(seed=0)
+    bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), EngineConfig(device="cpu", progress=False, num_workers=0), None)
+    bench.reset(seed=0, n_trainable_layers=k)
     frozen_bn = bench.model.features.stage4.unit1.body.conv2.bn
     before_mean = frozen_bn.running_mean.clone()
     digest = frozen_digest(bench.model)
@@ -147,7 +147,7 @@ def test_augmentation_is_seeded_per_image_and_independent_of_workers(tiny_folder
     assert not torch.equal(a[3][0], ImageDataset(splits.train, pre)[3][0])
     histories = []
     for workers in (0, 2, 0):
-        engine = EngineConfig("cpu", use_cache=False, progress=False, num_workers=workers)
+        engine = EngineConfig(device="cpu", use_cache=False, progress=False, num_workers=workers)
         bench = Workbench(copy.deepcopy(resnet10_random), splits, engine, None)
         seed = 1 if len(histories) < 2 else 2
         histories.append(bench.run(TrainConfig(lr=1e-2, epochs=2, batch_size=8, seed=seed, augment=True), 1).history)

@@ -12,65 +12,25 @@ import logging
 import sys
 from pathlib import Path
 
-from .utils import UserError
+from .utils import ConfigError, UserError
 
 DEFAULT_DEMO_OUT = "transferlab-demo"
 
 
-def _add_data_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="image folder with train/<class>/* (val/, test/ optional)")
-    g.add_argument("--val-split", default="val", help="validation folder name (default: val)")
-    g.add_argument("--test-split", default="test", help="test folder name (default: test)")
-    g.add_argument("--valid-frac", type=float, default=0.2, help="fraction of train carved out as validation when there is no val folder")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the carved validation split and --max-per-class")
-    g.add_argument("--max-per-class", type=int, default=None, help="cap train(+carved val) images per class")
-    g.add_argument("--on-bad-image", default="error", choices=("error", "skip"), help="undecodable image files: list them and stop, or skip them")
+def _probe_flag_groups():
+    from .cli_flags import config_flags
+    from .data import DataConfig
+    from .study import EngineConfig, ProbeConfig
+    from .training import TrainConfig
+
+    return [("data", config_flags(DataConfig)), ("backbone", config_flags(ProbeConfig)),
+            ("training", config_flags(TrainConfig)), ("engine", config_flags(EngineConfig))]
 
 
-def _add_backbone_flags(p: argparse.ArgumentParser) -> None:
-    from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR
+def _all_flags():
+    from .sweep_cli import SWEEP_FLAGS
 
-    g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default: {DEFAULT_BACKBONE}; see `transferlab backbones`)")
-    g.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder with official pytorchcv .pth files")
-    g.add_argument("--weights", default=None, help="local checkpoint (.safetensors or .pth) for the --backbone architecture")
-
-
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--no-cache", action="store_true", help="run the frozen backbone on every image every epoch")
-    g.add_argument("--cache-dir", default=None, help="feature cache folder (default: OUT/cache)")
-    g.add_argument("--cache-max-gb", type=float, default=4.0, help="largest activation cache to keep in memory")
-    g.add_argument("--workers", type=int, default=None, help="image decoding workers (default: min(4, cores))")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--l2", type=float, default=0.0, help="loss = mean xent + (l2 / n_train) * sum(W_head^2)")
-    g.add_argument("--seed", type=int, default=0, help="head init and batch order")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--patience", type=int, default=15, help="epochs without val xent improvement before stopping")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    g.add_argument("--n-trainable-layers", type=int, default=1, help="train the last k layers (1 = linear probe)")
-    g.add_argument("--augment", action="store_true", help="random resized crops and flips of training images (runs the backbone every epoch)")
-    g.add_argument("--train-bn", action="store_true", help="trainable batch-norm layers use batch statistics (default: pretrained running statistics)")
-
-
-def _engine(args):
-    from .study import EngineConfig
-
-    return EngineConfig(args.device, not args.no_cache, args.cache_dir, args.cache_max_gb, args.workers, not args.no_progress)
-
-
-def _data(args):
-    from .study import DataConfig
-
-    return DataConfig(args.data, args.val_split, args.test_split, args.valid_frac, args.split_seed, args.max_per_class, args.on_bad_image)
+    return [fl for _, group in _probe_flag_groups() for fl in group] + SWEEP_FLAGS
 
 
 def _print_result(record: dict, out: Path) -> None:
@@ -101,19 +61,12 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    from .cli_flags import field_values
     from .study import ProbeConfig, run_probe
-    from .training import TrainConfig
+    from .utils import build_config
 
-    cfg = ProbeConfig(
-        data=_data(args),
-        backbone=args.backbone,
-        model_dir=args.model_dir,
-        weights=args.weights,
-        n_trainable_layers=args.n_trainable_layers,
-        train=TrainConfig(args.lr, args.l2, args.seed, args.epochs, args.patience, args.batch_size, args.optimizer,
-                          train_bn=args.train_bn, augment=args.augment),
-        engine=_engine(args),
-    )
+    flags = [fl for _, group in _probe_flag_groups() for fl in group]
+    cfg = build_config(ProbeConfig, field_values(flags, vars(args)))
     out = Path(args.out)
     record = run_probe(cfg, out)
     _print_result(record, out)
@@ -121,8 +74,9 @@ def cmd_probe(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .data import DataConfig
     from .demo import write_digits_folder
-    from .study import DataConfig, EngineConfig, ProbeConfig, run_probe
+    from .study import EngineConfig, ProbeConfig, run_probe
     from .training import TrainConfig
 
     out = Path(args.out)
@@ -141,12 +95,12 @@ def cmd_demo(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .search import sweep
-    from .sweep_cli import build_config, build_executor_config, reproduce_command, resolve
+    from .sweep_cli import build_configs, reproduce_command, resolve
 
     values = resolve(args)
-    cfg = build_config(values)
+    cfg, executor = build_configs(values)
     out = Path(values["out"])
-    rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=build_executor_config(values))
+    rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor)
     for r in rows:
         acc = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
         print(f"{r['backbone']:20s} {r['method']:6s} lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']} "
@@ -175,12 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
     p.set_defaults(func=cmd_backbones)
 
+    from .cli_flags import add_flags
+
     p = sub.add_parser("probe", help="train one linear probe (or fine-tune the last k layers)")
-    _add_data_flags(p)
-    _add_backbone_flags(p)
-    _add_train_flags(p)
-    _add_engine_flags(p)
     p.add_argument("--out", required=True, help="output folder")
+    for title, flags in _probe_flag_groups():
+        add_flags(p.add_argument_group(title), flags, required=("data",))
     p.set_defaults(func=cmd_probe)
 
     from .sweep_cli import add_sweep_flags
@@ -211,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv_seen
     try:
         return func(args)
+    except ConfigError as e:
+        from .cli_flags import flag_text
+
+        print(f"transferlab: error: {flag_text(e, _all_flags())}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"transferlab: error: {e}", file=sys.stderr)
         return 2

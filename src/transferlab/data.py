@@ -15,14 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .utils import UserError
+from .utils import ConfigError, UserError, option
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 # Errors PIL raises for zero-byte, truncated, corrupt or absurdly large files.
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+
+# How files become pixels; part of every cache key, so caches made by an older decoder are not reused.
+# "exif-transpose": EXIF orientation is applied (a portrait phone photo is upright).
+DECODER = "pil-rgb-exif-transpose"
+ON_BAD_IMAGE = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class Split:
     def counts(self, n_classes: int) -> list[int]:
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=n_classes).tolist()
 
-    def subset(self, keep: list[int]) -> "Split":
+    def subset(self, keep: list[int]) -> Split:
         return Split(self.name, tuple(self.files[i] for i in keep), tuple(self.labels[i] for i in keep), self.source)
 
 
@@ -78,6 +83,57 @@ class ImageSplits:
                 out[split.name] = {"source": split.source, "n": len(split), "per_class": split.counts(n)}
         out["ignored_files"] = len(self.ignored_files)
         return out
+
+    def fingerprint(self) -> dict[str, list]:
+        """{split name: [path, size, mtime_ns, label] per file} for train, val and test."""
+        return {s.name: split_fingerprint(s) for s in (self.train, self.val, self.test) if s is not None}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are split."""
+
+    data: str = option("", "image folder with train/<class>/* (val/, test/ optional)")
+    val_split: str = option("val", "validation folder name")
+    test_split: str = option("test", "test folder name")
+    valid_frac: float = option(0.2, "fraction of train carved out as validation when there is no val folder")
+    split_seed: int = option(0, "seed of the carved validation split and of --max-per-class")
+    max_per_class: int | None = option(None, "cap train (+ carved val) images per class")
+    on_bad_image: str = option("error", "undecodable image files: list them and stop, or skip them", choices=ON_BAD_IMAGE)
+
+    def load(self) -> ImageSplits:
+        if self.on_bad_image not in ON_BAD_IMAGE:
+            raise ConfigError("on_bad_image", self.on_bad_image, "expected error or skip")
+        return load_splits(self.data, self.val_split, self.test_split, self.valid_frac, self.split_seed, self.max_per_class)
+
+
+def split_fingerprint(split: Split) -> list:
+    """[path, size, mtime_ns, label] per file: what a cached result computed from `split` depends on."""
+    rows = []
+    for path, label in zip(split.files, split.labels):
+        try:
+            st = os.stat(path)
+            rows.append([path, st.st_size, st.st_mtime_ns, label])
+        except OSError:
+            rows.append([path, -1, -1, label])
+    return rows
+
+
+def describe_data_change(old: dict[str, list], new: dict[str, list]) -> str:
+    """'3 files added, 1 modified under test/' from two {split: fingerprint} maps ('' if equal)."""
+    parts = []
+    for name in dict.fromkeys(list(old) + list(new)):
+        before = {row[0]: row[1:] for row in old.get(name) or []}
+        after = {row[0]: row[1:] for row in new.get(name) or []}
+        added = len(after.keys() - before.keys())
+        removed = len(before.keys() - after.keys())
+        modified = sum(1 for f in after.keys() & before.keys() if after[f][:2] != before[f][:2])
+        relabelled = sum(1 for f in after.keys() & before.keys() if after[f][2] != before[f][2])
+        counts = [(added, "added"), (removed, "removed"), (modified, "modified"), (relabelled, "relabelled")]
+        said = [f"{n} file{'s' if n != 1 else ''} {what}" for n, what in counts if n]
+        if said:
+            parts.append(f"{', '.join(said)} in split {name}")
+    return "; ".join(parts)
 
 
 def _scan_class_folders(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -140,14 +196,14 @@ def load_splits(
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"--data {root}: no such folder")
+        raise ConfigError("data", root, "no such folder")
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise UserError(f"--data {root}: missing {train_dir} (expected {root}/train/<class>/<image>)")
+        raise ConfigError("data", root, f"missing {train_dir} (expected {root}/train/<class>/<image>)")
     if not 0.0 < valid_frac < 1.0:
-        raise UserError(f"--valid-frac {valid_frac}: must be between 0 and 1")
+        raise ConfigError("valid_frac", valid_frac, "must be between 0 and 1")
     if max_per_class is not None and max_per_class < 1:
-        raise UserError(f"--max-per-class {max_per_class}: must be at least 1")
+        raise ConfigError("max_per_class", max_per_class, "must be at least 1")
 
     train_files, ignored = _scan_class_folders(train_dir)
     _require_nonempty(train_dir, train_files)
@@ -206,12 +262,12 @@ def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
 
     Large JPEGs are decoded at reduced scale (still >= `min_size` on each side) so an 8000x6000 photo
     never materialises at full size; other large images are box-reduced right after decoding (kept at
-    >= 2 x `min_size`) so later steps work on a small copy. Grey, 16-bit, palette, RGBA and CMYK images
-    become RGB; alpha is dropped.
+    >= 2 x `min_size`) so later steps work on a small copy. The EXIF orientation is applied, so a photo
+    taken in portrait is upright. Grey, 16-bit, palette, RGBA and CMYK images become RGB; alpha is dropped.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on palette transparency and EXIF oddities
-        img = Image.open(path)
+        img: Image.Image = Image.open(path)
         if min_size is not None and img.format == "JPEG":
             img.draft("RGB", (min_size, min_size))
         img.load()
@@ -225,6 +281,7 @@ def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
             img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
         elif img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
+        img = ImageOps.exif_transpose(img) or img
         return img.convert("RGB")
 
 
@@ -269,11 +326,40 @@ def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator) -
     if box is None:  # extreme aspect ratios: the central square
         side = min(w, h)
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
+    resample = Image.Resampling.BICUBIC if pre.interpolation == "bicubic" else Image.Resampling.BILINEAR
     img = img.crop(box).resize((pre.input_size, pre.input_size), resample)
     if torch.rand(1, generator=gen).item() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return TF.normalize(TF.to_tensor(img), pre.mean, pre.std)
+
+
+def default_num_workers() -> int:
+    """Decoding workers: enough to keep the model busy on a laptop."""
+    return min(4, os.cpu_count() or 1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy / random in each decoding worker from torch's per-worker seed (set by the loader's generator)."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin: bool = False,
+                 augment_seed: int | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader of ``(image, label, index, ok)`` in split order (or `batch_sampler`'s order)."""
+    # Augmentations draw from per-item generators (see ImageDataset); the workers are seeded anyway
+    # so nothing else they might randomise escapes the seed (pytorch#7068).
+    dataset = ImageDataset(split, pre, augment_seed)
+    kwargs: dict = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(0))
+    if num_workers > 0:
+        kwargs.update(persistent_workers=False, prefetch_factor=4)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -29,6 +29,6 @@ def write_digits_folder(root: str | Path, per_class: tuple[int, int, int] = (30,
                 path = folder / f"digit_{i:04d}.png"
                 if not path.exists():
                     grey = (255 - digits.images[i] * (255 / 16)).astype(np.uint8)  # dark ink on white
-                    Image.fromarray(grey, "L").resize((64, 64), Image.BICUBIC).convert("RGB").save(path)
+                    Image.fromarray(grey, "L").resize((64, 64), Image.Resampling.BICUBIC).convert("RGB").save(path)
             start += n
     return root

@@ -1,8 +1,7 @@
-"""Where sweep runs execute when not in the coordinating process: local worker processes or Ray.
+"""Where a sweep's tasks execute: in the coordinating process, in local worker processes, or on Ray.
 
-The coordinator computes each backbone's cached inputs once and ships them to the runs (Ray's
-object store, or process arguments); workers return results and never touch the ledger. The task
-functions are plain functions of picklable arguments.
+Every executor has the same small interface (:class:`Executor`), so the sweep has one way to run a
+unit of work whatever runs it. Workers return results and never touch the ledger.
 """
 
 from __future__ import annotations
@@ -13,41 +12,35 @@ import multiprocessing
 import os
 import pickle
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
-from .utils import UserError
+from .utils import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-# -- tasks (run in workers) -------------------------------------------------------------------------
-def probe_group_task(feature_dim, n_classes, head_name, train, val, cfgs, device, threads):
-    """A batched group of linear probes on shipped features; returns their FitResults."""
-    import torch
+class Executor(Protocol):
+    """Runs tasks (callables returning a list of results) somewhere and hands their results back."""
 
-    from .features import TensorSource
-    from .heads import new_head
-    from .training import fit_linear_probes
+    threads: int  # intra-op threads every task uses, wherever it runs
 
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    heads = [new_head(feature_dim, n_classes, cfgs[0].seed).to(dev) for _ in cfgs]
-    return fit_linear_probes(heads, TensorSource(train, dev), TensorSource(val, dev), cfgs, head_name)
+    def put(self, obj: Any) -> Any:
+        """A reference to `obj` that tasks can take as an argument (shipped once, used by many tasks)."""
 
+    def submit(self, task: Callable[..., Any]) -> Any:
+        """Start `task`; returns a handle."""
 
-def finetune_task(backbone, splits, n_trainable_layers, inputs, cfg, start_state, device, threads):
-    """One fine-tuning run from `start_state` on shipped prefix activations; returns its FitResult."""
-    import torch
+    def as_completed(self, handles: list) -> Iterator[Any]:
+        """Yield each handle once its task has finished (successfully or not)."""
 
-    from .study import EngineConfig, Workbench
+    def result(self, handle: Any) -> Any:
+        """The task's return value, or its exception raised here."""
 
-    torch.set_num_threads(threads)
-    bench = Workbench(backbone, splits, EngineConfig(device, progress=False), cache_dir=None)
-    bench.adopt_inputs(n_trainable_layers, inputs)
-    return bench.run(cfg, n_trainable_layers, start_state=start_state)
+    def close(self) -> None: ...
 
 
-# -- executors (in the coordinator) -----------------------------------------------------------------
 def coordinator_threads() -> int:
     """Intra-op threads every run uses, wherever it executes.
 
@@ -60,9 +53,51 @@ def coordinator_threads() -> int:
     return torch.get_num_threads()
 
 
+class _Deferred:
+    """An in-process task, run when its result is first waited for."""
+
+    def __init__(self, task: Callable[..., Any], on_epoch: Callable | None):
+        self.task, self.on_epoch = task, on_epoch
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.task(on_epoch=self.on_epoch)
+        except Exception as e:  # reported by result(); KeyboardInterrupt goes straight up
+            self.error = e
+
+
+class InProcessExecutor:
+    """Runs each task in this process, one at a time, when the sweep asks for its result."""
+
+    def __init__(self, on_epoch: Callable | None = None):
+        self.threads = coordinator_threads()
+        self.on_epoch = on_epoch
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def submit(self, task: Callable[..., Any]) -> _Deferred:
+        return _Deferred(task, self.on_epoch)
+
+    def as_completed(self, handles: list) -> Iterator[_Deferred]:
+        for handle in handles:
+            handle.run()
+            yield handle
+
+    def result(self, handle: _Deferred) -> Any:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def close(self) -> None:
+        pass
+
+
 def _call_pickled(blob: bytes) -> bytes:
-    fn, args = pickle.loads(blob)
-    return pickle.dumps(fn(*args))
+    task = pickle.loads(blob)
+    return pickle.dumps(task())
 
 
 class ProcessExecutor:
@@ -70,30 +105,45 @@ class ProcessExecutor:
 
     Tasks and results travel as plain pickled bytes: multiprocessing's own pickler would hand torch
     tensors over as *shared memory*, and concurrent fine-tuning runs would then train one shared copy
-    of the weights.
+    of the weights. Every worker uses the device the sweep was given (they share a GPU).
     """
 
     def __init__(self, jobs: int):
         if jobs < 1:
-            raise UserError(f"--jobs {jobs}: must be at least 1")
+            raise ConfigError("jobs", jobs, "must be at least 1")
         self.threads = coordinator_threads()
-        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.jobs = jobs
+        self.pool = self._new_pool()
 
-    def put(self, obj):
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def put(self, obj: Any) -> Any:
         return obj
 
-    def submit(self, fn, *args):
-        return self.pool.submit(_call_pickled, pickle.dumps((fn, args)))
+    def submit(self, task: Callable[..., Any]) -> cf.Future:
+        try:
+            return self.pool.submit(_call_pickled, pickle.dumps(task))
+        except cf.process.BrokenProcessPool:  # a worker died earlier (its tasks failed): start afresh
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            return self.pool.submit(_call_pickled, pickle.dumps(task))
 
-    def wait_any(self, pending: list) -> tuple[list, list]:
-        done, rest = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-        return list(done), list(rest)
+    def as_completed(self, handles: list) -> Iterator[cf.Future]:
+        return cf.as_completed(handles)
 
-    def result(self, handle):
+    def result(self, handle: cf.Future) -> Any:
         return pickle.loads(handle.result())
 
     def close(self) -> None:
+        # Terminate rather than wait: after Ctrl-C, running tasks would otherwise finish first.
+        processes = list(getattr(self.pool, "_processes", {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join(timeout=5)
 
 
 def _short_temp_dir(out: Path) -> Path:
@@ -107,16 +157,19 @@ def _short_temp_dir(out: Path) -> Path:
     return fallback
 
 
+def _run_task(task: Callable[..., Any]) -> Any:
+    return task()
+
+
 class RayExecutor:
-    """Runs as Ray tasks, each with its CPU/GPU request; inputs travel through the object store."""
+    """Runs tasks as Ray tasks, each with its CPU/GPU request; inputs travel through the object store."""
 
     def __init__(self, out: Path, address: str | None, cpus_per_run: float = 1, gpus_per_run: float = 0, num_cpus: int | None = None):
         try:
             import ray
         except ImportError:
-            raise UserError("--executor ray: Ray is not installed (pip install 'transferlab[ray]')") from None
+            raise ConfigError("executor", "ray", "Ray is not installed (pip install 'transferlab[ray]')") from None
         self.ray = ray
-        self.cpus, self.gpus = cpus_per_run, gpus_per_run
         self.threads = coordinator_threads()
         if address in (None, "", "local"):
             # A private local instance: state under the output folder, loopback only, no auth token needed there.
@@ -127,32 +180,23 @@ class RayExecutor:
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"--ray-address {address}: cannot connect ({str(e).splitlines()[0][:160]})") from None
-        self._remote: dict = {}
+                raise ConfigError("ray_address", address, f"cannot connect ({str(e).splitlines()[0][:160]})") from None
+        self._remote = ray.remote(_run_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
 
-    def put(self, obj):
+    def put(self, obj: Any) -> Any:
         return self.ray.put(obj)
 
-    def submit(self, fn, *args):
-        if fn not in self._remote:
-            self._remote[fn] = self.ray.remote(fn).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
-        return self._remote[fn].remote(*args)
+    def submit(self, task: Callable[..., Any]) -> Any:
+        return self._remote.remote(task)
 
-    def wait_any(self, pending: list) -> tuple[list, list]:
-        return self.ray.wait(pending, num_returns=1)
+    def as_completed(self, handles: list) -> Iterator[Any]:
+        pending = list(handles)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield from done
 
-    def result(self, handle):
+    def result(self, handle: Any) -> Any:
         return self.ray.get(handle)
 
     def close(self) -> None:
         self.ray.shutdown()
-
-
-def make_executor(kind: str, out: Path, jobs: int = 1, ray_address: str | None = None, cpus_per_run: float = 1,
-                  gpus_per_run: float = 0):
-    """None for the in-process sequential path; otherwise a ProcessExecutor or RayExecutor."""
-    if kind == "local":
-        return None if jobs == 1 else ProcessExecutor(jobs)
-    if kind == "ray":
-        return RayExecutor(out, ray_address, cpus_per_run, gpus_per_run)
-    raise UserError(f"--executor {kind}: expected local or ray")

@@ -4,8 +4,8 @@ The backbone's chain of blocks is cut right before the first block that holds a 
 Everything before the cut is frozen and in eval mode, so its output is a fixed function of the image:
 it is computed once per image (``extract``), kept on disk (``FeatureCache``), and training then runs
 only the suffix. For a linear probe the cut is the classifier, and the cached tensors are the
-penultimate features. ``ImageSource`` is the uncached path (decode and run everything every epoch),
-kept for augmentation and for the equivalence tests.
+penultimate features. The uncached path (``sources.ImageSource``) decodes and runs everything every
+epoch; it is kept for augmentation and for the equivalence tests.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
-from .data import ImageDataset, Preprocessing, Split, describe_bad_image
+from .data import DECODER, Preprocessing, Split, default_num_workers, describe_bad_image, image_loader, split_fingerprint
+from .devices import Placement
+from .sources import SplitInputs
 from .utils import UserError, atomic_write_bytes, stable_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 class Chain(nn.Module):
@@ -45,70 +45,12 @@ class Chain(nn.Module):
         return x
 
 
-def first_trainable_block(chain: list[tuple[str, nn.Module]]) -> int:
-    """Index of the first block that holds a trainable parameter (where a cache must stop)."""
-    for i, (_, module) in enumerate(chain):
-        if any(p.requires_grad for p in module.parameters()):
-            return i
-    raise ValueError("no block holds a trainable parameter")
-
-
-def default_num_workers() -> int:
-    """Decoding workers for extraction: enough to keep the model busy on a laptop."""
-    return min(4, os.cpu_count() or 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a UserError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device {device}: expected auto, cpu or cuda")
-    return torch.device(device)
-
-
-@dataclass
-class SplitInputs:
-    """What the trainable suffix sees for one split: inputs, labels, and files that failed to decode."""
-
-    inputs: torch.Tensor  # (N, ...) float32, on CPU
-    labels: torch.Tensor  # (N,) int64
-    bad_files: list[str]
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy / random in each decoding worker from torch's per-worker seed (set by the loader's generator)."""
-    import random
-
-    import numpy as np
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def _loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin=False,
-            augment_seed: int | None = None):
-    # Augmentations draw from per-item generators (see ImageDataset); the workers are seeded anyway
-    # so nothing else they might randomise escapes the seed (pytorch#7068).
-    dataset = ImageDataset(split, pre, augment_seed)
-    kwargs = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_seed_worker,
-                  generator=torch.Generator().manual_seed(0))
-    if num_workers > 0:
-        kwargs.update(persistent_workers=False, prefetch_factor=4)
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
-
-
 @torch.no_grad()
 def extract(
     prefix: nn.Module,
     split: Split,
     pre: Preprocessing,
-    device: torch.device,
+    placement: Placement,
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
@@ -121,13 +63,14 @@ def extract(
     """
     prefix.eval()
     workers = default_num_workers() if num_workers is None else num_workers
+    device = placement.device
     cuda = device.type == "cuda"
-    loader = _loader(split, pre, batch_size, workers, pin=cuda)
+    loader = image_loader(split, pre, batch_size, workers, pin=cuda)
     out: torch.Tensor | None = None
     bad: list[int] = []
     bar = tqdm(total=len(split), desc=f"extract {split.name}", unit="img", disable=not progress, leave=False)
     for x, _y, idx, ok in loader:
-        x = x.to(device, non_blocking=True)
+        x = placement.put(x)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -143,17 +86,6 @@ def extract(
     return out, sorted(bad)
 
 
-def _file_fingerprint(split: Split) -> list:
-    rows = []
-    for path in split.files:
-        try:
-            st = os.stat(path)
-            rows.append([path, st.st_size, st.st_mtime_ns])
-        except OSError:
-            rows.append([path, -1, -1])
-    return rows
-
-
 def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
@@ -162,25 +94,26 @@ class FeatureCache:
     """On-disk cache of a backbone prefix's outputs, one safetensors file per (split, key).
 
     The key covers everything that changes the numbers: backbone name and weights digest, where the
-    chain is cut, preprocessing, the image list with sizes and modification times, labels, precision
-    and device type. A file whose checksum does not match is reported, deleted and recomputed.
+    chain is cut, the decoder and preprocessing, the image list with sizes, modification times and
+    labels, precision and device type. A file whose checksum does not match is reported, deleted and recomputed.
     ``directory=None`` keeps nothing on disk.
     """
 
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory is not None else None
 
-    def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, device: torch.device) -> str:
+    def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, placement: Placement) -> str:
+        device = placement.device
         return stable_hash(
             {
                 "format": CACHE_FORMAT,
                 "backbone": backbone.spec.name,
                 "weights": backbone.weights_digest,
                 "cut": cut,
+                "decoder": DECODER,
                 "preprocessing": dataclasses.asdict(pre),
-                "files": _file_fingerprint(split),
-                "labels": list(split.labels),
-                "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
+                "files": split_fingerprint(split),
+                "precision": "bf16-autocast" if device.type == "cuda" else str(placement.dtype).removeprefix("torch."),
                 "device": device.type,
             },
             length=24,
@@ -246,7 +179,7 @@ def find_bad_images(split: Split, pre: Preprocessing, num_workers: int | None = 
     workers = default_num_workers() if num_workers is None else num_workers
     bad: list[str] = []
     bar = tqdm(total=len(split), desc=f"check {split.name}", unit="img", disable=not progress, leave=False)
-    for _x, _y, idx, ok in _loader(split, pre, 64, workers):
+    for _x, _y, idx, ok in image_loader(split, pre, 64, workers):
         bad += [split.files[i] for i in idx[~ok].tolist()]
         bar.update(len(idx))
     bar.close()
@@ -259,7 +192,7 @@ def cached_split_inputs(
     cut_name: str,
     split: Split,
     cache: FeatureCache,
-    device: torch.device,
+    placement: Placement,
     on_bad_image: str = "error",
     batch_size: int = 64,
     num_workers: int | None = None,
@@ -270,11 +203,11 @@ def cached_split_inputs(
     Returns (inputs, skipped files, whether it was a cache hit).
     """
     pre = backbone.spec.preprocessing
-    key = cache.key(backbone, cut_name, split, pre, device)
+    key = cache.key(backbone, cut_name, split, pre, placement)
     item = cache.load(split, key)
     hit = item is not None
     if item is None:
-        inputs, bad_index = extract(prefix, split, pre, device, batch_size, num_workers, progress)
+        inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress)
         labels = torch.tensor(split.labels, dtype=torch.int64)
         item = SplitInputs(inputs, labels, [split.files[i] for i in bad_index])
         cache.save(split, key, item)
@@ -285,61 +218,16 @@ def cached_split_inputs(
 
 
 @torch.no_grad()
-def run_frozen(blocks: nn.Module, inputs: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def run_frozen(blocks: nn.Module, inputs: torch.Tensor, placement: Placement, batch_size: int = 256) -> torch.Tensor:
     """Run frozen `blocks` (eval mode) over cached activations: deeper cached inputs from shallower ones."""
     blocks.eval()
-    outs = [blocks(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)]
+    outs = [blocks(placement.put(inputs[i : i + batch_size])).float().cpu() for i in range(0, len(inputs), batch_size)]
     return torch.cat(outs)
 
 
 @torch.no_grad()
-def estimate_cache_bytes(prefix: nn.Module, pre: Preprocessing, n_images: int) -> int:
-    """Bytes needed to hold `prefix`'s float32 output for `n_images` images (one dummy forward)."""
+def estimate_cache_bytes(prefix: nn.Module, pre: Preprocessing, n_images: int, placement: Placement) -> int:
+    """Bytes needed to hold `prefix`'s float32 output for `n_images` images (one dummy forward on `placement`)."""
     prefix.eval()
-    y = prefix(torch.zeros(1, 3, pre.input_size, pre.input_size))
+    y = prefix(placement.put(torch.zeros(1, 3, pre.input_size, pre.input_size)))
     return y.numel() * 4 * n_images
-
-
-class TensorSource:
-    """Training inputs held as one tensor; minibatches are index lookups (no DataLoader)."""
-
-    def __init__(self, item: SplitInputs, device: torch.device):
-        self.inputs = item.inputs.to(device)
-        self.labels = item.labels.to(device)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = order.to(self.inputs.device)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            yield self.inputs[idx], self.labels[idx]
-
-
-class ImageSource:
-    """Training inputs decoded from image files for every batch (the uncached path).
-
-    With `augment_seed` set, every pass over the data draws fresh augmented views, seeded by
-    (augment_seed, pass number, image index): reproducible, and independent of the worker count.
-    """
-
-    def __init__(self, split: Split, pre: Preprocessing, device: torch.device, num_workers: int | None = None,
-                 augment_seed: int | None = None):
-        self.split, self.pre, self.device = split, pre, device
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.augment_seed = augment_seed
-        self.passes = 0
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        chunks = [order[s : s + batch_size].tolist() for s in range(0, len(order), batch_size)]
-        seed = None if self.augment_seed is None else self.augment_seed * 100_003 + self.passes
-        self.passes += 1
-        for x, y, idx, ok in _loader(self.split, self.pre, batch_size, self.num_workers, batch_sampler=chunks, augment_seed=seed):
-            if not bool(ok.all()):
-                bad = [self.split.files[i] for i in idx[~ok].tolist()]
-                raise UserError(f"image(s) cannot be decoded: {'; '.join(bad)}")
-            yield x.to(self.device), y.to(self.device)

@@ -11,21 +11,21 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .utils import UserError
+from .backbones import Backbone
+from .utils import ConfigError
+
+
+def layer_of(param_name: str) -> str:
+    """The layer a parameter belongs to: its name minus the last component (``.weight``, ``.bias``)."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
 
 
 def layer_names(model: nn.Module) -> list[str]:
     """Unique parameter-name prefixes of `model`, in definition order."""
-    names: list[str] = []
-    seen: set[str] = set()
-    for name, _ in model.named_parameters():
-        prefix = name.rsplit(".", 1)[0] if "." in name else ""
-        if prefix not in seen:
-            seen.add(prefix)
-            names.append(prefix)
-    return names
+    return list(dict.fromkeys(layer_of(name) for name, _ in model.named_parameters()))
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,39 @@ class FreezePlan:
         names = layer_names(model)
         k = self.n_trainable_layers
         if not 1 <= k <= len(names):
-            raise UserError(f"--n-trainable-layers {k}: must be between 1 and {len(names)} (the model's layer count)")
+            raise ConfigError("n_trainable_layers", k, f"must be between 1 and {len(names)} (the model's layer count)")
         return names[-k:]
 
     def apply(self, model: nn.Module) -> list[str]:
         """Set ``requires_grad`` accordingly and return the trainable layer names."""
         trainable = set(self.trainable_layers(model))
         for name, param in model.named_parameters():
-            prefix = name.rsplit(".", 1)[0] if "." in name else ""
-            param.requires_grad_(prefix in trainable)
+            param.requires_grad_(layer_of(name) in trainable)
         return [n for n in layer_names(model) if n in trainable]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a backbone's chain of blocks is cut for a number of trainable layers.
+
+    Blocks before `index` hold no trainable layer: their output is a fixed function of the image.
+    """
+
+    index: int  # the first block of the chain that holds a trainable layer
+    name: str  # that block's name
+    trainable_layers: tuple[str, ...]
+
+
+def plan_cut(backbone: Backbone, n_trainable_layers: int) -> Cut:
+    """The cut for training the last `n_trainable_layers` layers; computed without changing the model."""
+    model = backbone.model
+    trainable = set(FreezePlan(n_trainable_layers).trainable_layers(model))
+    owner = {id(p): layer_of(name) for name, p in model.named_parameters()}
+    for i, (name, block) in enumerate(backbone.chain()):
+        if any(owner.get(id(p)) in trainable for p in block.parameters()):
+            ordered = tuple(n for n in layer_names(model) if n in trainable)
+            return Cut(i, name, ordered)
+    raise ValueError(f"no block of {backbone.spec.name}'s chain holds a trainable layer")
 
 
 def set_train_mode(model: nn.Module, training: bool, train_bn: bool = True) -> None:
@@ -70,16 +93,39 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def trainable_state(model: nn.Module) -> dict:
-    """Trainable parameters plus the buffers (BN running stats) of modules that own them: what training changes."""
-    state = {}
+def trainable_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the trainable parameters plus the buffers (BN running stats) of modules that own them."""
+    keys = []
     for mod_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if any(p.requires_grad for _, p in own):
             prefix = f"{mod_name}." if mod_name else ""
-            for n, t in list(own) + list(module.named_buffers(recurse=False)):
-                state[prefix + n] = t.detach().clone()
-    return state
+            keys += [prefix + n for n, _ in own] + [prefix + n for n, _ in module.named_buffers(recurse=False)]
+    return keys
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what training changes: :func:`trainable_state_keys`' tensors."""
+    state = model.state_dict()
+    return {k: state[k].detach().clone() for k in trainable_state_keys(model)}
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], required: set[str] | None = None) -> None:
+    """Copy `state`'s tensors into `model` in place; every key must exist with the same shape.
+
+    With `required`, every one of those keys must be in `state` too. A mismatch is an error, never a
+    silently ignored tensor (``load_state_dict(strict=False)`` would leave a fresh head in place).
+    """
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted((required or set()) - set(state))
+    if unknown or missing:
+        raise ValueError(f"trained state does not fit the model: unknown {unknown[:5]}, missing {missing[:5]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"trained tensor {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}")
+            own[key].copy_(value)
 
 
 def frozen_digest(model: nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""The new classifier head and its L2 penalty."""
+"""The new classifier head (its L2 penalty is part of ``objective``)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,3 @@ def new_head(in_features: int, n_classes: int, seed: int) -> nn.Linear:
         head.weight.uniform_(-bound, bound, generator=gen)
         head.bias.uniform_(-bound, bound, generator=gen)
     return head
-
-
-def l2_penalty(head: nn.Linear) -> torch.Tensor:
-    """Sum of squared head weights; the bias is not penalised."""
-    return head.weight.pow(2).sum()

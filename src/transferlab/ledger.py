@@ -2,7 +2,7 @@
 
 Standard library only (no torch), so reports can be rebuilt from it anywhere. Every write is one
 transaction; a killed process leaves the last committed state, and rows still marked ``running``
-are redone by the next sweep.
+are redone by the next sweep. A finished row is never overwritten.
 """
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any, Literal, TypedDict
 
 from .utils import to_json
+
+Method = Literal["LP", "LP-FT"]
+METHODS: tuple[Method, ...] = ("LP", "LP-FT")
+Status = Literal["running", "done", "failed", "diverged"]
+FINISHED: tuple[Status, ...] = ("done", "diverged")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,13 +41,35 @@ CREATE TABLE IF NOT EXISTS choices (
     hash TEXT NOT NULL REFERENCES runs(hash),
     PRIMARY KEY (backbone, method)
 );
+CREATE TABLE IF NOT EXISTS test_evaluations (
+    id INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL REFERENCES runs(hash),
+    backbone TEXT NOT NULL,
+    method TEXT NOT NULL,
+    test_acc REAL,
+    time REAL NOT NULL
+);
 """
 
-FINISHED = ("done", "diverged")
+
+class RunRow(TypedDict):
+    """One run as the ledger holds it (JSON columns decoded)."""
+
+    hash: str
+    backbone: str
+    method: Method
+    config: dict[str, Any]
+    status: Status
+    metrics: dict[str, Any] | None
+    history: list[dict[str, Any]] | None
+    timings: dict[str, Any] | None
+    error: str | None
+    test_acc: float | None
+    updated: float
 
 
 class Ledger:
-    """Runs, choices and sweep metadata of one output folder."""
+    """Runs, choices, test evaluations and sweep metadata of one output folder."""
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
@@ -58,51 +86,76 @@ class Ledger:
         self.db.close()
 
     # -- metadata ---------------------------------------------------------------------------------
-    def get_meta(self, key: str, default=None):
+    def get_meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row["value"]) if row else default
 
-    def set_meta(self, key: str, value) -> None:
+    def set_meta(self, key: str, value: Any) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, to_json(value, indent=None)))
 
+    def start_over(self) -> None:
+        """Forget every run, choice and test evaluation (the folder's data or splits changed)."""
+        with self.db:
+            for table in ("test_evaluations", "choices", "runs", "meta"):
+                self.db.execute(f"DELETE FROM {table}")
+
     # -- runs -------------------------------------------------------------------------------------
-    def status(self, run_hash: str) -> str | None:
+    def status(self, run_hash: str) -> Status | None:
         row = self.db.execute("SELECT status FROM runs WHERE hash = ?", (run_hash,)).fetchone()
         return row["status"] if row else None
 
     def is_finished(self, run_hash: str) -> bool:
         return self.status(run_hash) in FINISHED
 
-    def mark_running(self, run_hash: str, backbone: str, method: str, config: dict) -> None:
+    def mark_running(self, run_hash: str, backbone: str, method: Method, config: dict) -> None:
+        """Record that a run starts; a finished row is left exactly as it is."""
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO runs (hash, backbone, method, config, status, updated) VALUES (?, ?, ?, ?, 'running', ?)",
+                "INSERT INTO runs (hash, backbone, method, config, status, updated) VALUES (?, ?, ?, ?, 'running', ?) "
+                "ON CONFLICT (hash) DO UPDATE SET status = 'running', error = NULL, updated = excluded.updated "
+                "WHERE runs.status NOT IN ('done', 'diverged')",
                 (run_hash, backbone, method, to_json(config, indent=None), time.time()),
             )
 
-    def finish(self, run_hash: str, status: str, metrics: dict, history: list, timings: dict, error: str | None = None) -> None:
+    def finish(self, run_hash: str, status: Status, metrics: dict, history: list, timings: dict) -> None:
         with self.db:
             self.db.execute(
-                "UPDATE runs SET status = ?, metrics = ?, history = ?, timings = ?, error = ?, updated = ? WHERE hash = ?",
+                "UPDATE runs SET status = ?, metrics = ?, history = ?, timings = ?, error = NULL, updated = ? "
+                "WHERE hash = ? AND status = 'running'",
                 (status, to_json(metrics, indent=None), to_json(history, indent=None), to_json(timings, indent=None),
-                 error, time.time(), run_hash),
+                 time.time(), run_hash),
             )
 
     def fail(self, run_hash: str, error: str) -> None:
         with self.db:
-            self.db.execute("UPDATE runs SET status = 'failed', error = ?, updated = ? WHERE hash = ?", (error, time.time(), run_hash))
+            self.db.execute("UPDATE runs SET status = 'failed', error = ?, updated = ? WHERE hash = ? AND status = 'running'",
+                            (error, time.time(), run_hash))
 
-    def set_test_acc(self, run_hash: str, test_acc: float | None) -> None:
+    def record_test(self, run_hash: str, test_acc: float | None) -> None:
+        """Store the one test evaluation of a chosen run, and count it."""
+        row = self.run(run_hash)
+        assert row is not None and row["status"] == "done", run_hash
         with self.db:
             self.db.execute("UPDATE runs SET test_acc = ? WHERE hash = ?", (test_acc, run_hash))
+            self.db.execute("INSERT INTO test_evaluations (hash, backbone, method, test_acc, time) VALUES (?, ?, ?, ?, ?)",
+                            (run_hash, row["backbone"], row["method"], test_acc, time.time()))
 
-    def run(self, run_hash: str) -> dict | None:
+    def test_evaluations(self, backbone: str | None = None, method: Method | None = None) -> int:
+        """How many times the test split was evaluated (for `backbone` and `method`, if given)."""
+        query, args = "SELECT COUNT(*) FROM test_evaluations WHERE 1=1", list[str]()
+        if backbone is not None:
+            query, args = query + " AND backbone = ?", args + [backbone]
+        if method is not None:
+            query, args = query + " AND method = ?", args + [method]
+        return self.db.execute(query, args).fetchone()[0]
+
+    def run(self, run_hash: str) -> RunRow | None:
         row = self.db.execute("SELECT * FROM runs WHERE hash = ?", (run_hash,)).fetchone()
         return _decode(row) if row else None
 
-    def runs(self, backbone: str | None = None, method: str | None = None) -> list[dict]:
-        query, args = "SELECT * FROM runs WHERE 1=1", []
+    def runs(self, backbone: str | None = None, method: Method | None = None) -> list[RunRow]:
+        query, args = "SELECT * FROM runs WHERE 1=1", list[str]()
         if backbone is not None:
             query, args = query + " AND backbone = ?", args + [backbone]
         if method is not None:
@@ -110,11 +163,16 @@ class Ledger:
         return [_decode(r) for r in self.db.execute(query + " ORDER BY rowid", args)]
 
     # -- choices ----------------------------------------------------------------------------------
-    def choose(self, backbone: str, method: str, run_hash: str) -> None:
+    def clear_choices(self) -> None:
+        """Forget every choice: a sweep re-chooses from its own grid's finished runs."""
+        with self.db:
+            self.db.execute("DELETE FROM choices")
+
+    def choose(self, backbone: str, method: Method, run_hash: str) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO choices (backbone, method, hash) VALUES (?, ?, ?)", (backbone, method, run_hash))
 
-    def choice(self, backbone: str, method: str) -> str | None:
+    def choice(self, backbone: str, method: Method) -> str | None:
         row = self.db.execute("SELECT hash FROM choices WHERE backbone = ? AND method = ?", (backbone, method)).fetchone()
         return row["hash"] if row else None
 
@@ -122,9 +180,9 @@ class Ledger:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-def _decode(row: sqlite3.Row) -> dict:
+def _decode(row: sqlite3.Row) -> RunRow:
     out = dict(row)
     for key in ("config", "metrics", "history", "timings"):
         if out.get(key) is not None:
             out[key] = json.loads(out[key])
-    return out
+    return out  # type: ignore[return-value]

@@ -1,13 +1,14 @@
 """Grid search and LP-then-FT over backbones, resumable through the ledger.
 
-For every backbone: probe every (lr, l2, seed) on cached features (heads sharing a seed train in one
-batched pass), choose on validation only (lowest val cross-entropy, then val error, then grid order),
-evaluate the test split once for the chosen probe. With LP-then-FT, fine-tune the last `ft_layers`
-layers starting exactly from the chosen probe, over `ft_lrs`, choose on validation, test once.
+For every backbone: probe every (lr, l2, seed) on cached features (heads sharing a schedule train in
+one batched pass), choose on validation only (lowest val cross-entropy, then val error, then grid
+order), evaluate the test split once for the chosen probe. With LP-then-FT, fine-tune the last
+`ft_layers` layers starting exactly from the chosen probe, over `ft_lrs`, choose on validation, test once.
 
-Every run is a ledger row keyed by a hash of everything that defines its numbers; a re-run skips
-finished rows and redoes the rest. The unit of work for probes is the whole seed group, so batched
-numerics never depend on what an interrupted run had already finished.
+Every run is a ledger row keyed by a hash of everything that defines its numbers, the images
+included; a re-run skips finished rows and redoes the rest. Both phases go through one path: plan
+the runs, execute the missing ones as tasks on an executor (in-process, worker processes or Ray),
+choose and test.
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_MODEL_DIR, CATALOGUE, check_weights_available, get_spec, load_backbone, with_source
+from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, check_weights_available, get_spec, load_backbone, with_source
+from .data import DataConfig, ImageSplits, describe_data_change
+from .devices import resolve_device
+from .executors import Executor, InProcessExecutor, ProcessExecutor, RayExecutor
 from .freezing import layer_names
-from .executors import finetune_task, make_executor, probe_group_task
-from .ledger import Ledger
-from .study import DataConfig, EngineConfig, Workbench
-from .training import FitResult, TrainConfig
-from .utils import UserError, atomic_write_bytes, check_writable_dir, stable_hash, write_json
+from .ledger import Ledger, Method, RunRow
+from .objective import describe_objective
+from .tasks import ProbeGroupTask, Task, TrainTask
+from .training import EpochRecord, FitResult, TrainConfig, probe_groups
+from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
+from .workbench import EngineConfig, Workbench
 
 log = logging.getLogger(__name__)
 
@@ -35,68 +42,83 @@ LEDGER_FILE = "ledger.sqlite"
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A whole study: data, backbones x sources, the LP grid and the optional LP-then-FT phase."""
+    """A whole study: data, backbones x sources, the LP grid and the optional LP-then-FT phase.
+
+    `train` is the base of every run; each probe takes its lr, l2 and seed from the grid.
+    """
 
     data: DataConfig
-    backbones: tuple[str, ...] = ("efficientnet_lite0",)
-    sources: tuple[str, ...] = ("imagenet1k",)
-    lrs: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
-    l2s: tuple[float, ...] = (0.0, 1e-2, 1.0)
-    seeds: tuple[int, ...] = (0, 1)
-    epochs: int = 100
-    patience: int = 15
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lpft: bool = False
-    ft_layers: int = 3
-    ft_lrs: tuple[float, ...] = (1e-5, 1e-4)
-    ft_train_bn: bool = False
-    model_dir: str = DEFAULT_MODEL_DIR
+    train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    backbones: tuple[str, ...] = option(("efficientnet_lite0",), "comma list of architectures")
+    sources: tuple[str, ...] = option(("imagenet1k",), "comma list of source data sets: imagenet1k,cub")
+    lrs: tuple[float, ...] = option((1e-4, 1e-3, 1e-2), "comma list of probe learning rates", flag="--lr")
+    l2s: tuple[float, ...] = option((0.0, 1e-2, 1.0), "comma list of L2 strengths", flag="--l2")
+    seeds: tuple[int, ...] = option((0, 1), "comma list of seeds")
+    lpft: bool = option(False, "LP-then-FT from the chosen probe")
+    ft_layers: int = option(3, "LP-then-FT trains the last k layers")
+    ft_lrs: tuple[float, ...] = option((1e-5, 1e-4), "comma list of fine-tuning learning rates", flag="--ft-lr")
+    ft_train_bn: bool = option(False, "fine-tuned batch-norm layers use batch statistics")
+    model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
+
+    GRID_FIELDS = ("lr", "l2", "seed")  # TrainConfig fields the grid sets
 
     def probe_configs(self) -> list[TrainConfig]:
         """The LP grid in a fixed order (seed, lr, l2): the order also breaks validation ties."""
-        return [
-            TrainConfig(lr, l2, seed, self.epochs, self.patience, self.batch_size, self.optimizer)
-            for seed in self.seeds for lr in self.lrs for l2 in self.l2s
-        ]
+        return [dataclasses.replace(self.train, lr=lr, l2=l2, seed=seed)
+                for seed in self.seeds for lr in self.lrs for l2 in self.l2s]
 
     def validate(self) -> None:
-        for name, values in (("--lr", self.lrs), ("--l2", self.l2s), ("--seeds", self.seeds), ("--backbones", self.backbones), ("--sources", self.sources)):
-            if not values:
-                raise UserError(f"{name}: needs at least one value")
+        for name in ("lrs", "l2s", "seeds", "backbones", "sources"):
+            if not getattr(self, name):
+                raise ConfigError(name, "", "needs at least one value")
         for cfg in self.probe_configs():
             cfg.validate()
         if self.lpft:
             if self.ft_layers < 1:
-                raise UserError(f"--ft-layers {self.ft_layers}: must be at least 1")
+                raise ConfigError("ft_layers", self.ft_layers, "must be at least 1")
             for lr in self.ft_lrs:
                 if not (math.isfinite(lr) and lr > 0):
-                    raise UserError(f"--ft-lr {lr}: must be a positive number")
+                    raise ConfigError("ft_lrs", lr, "must be a positive number")
 
 
 @dataclass(frozen=True)
 class ExecutorConfig:
     """Where runs execute; results are the same wherever they run."""
 
-    kind: str = "local"  # "local" | "ray"
-    jobs: int = 1  # local worker processes (1: in the coordinating process)
-    ray_address: str | None = None  # None: a private local Ray instance; "auto" or "ray://host:port": a cluster
-    cpus_per_run: float = 1
-    gpus_per_run: float = 0
+    kind: str = option("local", "where runs execute", flag="--executor", choices=("local", "ray"))
+    jobs: int = option(1, "local worker processes (1: in this process)")
+    ray_address: str | None = option(None, "Ray cluster ('auto' or ray://host:port); default: a private local instance")
+    cpus_per_run: float = option(1.0, "CPUs each Ray task requests")
+    gpus_per_run: float | None = option(None, "GPUs each Ray task requests (default: 0 on CPU, 0.25 on CUDA)")
+
+
+def make_executor(cfg: ExecutorConfig, out: Path, device: str, on_epoch=None) -> Executor:
+    """The executor `cfg` names; tasks run on `device` wherever they execute."""
+    if cfg.kind == "local":
+        return InProcessExecutor(on_epoch) if cfg.jobs == 1 else ProcessExecutor(cfg.jobs)
+    if cfg.kind == "ray":
+        gpus = cfg.gpus_per_run
+        if gpus is None:  # several runs share one GPU; each task sees it only if it asks for a share
+            gpus = 0.25 if resolve_device(device).type == "cuda" else 0.0
+        return RayExecutor(out, cfg.ray_address, cfg.cpus_per_run, gpus)
+    raise ConfigError("kind", cfg.kind, "expected local or ray")
 
 
 def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
     """Backbone names to run (architecture x source) and the skipped ones with the reason."""
-    names, skipped = [], {}
+    names: list[str] = []
+    skipped: dict[str, str] = {}
     for arch in cfg.backbones:
         candidates = [arch] if arch.endswith("_cub") else [with_source(arch, s) for s in cfg.sources]
         for name in candidates:
             if name in names or name in skipped:
                 continue
             if name not in CATALOGUE:
-                base = name[: -len("_cub")] if name.endswith("_cub") else name
-                get_spec(base)  # unknown architecture: a UserError with suggestions
+                try:
+                    get_spec(name.removesuffix("_cub"))  # unknown architecture: an error with suggestions
+                except ConfigError as e:
+                    raise ConfigError("backbones", e.value, e.reason) from None
                 skipped[name] = "no published weights for this architecture and source"
                 continue
             reason = check_weights_available(name, cfg.model_dir)
@@ -107,19 +129,221 @@ def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
     return names, skipped
 
 
-def run_hash(method: str, backbone: str, weights_digest: str, data: DataConfig, train: TrainConfig, k: int, start: str | None = None) -> str:
-    """Identity of one run: everything that changes its numbers (not the engine)."""
+def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: str, data: DataConfig,
+             train: TrainConfig, k: int, start: str | None = None) -> str:
+    """Identity of one run: everything that changes its numbers (the images too; not the engine)."""
     return stable_hash(
-        {"method": method, "backbone": backbone, "weights": weights_digest, "data": dataclasses.asdict(data),
-         "train": dataclasses.asdict(train), "n_trainable_layers": k, "start": start},
+        {"method": method, "backbone": backbone, "weights": weights_digest, "images": data_digest,
+         "data": dataclasses.asdict(data), "train": dataclasses.asdict(train), "n_trainable_layers": k, "start": start},
         length=20,
     )
 
 
-def _metrics(result: FitResult, trainable_params: int, k: int) -> dict:
-    best = result.best
-    return {"best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"], "val_xent": best["val_xent"],
-            "val_err": best["val_err"], "trainable_params": trainable_params, "n_trainable_layers": k}
+def choose(rows: list[RunRow], order: list[str]) -> RunRow | None:
+    """Among the runs whose hash is in `order`, the finished, non-diverged one with the lowest val xent
+    (ties: val err, then position in `order`)."""
+    done = [r for r in rows if r["hash"] in order and r["status"] == "done" and (r["metrics"] or {}).get("val_xent") is not None]
+    if not done:
+        return None
+    return min(done, key=lambda r: (r["metrics"]["val_xent"], r["metrics"]["val_err"], order.index(r["hash"])))  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a phase: its ledger hash and its training config."""
+
+    hash: str
+    cfg: TrainConfig
+
+
+class Sweep:
+    """Coordinates one sweep: the only writer of the ledger, holding the output folder's lock."""
+
+    def __init__(self, cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
+                 executor: ExecutorConfig = ExecutorConfig()):
+        cfg.validate()
+        self.cfg, self.executor_cfg, self.command = cfg, executor, command
+        self.out = check_writable_dir(out)
+        self.lock = FolderLock(self.out)
+        self.ledger = Ledger(self.out / LEDGER_FILE)
+        self.cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else self.out / "cache"
+        self.splits: ImageSplits | None = None
+        self.data_digest = ""
+        self.executor: Executor | None = None
+        self.bar: tqdm | None = None
+        self.force = force
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        self.ledger.close()
+        self.lock.release()
+
+    def _claim_folder(self, splits: ImageSplits) -> None:
+        """Refuse (or with --force, start over) when the folder's ledger is about other data or other images."""
+        identity = stable_hash(dataclasses.asdict(self.cfg.data))
+        fingerprint = splits.fingerprint()
+        previous_identity = self.ledger.get_meta("identity")
+        previous_fingerprint = self.ledger.get_meta("data_fingerprint")
+        problem = ""
+        if previous_identity is not None and previous_identity != identity:
+            problem = "holds the ledger of a different sweep (other data or splits)"
+        elif previous_fingerprint is not None and previous_fingerprint != fingerprint:
+            problem = f"the images changed since its sweep ran: {describe_data_change(previous_fingerprint, fingerprint)}"
+        if problem:
+            if not self.force:
+                raise ConfigError("out", self.out, f"{problem}; use another folder, or pass --force to start over")
+            log.warning("--force: %s %s; starting over", self.out, problem)
+            self.ledger.start_over()
+            shutil.rmtree(self.out / "runs", ignore_errors=True)
+        self.ledger.set_meta("identity", identity)
+        self.ledger.set_meta("data_fingerprint", fingerprint)
+        self.data_digest = stable_hash(fingerprint)
+
+    # -- the whole study --------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Run (or resume) every phase for every backbone, then write the summary and the report."""
+        cfg = self.cfg
+        self.splits = splits = cfg.data.load()
+        self._claim_folder(splits)
+        self.ledger.set_meta("config", dataclasses.asdict(cfg))
+        self.ledger.set_meta("command", self.command)
+        write_json(self.out / "sweep.json", {"config": dataclasses.asdict(cfg), "executor": dataclasses.asdict(self.executor_cfg),
+                                             "command": self.command})
+        names, skipped = resolve_backbones(cfg)
+        for name, reason in skipped.items():
+            log.warning("skipping %s: %s", name, reason)
+        self.ledger.set_meta("backbones", names)
+        self.ledger.set_meta("skipped_backbones", skipped)
+        self.ledger.set_meta("data_summary", splits.summary())
+        self.ledger.set_meta("objective", describe_objective())
+        if cfg.lpft:
+            self._check_ft_layers(names)
+        self.ledger.clear_choices()  # choices are made afresh from this grid's finished runs
+        self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
+        n_runs = len(names) * (len(cfg.probe_configs()) + (len(cfg.ft_lrs) if cfg.lpft else 0))
+        self.bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress)
+        try:
+            for name in names:
+                bench = Workbench(load_backbone(name, cfg.model_dir), splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
+                                  share_cut_layers=cfg.ft_layers if cfg.lpft else None)
+                spec = bench.backbone.spec
+                self.ledger.set_meta(f"backbone_info:{name}", {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch})
+                self.ledger.set_meta(f"skipped_files:{name}", {})
+                probe_hash = self._phase(bench, "LP", 1, self._probe_runs(bench))
+                if cfg.lpft and probe_hash is not None:
+                    self._phase(bench, "LP-FT", cfg.ft_layers, self._finetune_runs(bench, probe_hash), start=probe_hash)
+                if bench.skipped_files:
+                    self.ledger.set_meta(f"skipped_files:{name}", bench.skipped_files)
+        finally:
+            self.bar.close()
+        from .reporting.report import build_report
+
+        return build_report(self.out)
+
+    def _check_ft_layers(self, names: list[str]) -> None:
+        for name in names:
+            n_layers = len(layer_names(load_backbone(name, pretrained=False).model))
+            if self.cfg.ft_layers > n_layers:
+                raise ConfigError("ft_layers", self.cfg.ft_layers, f"{name} has only {n_layers} layers")
+
+    def _on_epoch(self, record: EpochRecord) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}")
+
+    # -- what each phase runs ---------------------------------------------------------------------
+    def _hash(self, bench: Workbench, method: Method, cfg: TrainConfig, k: int, start: str | None = None) -> str:
+        return run_hash(method, bench.backbone.spec.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k, start)
+
+    def _probe_runs(self, bench: Workbench) -> list[PlannedRun]:
+        return [PlannedRun(self._hash(bench, "LP", c, 1), c) for c in self.cfg.probe_configs()]
+
+    def _finetune_runs(self, bench: Workbench, probe_hash: str) -> list[PlannedRun]:
+        probe = self.ledger.run(probe_hash)
+        assert probe is not None
+        probe_cfg = TrainConfig(**probe["config"])
+        cfgs = [dataclasses.replace(probe_cfg, lr=lr, train_bn=self.cfg.ft_train_bn) for lr in self.cfg.ft_lrs]
+        return [PlannedRun(self._hash(bench, "LP-FT", c, self.cfg.ft_layers, probe_hash), c) for c in cfgs]
+
+    def _tasks(self, bench: Workbench, k: int, todo: list[PlannedRun], start: str | None) -> Iterator[tuple[list[PlannedRun], Task]]:
+        """The units of work for `todo`: batched probe groups on cached features, else one run per task."""
+        ex, engine = self.executor, self.cfg.engine
+        assert ex is not None
+        inputs = bench.inputs(k)  # extraction (or a cache load) happens here, only when there is work to do
+        if k == 1 and start is None and inputs is not None:
+            train, val = ex.put(inputs["train"]), ex.put(inputs["val"])
+            for members in probe_groups([p.cfg for p in todo]):
+                group = [todo[i] for i in members]
+                yield group, ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
+                                            train, val, [p.cfg for p in group], engine, ex.threads)
+            return
+        bench.reset(seed=0, n_trainable_layers=k)  # ship pristine weights
+        backbone, splits = ex.put(bench.backbone), ex.put(bench.splits)
+        shipped_inputs = None if inputs is None else ex.put(inputs)
+        start_state = None if start is None else ex.put(_load_params(self.out, start))
+        for p in todo:
+            yield [p], TrainTask(backbone, splits, engine, self.cfg.data.on_bad_image, k, shipped_inputs, p.cfg, start_state, ex.threads)
+
+    # -- one path for every phase -----------------------------------------------------------------
+    def _phase(self, bench: Workbench, method: Method, k: int, planned: list[PlannedRun], start: str | None = None) -> str | None:
+        """Execute the unfinished runs of `planned`, then choose on validation and test once; the chosen hash."""
+        assert self.bar is not None
+        todo = [p for p in planned if not self.ledger.is_finished(p.hash)]
+        self.bar.update(len(planned) - len(todo))
+        if todo:
+            self._execute(bench, method, k, list(self._tasks(bench, k, todo, start)))
+        return self._choose_and_test(bench, method, k, planned)
+
+    def _execute(self, bench: Workbench, method: Method, k: int, units: list[tuple[list[PlannedRun], Task]]) -> None:
+        """Run every unit; each of its runs ends done, diverged or failed (error stored), and the sweep goes on."""
+        ex, name = self.executor, bench.backbone.spec.name
+        assert ex is not None and self.bar is not None
+        n_params = bench.trainable_param_count(k)
+        handles = {}
+        for runs, task in units:
+            for p in runs:
+                self.ledger.mark_running(p.hash, name, method, dataclasses.asdict(p.cfg))
+            handles[ex.submit(task)] = runs
+        for handle in ex.as_completed(list(handles)):
+            runs = handles[handle]
+            try:
+                results: list[FitResult] = ex.result(handle)
+            except Exception as e:  # a bug, out of memory, a dead worker: record it, keep going
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                for p in runs:
+                    self.ledger.fail(p.hash, error)
+                log.warning("%s %s: %d run(s) failed (%s); re-run the same command to retry them", name, method, len(runs), error)
+            else:
+                for p, result in zip(runs, results):
+                    self._record(p.hash, result, n_params, k)
+            self.bar.update(len(runs))
+
+    def _record(self, h: str, result: FitResult, n_params: int, k: int) -> None:
+        _save_params(self.out, h, result.best_state)  # parameters first: a 'done' row always has its file
+        best = result.best
+        metrics = {"best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"], "val_xent": best["val_xent"],
+                   "val_err": best["val_err"], "trainable_params": n_params, "n_trainable_layers": k}
+        self.ledger.finish(h, result.status, metrics, list(result.history), {"train_loop_s": result.train_seconds})
+
+    def _choose_and_test(self, bench: Workbench, method: Method, k: int, planned: list[PlannedRun]) -> str | None:
+        name = bench.backbone.spec.name
+        hashes = [p.hash for p in planned]
+        if not all(self.ledger.is_finished(h) for h in hashes):
+            log.warning("%s %s: some runs failed or are unfinished; re-run the same command to finish them before choosing",
+                        name, method)
+            return None
+        chosen = choose(self.ledger.runs(name, method), hashes)
+        if chosen is None:
+            log.warning("%s %s: every run diverged; nothing to test", name, method)
+            return None
+        h = chosen["hash"]
+        self.ledger.choose(name, method, h)
+        if chosen["test_acc"] is None and bench.splits.test is not None:
+            bench.load_trained(k, _load_params(self.out, h))
+            test = bench.evaluate_test(k)
+            assert test is not None
+            self.ledger.record_test(h, test.accuracy)
+        return h
 
 
 def _save_params(out: Path, run_hash_: str, state: dict) -> None:
@@ -135,215 +359,6 @@ def _load_params(out: Path, run_hash_: str) -> dict:
     return load_file(str(out / "runs" / f"{run_hash_}.safetensors"))
 
 
-def choose(rows: list[dict], order: list[str]) -> dict | None:
-    """Among the runs whose hash is in `order`, the finished, non-diverged one with the lowest val xent
-    (ties: val err, then position in `order`)."""
-    done = [r for r in rows if r["hash"] in order and r["status"] == "done" and r["metrics"]["val_xent"] is not None]
-    if not done:
-        return None
-    return min(done, key=lambda r: (r["metrics"]["val_xent"], r["metrics"]["val_err"], order.index(r["hash"])))
-
-
-class Sweep:
-    """Coordinates one sweep: the only writer of the ledger."""
-
-    def __init__(self, cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
-                 executor: ExecutorConfig = ExecutorConfig()):
-        cfg.validate()
-        self.cfg = cfg
-        self.executor_cfg = executor
-        self.out = check_writable_dir(out)
-        self.ledger = Ledger(self.out / LEDGER_FILE)
-        identity = stable_hash(dataclasses.asdict(cfg.data))
-        previous = self.ledger.get_meta("identity")
-        if previous is not None and previous != identity:
-            if not force:
-                raise UserError(
-                    f"--out {self.out}: holds the ledger of a different sweep (other data or splits); "
-                    "use another folder or pass --force to add to it"
-                )
-            with self.ledger.db:
-                self.ledger.db.execute("DELETE FROM choices")
-        self.ledger.set_meta("identity", identity)
-        self.ledger.set_meta("config", dataclasses.asdict(cfg))
-        self.ledger.set_meta("command", command)
-        write_json(self.out / "sweep.json", {"config": dataclasses.asdict(cfg), "executor": dataclasses.asdict(executor), "command": command})
-        self.executor = None
-        self.cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else self.out / "cache"
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.close()
-        self.ledger.close()
-
-    # -- the whole study --------------------------------------------------------------------------
-    def run(self) -> list[dict]:
-        cfg = self.cfg
-        splits = cfg.data.load()
-        names, skipped = resolve_backbones(cfg)
-        for name, reason in skipped.items():
-            log.warning("skipping %s: %s", name, reason)
-        self.ledger.set_meta("backbones", names)
-        self.ledger.set_meta("skipped_backbones", skipped)
-        self.ledger.set_meta("data_summary", splits.summary())
-        if cfg.lpft:
-            self._check_ft_layers(names)
-        e = self.executor_cfg
-        self.executor = make_executor(e.kind, self.out, e.jobs, e.ray_address, e.cpus_per_run, e.gpus_per_run)
-        self.task_device = "cuda" if e.gpus_per_run > 0 else "cpu"
-        n_runs = len(names) * (len(cfg.probe_configs()) + (len(cfg.ft_lrs) if cfg.lpft else 0))
-        bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress, position=0)
-        self.epoch_bar = tqdm(desc="epochs", unit="ep", disable=not cfg.engine.progress, position=1, leave=False)
-        try:
-            for name in names:
-                bench = Workbench(load_backbone(name, cfg.model_dir), splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
-                                  share_cut_layers=cfg.ft_layers if cfg.lpft else None)
-                spec = bench.backbone.spec
-                self.ledger.set_meta(f"backbone_info:{name}", {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch})
-                self.ledger.set_meta(f"skipped_files:{name}", {})
-                probe_hash = self._probe_phase(name, bench, bar)
-                if cfg.lpft and probe_hash is not None:
-                    self._finetune_phase(name, bench, probe_hash, bar)
-                if bench.skipped_files:
-                    self.ledger.set_meta(f"skipped_files:{name}", bench.skipped_files)
-        finally:
-            bar.close()
-            self.epoch_bar.close()
-        from .reporting.report import build_report
-
-        return build_report(self.out)
-
-    def _check_ft_layers(self, names: list[str]) -> None:
-        for name in names:
-            n_layers = len(layer_names(load_backbone(name, pretrained=False).model))
-            if self.cfg.ft_layers > n_layers:
-                raise UserError(f"--ft-layers {self.cfg.ft_layers}: {name} has only {n_layers} layers")
-
-    def _gather(self, tasks: dict, name: str):
-        """Yield (key, result) as tasks finish; a task whose worker died leaves its runs 'running'."""
-        ex = self.executor
-        while tasks:
-            done, _ = ex.wait_any(list(tasks))
-            for handle in done:
-                key = tasks.pop(handle)
-                try:
-                    yield key, ex.result(handle)
-                except Exception as e:  # worker died or task raised: the runs stay unfinished
-                    log.warning("%s: a run failed in its worker (%s: %s); it stays unfinished for the next run",
-                                name, type(e).__name__, str(e).splitlines()[0][:160] if str(e) else "")
-
-    def _on_epoch(self, record: dict) -> None:
-        self.epoch_bar.update(1)
-        self.epoch_bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}", refresh=False)
-
-    def _record(self, h: str, result: FitResult, params: int, k: int) -> None:
-        _save_params(self.out, h, result.best_state)  # parameters first: a 'done' row always has its file
-        self.ledger.finish(h, result.status, _metrics(result, params, k), result.history, {"train_loop_s": result.train_seconds})
-
-    # -- phase 1: linear probes -----------------------------------------------------------------
-    def _probe_phase(self, name: str, bench: Workbench, bar) -> str | None:
-        cfg, digest = self.cfg, bench.backbone.weights_digest
-        cfgs = cfg.probe_configs()
-        hashes = [run_hash("LP", name, digest, cfg.data, c, 1) for c in cfgs]
-        groups: dict[int, list[int]] = {}
-        for i, c in enumerate(cfgs):
-            groups.setdefault(c.seed, []).append(i)
-        pending = []
-        for members in groups.values():
-            if all(self.ledger.is_finished(hashes[i]) for i in members):
-                bar.update(len(members))
-            else:
-                pending.append(members)
-        params = bench.backbone.feature_dim * bench.n_classes + bench.n_classes
-        if pending:
-            bench.prepare(1)  # extraction (or a cache load) only when there is something to train
-            if self.executor is None or not bench.cached:
-                for members in pending:
-                    for i in members:
-                        self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
-                    self.epoch_bar.reset()
-                    results = bench.run_probes([cfgs[i] for i in members], on_epoch=self._on_epoch)
-                    for i, result in zip(members, results):
-                        self._record(hashes[i], result, params, 1)
-                    bar.update(len(members))
-            else:
-                ex = self.executor
-                inputs = bench.export_inputs()
-                train_ref, val_ref = ex.put(inputs["train"]), ex.put(inputs["val"])
-                tasks = {}
-                for members in pending:
-                    for i in members:
-                        self.ledger.mark_running(hashes[i], name, "LP", dataclasses.asdict(cfgs[i]))
-                    handle = ex.submit(probe_group_task, bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
-                                       train_ref, val_ref, [cfgs[i] for i in members], self.task_device, ex.threads)
-                    tasks[handle] = members
-                for members, results in self._gather(tasks, name):
-                    for i, result in zip(members, results):
-                        self._record(hashes[i], result, params, 1)
-                    bar.update(len(members))
-        if not all(self.ledger.is_finished(h) for h in hashes):
-            log.warning("%s: some probes are unfinished; re-run the same command to finish them before choosing", name)
-            return None
-        chosen = choose(self.ledger.runs(name, "LP"), hashes)
-        if chosen is None:
-            log.warning("%s: every probe diverged or failed; nothing to test", name)
-            return None
-        self.ledger.choose(name, "LP", chosen["hash"])
-        if self.ledger.run(chosen["hash"])["test_acc"] is None:
-            bench.load_trained(1, _load_params(self.out, chosen["hash"]))
-            self.ledger.set_test_acc(chosen["hash"], bench.test_accuracy())
-        return chosen["hash"]
-
-    # -- phase 2: fine-tune the last layers from the chosen probe ---------------------------------
-    def _finetune_phase(self, name: str, bench: Workbench, probe_hash: str, bar) -> None:
-        cfg, digest, k = self.cfg, bench.backbone.weights_digest, self.cfg.ft_layers
-        probe = self.ledger.run(probe_hash)
-        probe_cfg = probe["config"]
-        start_state = _load_params(self.out, probe_hash)
-        ft_cfgs = [TrainConfig(lr, probe_cfg["l2"], probe_cfg["seed"], cfg.epochs, cfg.patience, cfg.batch_size, cfg.optimizer,
-                               train_bn=cfg.ft_train_bn) for lr in cfg.ft_lrs]
-        hashes = [run_hash("LP-FT", name, digest, cfg.data, c, k, start=probe_hash) for c in ft_cfgs]
-        todo = [(h, c) for h, c in zip(hashes, ft_cfgs) if not self.ledger.is_finished(h)]
-        bar.update(len(hashes) - len(todo))
-        if todo:
-            bench.prepare(k)
-            if self.executor is None or not bench.cached:
-                for h, c in todo:
-                    self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
-                    self.epoch_bar.reset()
-                    try:
-                        result = bench.run(c, k, start_state=start_state, on_epoch=self._on_epoch)
-                    except (RuntimeError, ValueError) as e:  # e.g. out of memory: record, keep going
-                        self.ledger.fail(h, f"{type(e).__name__}: {e}")
-                        log.warning("%s LP-FT lr=%g failed: %s", name, c.lr, e)
-                    else:
-                        self._record(h, result, bench.trainable_param_count(), k)
-                    bar.update(1)
-            else:
-                ex = self.executor
-                bench.reset(seed=0)  # ship pristine weights
-                n_params = bench.trainable_param_count()
-                refs = [ex.put(x) for x in (bench.backbone, bench.splits, bench.export_inputs(), start_state)]
-                tasks = {}
-                for h, c in todo:
-                    self.ledger.mark_running(h, name, "LP-FT", dataclasses.asdict(c))
-                    tasks[ex.submit(finetune_task, refs[0], refs[1], k, refs[2], c, refs[3], self.task_device, ex.threads)] = h
-                for h, result in self._gather(tasks, name):
-                    self._record(h, result, n_params, k)
-                    bar.update(1)
-        if not all(self.ledger.is_finished(h) for h in hashes):
-            log.warning("%s: some fine-tuning runs are unfinished; re-run the same command to finish them", name)
-            return
-        chosen = choose(self.ledger.runs(name, "LP-FT"), hashes)
-        if chosen is None:
-            log.warning("%s: no fine-tuning run finished; nothing to test", name)
-            return
-        self.ledger.choose(name, "LP-FT", chosen["hash"])
-        if self.ledger.run(chosen["hash"])["test_acc"] is None:
-            bench.load_trained(k, _load_params(self.out, chosen["hash"]))
-            self.ledger.set_test_acc(chosen["hash"], bench.test_accuracy())
-
-
 def sweep(cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
           executor: ExecutorConfig = ExecutorConfig()) -> list[dict]:
     """Run (or resume) a sweep into `out`; returns the summary rows (also summary.json/csv, report.html)."""
@@ -352,4 +367,3 @@ def sweep(cfg: SweepConfig, out: str | Path, force: bool = False, command: str =
         return s.run()
     finally:
         s.close()
-

@@ -1,90 +1,122 @@
 """One training run: minibatch Adam (or SGD) with early stopping on validation cross-entropy.
 
-Per batch: ``loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)`` (bias not penalised).
-Epoch 0 evaluates the untrained model on validation before any update. After every epoch the
-validation cross-entropy decides: a strict improvement keeps a copy of the trainable state in
-memory; `patience` epochs without one stop training; the best state is restored at the end.
+The loss is the :class:`~transferlab.objective.Objective`. Epoch 0 evaluates the untrained model on
+validation before any update. After every epoch the validation cross-entropy decides: a strict
+improvement keeps a copy of the trainable state in memory; `patience` epochs without one stop
+training; the best state is restored at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .freezing import set_train_mode, trainable_parameters, trainable_state
-from .heads import l2_penalty
-from .utils import UserError
+from .freezing import load_state_strict, set_train_mode, trainable_parameters, trainable_state
+from .objective import Objective, stacked_loss, stacked_xent
+from .sources import BatchSource
+from .utils import ConfigError, UserError, option
 
-
-# A run whose epoch-average train cross-entropy exceeds this multiple of the untrained model's
-# validation cross-entropy has blown up (e.g. lr=100 with Adam), even if no value is inf or NaN yet.
+# A run has blown up (e.g. lr=100 with Adam), even before any value is inf or NaN, when its
+# epoch-average train cross-entropy exceeds this multiple of ln(n_classes), the cross-entropy of a
+# uniform guess. One reference for every phase: a probe's untrained head and a fine-tuning run's
+# start (an already good probe) would otherwise judge the same numbers differently.
 EXPLODED_FACTOR = 100.0
 
+RunStatus = Literal["done", "diverged"]
 
-def has_diverged(train_xent: float, val_xent: float, start_val_xent: float) -> bool:
-    """Non-finite metrics, or a train cross-entropy that exploded relative to where training started."""
+
+def divergence_threshold(n_classes: int) -> float:
+    """Train cross-entropy above which a run counts as diverged."""
+    return EXPLODED_FACTOR * math.log(max(n_classes, 2))
+
+
+def has_diverged(train_xent: float, val_xent: float, n_classes: int) -> bool:
+    """Non-finite metrics, or a train cross-entropy above :func:`divergence_threshold`."""
     if not (math.isfinite(train_xent) and math.isfinite(val_xent)):
         return True
-    return train_xent > EXPLODED_FACTOR * max(start_val_xent, 1e-3)
+    return train_xent > divergence_threshold(n_classes)
 
 
-class BatchSource(Protocol):
-    def __len__(self) -> int: ...
+class EpochRecord(TypedDict):
+    """Metrics of one epoch; epoch 0 (before training) has no train metrics."""
 
-    def batches(self, order: torch.Tensor, batch_size: int): ...
+    epoch: int
+    train_loss: float | None
+    train_xent: float | None
+    train_err: float | None
+    val_xent: float
+    val_err: float
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of one run (saved beside every run)."""
 
-    lr: float = 1e-3
-    l2: float = 0.0
-    seed: int = 0
-    epochs: int = 100
-    patience: int = 15
-    batch_size: int = 64
-    optimizer: str = "adam"  # "adam" | "sgd" (momentum 0.9)
-    momentum: float = 0.9
+    lr: float = option(1e-3, "learning rate")
+    l2: float = option(0.0, "loss = mean xent + (l2 / n_train) * sum(W_head^2)")
+    seed: int = option(0, "head init and batch order")
+    epochs: int = option(100, "maximum number of epochs")
+    patience: int = option(15, "epochs without a val xent improvement before stopping")
+    batch_size: int = option(64, "minibatch size")
+    optimizer: str = option("adam", "adam, or sgd with momentum", choices=("adam", "sgd"))
+    momentum: float = option(0.9, "SGD momentum")
     # Trainable batch-norm layers: False keeps normalising with the pretrained running statistics
     # (small target sets give noisy batch statistics, and switching a probe's features to them
     # shifts what the head was trained on); True uses and updates batch statistics.
-    train_bn: bool = False
-    augment: bool = False  # random resized crops + flips of the training images (needs the uncached path)
+    train_bn: bool = option(False, "trainable batch-norm layers use batch statistics (default: pretrained running statistics)")
+    augment: bool = option(False, "random resized crops and flips of training images (runs the backbone every epoch)")
 
     def validate(self) -> None:
-        """UserError naming the flag for values that cannot train."""
+        """ConfigError naming the field for values that cannot train."""
         checks = [
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: must be a positive number"),
-            (math.isfinite(self.l2) and self.l2 >= 0, f"--l2 {self.l2}: must be zero or positive"),
-            (self.epochs >= 0, f"--epochs {self.epochs}: must be zero or positive"),
-            (self.patience >= 1, f"--patience {self.patience}: must be at least 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
-            (self.optimizer in ("adam", "sgd"), f"--optimizer {self.optimizer}: expected adam or sgd"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "must be a positive number"),
+            (math.isfinite(self.l2) and self.l2 >= 0, "l2", self.l2, "must be zero or positive"),
+            (self.epochs >= 0, "epochs", self.epochs, "must be zero or positive"),
+            (self.patience >= 1, "patience", self.patience, "must be at least 1"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1"),
+            (self.optimizer in ("adam", "sgd"), "optimizer", self.optimizer, "expected adam or sgd"),
         ]
-        for ok, message in checks:
+        for ok, name, value, reason in checks:
             if not ok:
-                raise UserError(message)
+                raise ConfigError(name, value, reason)
+
+    def schedule(self) -> tuple:
+        """Everything but lr, l2 and patience: runs that share it see identical minibatches."""
+        return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ("lr", "l2", "patience"))
+
+
+def probe_groups(configs: list[TrainConfig]) -> list[list[int]]:
+    """Indices of `configs` grouped into batched linear-probe passes (same schedule), in first-seen order.
+
+    A head's numbers do not depend on the other heads of its group (see ``fit_linear_probes``), so
+    a group may hold any subset of a grid: a resumed or extended sweep trains only what is missing.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(c.schedule(), []).append(i)
+    return list(groups.values())
 
 
 @dataclass
 class FitResult:
-    """History (one dict per epoch, epoch 0 first), the chosen epoch and how the run ended."""
+    """History (one record per epoch, epoch 0 first), the chosen epoch and how the run ended."""
 
-    history: list[dict]
+    history: list[EpochRecord]
     best_epoch: int
-    status: str  # "done" | "diverged"
-    best_state: dict = field(repr=False)
+    status: RunStatus
+    best_state: dict[str, torch.Tensor] = field(repr=False)
     train_seconds: float = 0.0
 
     @property
-    def best(self) -> dict:
+    def best(self) -> EpochRecord:
         return self.history[self.best_epoch]
 
 
@@ -107,6 +139,17 @@ def evaluate(net: nn.Module, source: BatchSource, batch_size: int = 512) -> tupl
     return xent_sum / n, wrong / n
 
 
+@torch.no_grad()
+def predict_proba(net: nn.Module, source: BatchSource, batch_size: int = 512) -> torch.Tensor:
+    """Softmax probabilities (N, C), float64 on CPU, in the source's order."""
+    order = torch.arange(len(source))
+    return torch.cat([torch.softmax(net(x).double(), 1).cpu() for x, _y in source.batches(order, batch_size)])
+
+
+def _epoch_zero(val_xent: float, val_err: float) -> EpochRecord:
+    return EpochRecord(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=val_xent, val_err=val_err)
+
+
 def fit(
     model: nn.Module,
     net: nn.Module,
@@ -114,7 +157,7 @@ def fit(
     train: BatchSource,
     val: BatchSource,
     cfg: TrainConfig,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FitResult:
     """Train `model`'s trainable parameters; `net` maps a source's inputs to logits.
 
@@ -124,17 +167,16 @@ def fit(
     """
     if len(train) == 0 or len(val) == 0:
         raise UserError("training and validation splits must both hold at least one image")
-    params = list(trainable_parameters(model).values())
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(list(trainable_parameters(model).values()), cfg)
+    objective = Objective(cfg.l2, len(train))
     order_gen = torch.Generator().manual_seed(cfg.seed)
-    n_train = len(train)
-    l2_scale = cfg.l2 / n_train
+    n_train, n_classes = len(train), head.out_features
 
     set_train_mode(model, False)
-    val_xent, val_err = evaluate(net, val)
-    history = [dict(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=val_xent, val_err=val_err)]
-    best_epoch, best_xent, best_state = 0, val_xent, trainable_state(model)
-    status, since_best = "done", 0
+    history = [_epoch_zero(*evaluate(net, val))]
+    best_epoch, best_xent, best_state = 0, history[0]["val_xent"], trainable_state(model)
+    status: RunStatus = "done"
+    since_best = 0
     if on_epoch:
         on_epoch(history[-1])
     start = time.perf_counter()
@@ -144,8 +186,7 @@ def fit(
         wrong = 0
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
             logits = net(x)
-            xent = F.cross_entropy(logits, y)
-            loss = xent + l2_scale * l2_penalty(head) if cfg.l2 else xent
+            loss, xent = objective.loss(logits, y, head.weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,18 +196,12 @@ def fit(
             wrong += (logits.detach().argmax(1) != y).sum().item()
         set_train_mode(model, False)
         val_xent, val_err = evaluate(net, val)
-        record = dict(
-            epoch=epoch,
-            train_loss=loss_sum / n_train,
-            train_xent=xent_sum / n_train,
-            train_err=wrong / n_train,
-            val_xent=val_xent,
-            val_err=val_err,
-        )
+        record = EpochRecord(epoch=epoch, train_loss=loss_sum / n_train, train_xent=xent_sum / n_train,
+                             train_err=wrong / n_train, val_xent=val_xent, val_err=val_err)
         history.append(record)
         if on_epoch:
             on_epoch(record)
-        if has_diverged(record["train_xent"], val_xent, history[0]["val_xent"]):
+        if has_diverged(xent_sum / n_train, val_xent, n_classes):
             status = "diverged"
             break
         if val_xent < best_xent:
@@ -176,23 +211,17 @@ def fit(
             if since_best >= cfg.patience:
                 break
     train_seconds = time.perf_counter() - start
-    model.load_state_dict(best_state, strict=False)
+    load_state_strict(model, best_state)
     set_train_mode(model, False)
     return FitResult(history, best_epoch, status, best_state, train_seconds)
-
-
-def _same_schedule(cfgs: list[TrainConfig]) -> None:
-    first = cfgs[0]
-    for c in cfgs[1:]:
-        if (c.seed, c.epochs, c.batch_size, c.optimizer, c.momentum) != (first.seed, first.epochs, first.batch_size, first.optimizer, first.momentum):
-            raise ValueError("batched probes must share seed, epochs, batch size and optimizer")
 
 
 class _StackedOptimizer:
     """Adam / SGD-momentum on stacked per-head tensors with a per-head learning rate.
 
     Mirrors the arithmetic of ``torch.optim.Adam`` (single-tensor path) and ``torch.optim.SGD`` so a
-    batched run reproduces the individual runs.
+    batched run reproduces the individual runs. Every operation is elementwise, so a head's update
+    does not depend on the other heads.
     """
 
     def __init__(self, params: list[torch.Tensor], lrs: torch.Tensor, cfg: TrainConfig, betas=(0.9, 0.999), eps=1e-8):
@@ -204,7 +233,7 @@ class _StackedOptimizer:
         return self.lrs.view(-1, *([1] * (p.dim() - 1)))
 
     @torch.no_grad()
-    def step(self, grads: list[torch.Tensor]) -> None:
+    def step(self, grads: tuple[torch.Tensor, ...]) -> None:
         self.step_count += 1
         for p, g, (m, v) in zip(self.params, grads, self.state):
             lr = self._lr(p)
@@ -224,59 +253,59 @@ class _StackedOptimizer:
             p.sub_((lr / bias1) * m / denom)
 
 
-def _stacked_metrics(weight, bias, x, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head (G,) mean cross-entropy and error count, plus the (G, B, C) logits."""
-    logits = torch.einsum("bd,gcd->gbc", x, weight) + bias[:, None, :]
-    g, b, c = logits.shape
-    xent = F.cross_entropy(logits.reshape(g * b, c), y.repeat(g), reduction="none").view(g, b).mean(1)
-    wrong = (logits.argmax(2) != y).sum(1)
-    return xent, wrong, logits
+def _stacked_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(G, B, C) logits of G heads."""
+    return torch.einsum("bd,gcd->gbc", x, weight) + bias[:, None, :]
 
 
 def fit_linear_probes(
     heads: list[nn.Linear],
-    train,
-    val,
+    train: BatchSource,
+    val: BatchSource,
     cfgs: list[TrainConfig],
     head_name: str = "",
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> list[FitResult]:
     """Train several linear heads on the same cached features in one batched pass.
 
-    The heads must share seed, epochs, batch size and optimizer (so they see identical minibatches);
-    each has its own lr, l2 and patience, its own early stopping and divergence check. Each result is
-    what :func:`fit` would return for that head alone (tested within 1e-5); the heads are left holding
-    their best weights. `head_name` prefixes the keys of each ``best_state`` (e.g. ``"output"``).
+    The heads must share a schedule (:meth:`TrainConfig.schedule`: same minibatches); each has its
+    own lr, l2 and patience, its own early stopping and divergence check. Each result is what
+    :func:`fit` would return for that head alone (tested within 1e-5); the heads are left holding
+    their best weights. `head_name` prefixes
+    the keys of each ``best_state`` (e.g. ``"output"``).
     """
-    _same_schedule(cfgs)
+    if len({c.schedule() for c in cfgs}) != 1:
+        raise ValueError("batched probes must share a schedule (seed, epochs, batch size, optimizer, ...)")
     cfg0, n_heads, n_train = cfgs[0], len(cfgs), len(train)
+    n_classes = heads[0].out_features
     weight = torch.stack([h.weight.detach() for h in heads]).clone().requires_grad_(True)
     bias = torch.stack([h.bias.detach() for h in heads]).clone().requires_grad_(True)
     device = weight.device
     lrs = torch.tensor([c.lr for c in cfgs], dtype=weight.dtype, device=device)
-    l2_scale = torch.tensor([c.l2 / n_train for c in cfgs], dtype=weight.dtype, device=device)
+    l2_scales = torch.tensor([Objective(c.l2, n_train).head_l2_scale for c in cfgs], dtype=weight.dtype, device=device)
     optimizer = _StackedOptimizer([weight, bias], lrs, cfg0)
     order_gen = torch.Generator().manual_seed(cfg0.seed)
     prefix = f"{head_name}." if head_name else ""
 
-    def val_metrics():
+    def val_metrics() -> tuple[list[float], list[float]]:
         with torch.no_grad():
             xent_sum = torch.zeros(n_heads, device=device)
             wrong = torch.zeros(n_heads, dtype=torch.long, device=device)
             for x, y in val.batches(torch.arange(len(val)), 512):
-                xent, w, _ = _stacked_metrics(weight, bias, x, y)
-                xent_sum += xent * len(y)
-                wrong += w
+                logits = _stacked_logits(weight, bias, x)
+                xent_sum += stacked_xent(logits, y) * len(y)
+                wrong += (logits.argmax(2) != y).sum(1)
             return (xent_sum / len(val)).tolist(), (wrong.double() / len(val)).tolist()
 
-    def snapshot(g):
+    def snapshot(g: int) -> dict[str, torch.Tensor]:
         return {prefix + "weight": weight[g].detach().clone(), prefix + "bias": bias[g].detach().clone()}
 
     vx, ve = val_metrics()
-    histories = [[dict(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=vx[g], val_err=ve[g])] for g in range(n_heads)]
+    histories = [[_epoch_zero(vx[g], ve[g])] for g in range(n_heads)]
     best_epoch, best_xent = [0] * n_heads, list(vx)
     best_state = [snapshot(g) for g in range(n_heads)]
-    since_best, status, active = [0] * n_heads, ["done"] * n_heads, [True] * n_heads
+    since_best, active = [0] * n_heads, [True] * n_heads
+    status: list[RunStatus] = ["done"] * n_heads
     start = time.perf_counter()
     for epoch in range(1, cfg0.epochs + 1):
         if not any(active):
@@ -285,21 +314,22 @@ def fit_linear_probes(
         xent_sum = torch.zeros(n_heads, device=device)
         wrong = torch.zeros(n_heads, dtype=torch.long, device=device)
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg0.batch_size):
-            xent, w, _ = _stacked_metrics(weight, bias, x, y)
-            loss = xent + l2_scale * weight.pow(2).sum((1, 2))
+            logits = _stacked_logits(weight, bias, x)
+            loss, xent = stacked_loss(logits, y, weight, l2_scales)
             grads = torch.autograd.grad(loss.sum(), [weight, bias])
             optimizer.step(grads)
             b = len(y)
             loss_sum += loss.detach() * b
             xent_sum += xent.detach() * b
-            wrong += w
+            wrong += (logits.detach().argmax(2) != y).sum(1)
         vx, ve = val_metrics()
         tl, tx, te = (loss_sum / n_train).tolist(), (xent_sum / n_train).tolist(), (wrong.double() / n_train).tolist()
         for g in range(n_heads):
             if not active[g]:
                 continue
-            histories[g].append(dict(epoch=epoch, train_loss=tl[g], train_xent=tx[g], train_err=te[g], val_xent=vx[g], val_err=ve[g]))
-            if has_diverged(tx[g], vx[g], histories[g][0]["val_xent"]):
+            histories[g].append(EpochRecord(epoch=epoch, train_loss=tl[g], train_xent=tx[g], train_err=te[g],
+                                            val_xent=vx[g], val_err=ve[g]))
+            if has_diverged(tx[g], vx[g], n_classes):
                 status[g], active[g] = "diverged", False
             elif vx[g] < best_xent[g]:
                 best_epoch[g], best_xent[g], best_state[g], since_best[g] = epoch, vx[g], snapshot(g), 0
@@ -307,7 +337,8 @@ def fit_linear_probes(
                 since_best[g] += 1
                 active[g] = since_best[g] < cfgs[g].patience
         if on_epoch:
-            on_epoch(dict(epoch=epoch, val_xent=min(vx), val_err=min(ve), active=sum(active)))
+            on_epoch(EpochRecord(epoch=epoch, train_loss=None, train_xent=min(tx), train_err=min(te),
+                                 val_xent=min(vx), val_err=min(ve)))
     seconds = (time.perf_counter() - start) / n_heads
     results = []
     for g, head in enumerate(heads):

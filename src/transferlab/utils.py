@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,52 @@ class UserError(Exception):
     """
 
 
+class ConfigError(UserError):
+    """A config field holds a value that cannot work; names the field, not a command-line flag.
+
+    ``str(e)`` reads ``lr=-1.0: must be a positive number``; the CLI rewrites it with the field's flag
+    (``--lr -1.0: must be a positive number``).
+    """
+
+    def __init__(self, field: str, value: Any, reason: str):
+        super().__init__(f"{field}={value}: {reason}")
+        self.field, self.value, self.reason = field, value, reason
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+           invert: bool = False) -> Any:
+    """A config dataclass field with the metadata its command-line flag and YAML key are generated from.
+
+    `flag` overrides the flag name (default ``--field-name``); `invert` makes a boolean field a
+    ``--no-...`` switch that stores False.
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "invert": invert}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def build_config(cls: type, values: dict[str, Any]) -> Any:
+    """An instance of config dataclass `cls` from {field name: value}; nested configs are built from the same dict."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = build_config(hints[f.name], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # Mode 0o666 lets the kernel apply the process umask (mkstemp would give 0600), without
+    # touching the process-wide umask, which other threads share.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -37,10 +75,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (the directory entry reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, Path):
         return str(obj)
@@ -78,7 +126,7 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+def check_writable_dir(path: str | os.PathLike, field: str = "out") -> Path:
     """Create `path` if needed and make sure we can write there, before any work starts."""
     path = Path(path)
     try:
@@ -87,5 +135,31 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+        raise ConfigError(field, path, f"cannot write there ({e.strerror or e})") from None
     return path
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (``flock`` on ``DIR/.lock``), so two sweeps never write one folder.
+
+    The kernel drops the lock when its process dies, so a killed run never blocks the next one.
+    """
+
+    def __init__(self, folder: Path, field: str = "out"):
+        import fcntl
+
+        self.path = folder / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise ConfigError(field, folder, f"is in use by process {holder} (another sweep writes there)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = -1

@@ -8,37 +8,38 @@ from __future__ import annotations
 
 import os
 import pickle
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..utils import UserError
+from ..utils import ConfigError
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint; unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` containers."""
     if not os.path.isfile(path):
-        raise UserError(f"--weights {path}: no such file")
+        raise ConfigError("weights", path, "no such file")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(path, device="cpu")
+            state: Any = load_file(path, device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).splitlines()[0][:160] if str(e) else ""
-        raise UserError(
-            f"--weights {path}: refused by torch.load(weights_only=True) because it holds pickled objects "
+        raise ConfigError(
+            "weights", path, f"refused by torch.load(weights_only=True) because it holds pickled objects "
             f"other than tensors ({first}); re-save it as a plain state_dict or .safetensors"
         ) from None
     except Exception as e:
-        raise UserError(f"--weights {path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+        raise ConfigError("weights", path, f"cannot read checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--weights {path}: not a state_dict of tensors")
+        raise ConfigError("weights", path, "not a state_dict of tensors")
     return state
 
 
@@ -53,13 +54,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str, class
         if name not in state:
             if is_head:
                 continue
-            raise UserError(f"--weights {path}: tensor {name} is missing from the checkpoint")
+            raise ConfigError("weights", path, f"tensor {name} is missing from the checkpoint")
         if tuple(state[name].shape) != tuple(ref.shape):
             if is_head:
                 continue
-            raise UserError(
-                f"--weights {path}: tensor {name} has shape {tuple(state[name].shape)}, "
-                f"the architecture needs {tuple(ref.shape)}"
-            )
+            raise ConfigError("weights", path, f"tensor {name} has shape {tuple(state[name].shape)}, "
+                              f"the architecture needs {tuple(ref.shape)}")
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.load_state_dict(fitting, strict=False)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import sys
+from typing import Any
 
 from torch import nn
 
@@ -70,7 +71,7 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
         ) from None
 
 
-def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def blocks(model: Any) -> list[tuple[str, nn.Module]]:
     """The model as a chain of blocks whose composition equals ``model.forward``.
 
     pytorchcv classifiers are ``features`` (init_block, stages of units, final_pool) -> flatten -> output.

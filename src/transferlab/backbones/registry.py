@@ -9,7 +9,7 @@ import difflib
 from dataclasses import dataclass, replace
 
 from ..data import Preprocessing
-from ..utils import UserError
+from ..utils import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +28,7 @@ class BackboneSpec:
     source_top1: float | None  # percent, from the zoo's published table
     preprocessing: Preprocessing
 
-    def with_local_weights(self, path: str) -> "BackboneSpec":
+    def with_local_weights(self, path: str) -> BackboneSpec:
         return replace(self, name=f"{self.name}@{path}", source="local", source_top1=None)
 
 
@@ -75,11 +75,11 @@ def get_spec(name: str) -> BackboneSpec:
     except KeyError:
         close = difflib.get_close_matches(name, CATALOGUE, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(CATALOGUE)}"
-        raise UserError(f"--backbone {name}: unknown backbone{hint}") from None
+        raise ConfigError("backbone", name, f"unknown backbone{hint}") from None
 
 
 def with_source(arch: str, source: str) -> str:
     """Backbone name for an architecture trained on `source`: ("resnet10", "cub") -> "resnet10_cub"."""
     if source not in SOURCE_SUFFIX:
-        raise UserError(f"--sources {source}: unknown source; known: {', '.join(SOURCE_SUFFIX)}")
+        raise ConfigError("sources", source, f"unknown source; known: {', '.join(SOURCE_SUFFIX)}")
     return arch + SOURCE_SUFFIX[source]

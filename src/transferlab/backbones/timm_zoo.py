@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ def weights_status(spec: BackboneSpec, model_dir: str) -> str:
     return "present" if os.path.isfile(path) else f"missing ({path})"
 
 
-def map_by_position(source: "OrderedDict[str, torch.Tensor]", target: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+def map_by_position(source: OrderedDict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """Rename `source`'s tensors to `target`'s names by position, checking counts and every shape."""
     if len(source) != len(target):
         raise UserError(f"weights have {len(source)} tensors, the architecture has {len(target)}")
@@ -70,7 +71,7 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
     return model
 
 
-def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def blocks(model: Any) -> list[tuple[str, nn.Module]]:
     """EfficientNet as a chain: stem, bn1, each inverted-residual block, conv_head, bn2, pool, classifier."""
     chain: list[tuple[str, nn.Module]] = [("conv_stem", model.conv_stem), ("bn1", model.bn1)]
     for stage_name, stage in model.blocks.named_children():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,12 +29,12 @@ def _save(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(history: list[dict], best_epoch: int, path: str | Path, title: str = "") -> None:
+def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str | Path, title: str = "") -> None:
     """Four panels (train loss, train err, val xent, val err) per epoch; a star marks the early stop."""
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, (key, label) in zip(axes, CURVE_PANELS):
@@ -50,7 +52,8 @@ def plot_curves(history: list[dict], best_epoch: int, path: str | Path, title: s
     _save(fig, path)
 
 
-def plot_lpft(lp_history: list[dict], lp_best: int, ft_history: list[dict], ft_best: int, path: str | Path, title: str = "") -> None:
+def plot_lpft(lp_history: Sequence[Mapping[str, Any]], lp_best: int, ft_history: Sequence[Mapping[str, Any]], ft_best: int,
+              path: str | Path, title: str = "") -> None:
     """LP until its early stop, then FT from the restored best probe, on one continuous epoch axis."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     offset = lp_best

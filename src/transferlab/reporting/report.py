@@ -7,8 +7,9 @@ import csv
 import html
 import io
 from pathlib import Path
+from typing import Any
 
-from ..ledger import Ledger
+from ..ledger import METHODS, Ledger
 from ..utils import UserError, atomic_write_bytes, write_json
 from . import figures
 
@@ -16,8 +17,14 @@ SUMMARY_KEYS = (
     "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
     "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc",
 )
-METHODS = ("LP", "LP-FT")
-LOSS_TEXT = "loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised)"
+
+
+def _run(ledger: Ledger, run_hash: str) -> dict[str, Any]:
+    """A finished run's row (metrics and history present) as a plain dict."""
+    row = ledger.run(run_hash)
+    if row is None:
+        raise KeyError(run_hash)
+    return dict(row)
 
 
 def summary_rows(ledger: Ledger) -> list[dict]:
@@ -29,7 +36,7 @@ def summary_rows(ledger: Ledger) -> list[dict]:
             run_hash = ledger.choice(name, method)
             if run_hash is None:
                 continue
-            run = ledger.run(run_hash)
+            run = _run(ledger, run_hash)
             cfg, m = run["config"], run["metrics"]
             rows.append({
                 "backbone": name, "source": info.get("source"), "source_top1": info.get("source_top1"),
@@ -74,7 +81,7 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
         lp_hash = ledger.choice(name, "LP")
         if lp_hash is None:
             continue
-        lp = ledger.run(lp_hash)
+        lp = _run(ledger, lp_hash)
         c = lp["config"]
         path = fig_dir / f"curves_{name}.png"
         figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path, f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
@@ -87,7 +94,7 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
             made.append((f"{name}: validation error over the lr x l2 grid", path))
         ft_hash = ledger.choice(name, "LP-FT")
         if ft_hash is not None:
-            ft = ledger.run(ft_hash)
+            ft = _run(ledger, ft_hash)
             path = fig_dir / f"lpft_{name}.png"
             figures.plot_lpft(lp["history"], lp["metrics"]["best_epoch"], ft["history"], ft["metrics"]["best_epoch"], path,
                               f"{name}: LP, then fine-tune the last {ft['metrics']['n_trainable_layers']} layers (lr={ft['config']['lr']:g})")
@@ -104,7 +111,7 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
             continue
         delta = 100 * (ft["test_acc"] - lp["test_acc"])
         verdict = "improved" if delta > 0 else "lowered" if delta < 0 else "did not change"
-        lp_run = ledger.run(ledger.choice(name, "LP"))
+        lp_run = _run(ledger, ledger.choice(name, "LP") or "")
         lp_train_err = lp_run["history"][lp["best_epoch"]]["train_err"] if lp["best_epoch"] else None
         why = "" if lp_train_err is None else f"; the probe's train error at its best epoch was {lp_train_err:.3f}"
         lines.append(
@@ -124,9 +131,11 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) 
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}",
-        "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6;padding:2px 4px;white-space:pre-wrap;word-break:break-all}</style></head><body>",
+        "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6;padding:2px 4px;"
+        "white-space:pre-wrap;word-break:break-all}</style></head><body>",
         "<h1>transferlab report</h1>",
-        "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th><th>LP test acc</th><th>LP-FT test acc</th></tr>",
+        "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th>"
+        "<th>LP test acc</th><th>LP-FT test acc</th></tr>",
     ]
     by = {(r["backbone"], r["method"]): r for r in rows}
     for name in dict.fromkeys(r["backbone"] for r in rows):
@@ -143,7 +152,7 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) 
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r[k], '.4g'))}</td>" for k in SUMMARY_KEYS) + "</tr>")
     parts.append("</table>")
-    parts.append(f"<h2>Loss</h2><pre>{html.escape(LOSS_TEXT)}</pre><p>Adam, minibatches; early stopping on validation "
+    parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>Adam, minibatches; early stopping on validation "
                  "cross-entropy, the best epoch's weights restored; the test split is evaluated once, for each chosen configuration.</p>")
     parts.append(f"<h2>Data</h2><p>{html.escape(str(data.get('root', '')))}: {data.get('n_classes', '?')} classes</p>"
                  "<table><tr><th>split</th><th>source</th><th>images</th><th>per class (min–max)</th></tr>")

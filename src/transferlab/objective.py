@@ -1,0 +1,55 @@
+"""The training objective: which loss terms a run minimises, and how the report writes them.
+
+Both trainers (``training.fit`` for any trainable suffix, ``training.fit_linear_probes`` for many
+heads at once) compute their loss here, so the formula exists once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Objective:
+    """``loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)`` (the head bias is not penalised)."""
+
+    l2: float
+    n_train: int
+
+    @property
+    def head_l2_scale(self) -> float:
+        return self.l2 / self.n_train
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, mean cross-entropy) of one minibatch."""
+        xent = F.cross_entropy(logits, labels)
+        if not self.l2:
+            return xent, xent
+        return xent + self.head_l2_scale * head_weight.pow(2).sum(), xent
+
+    def describe(self) -> str:
+        return describe_objective(self.l2 > 0)
+
+
+def stacked_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-head (G,) mean cross-entropy of G heads' logits (G, B, C)."""
+    g, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(g * b, c), labels.repeat(g), reduction="none").view(g, b).mean(1)
+
+
+def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                 l2_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (G,) loss and mean cross-entropy of G heads: logits (G, B, C), weights (G, C, D), scales (G,)."""
+    xent = stacked_xent(logits, labels)
+    return xent + l2_scales * weights.pow(2).sum((1, 2)), xent
+
+
+LOSS_TEXT = "loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised)"
+
+
+def describe_objective(head_l2: bool = True) -> str:
+    """The formula the report prints (every term a run of this version can use)."""
+    return LOSS_TEXT

@@ -1,0 +1,106 @@
+"""Units of work a sweep hands to an executor: plain picklable objects, run wherever the executor runs them.
+
+A task never touches the ledger; it returns one FitResult per run it holds. Inputs cached by the
+coordinator travel with the task (Ray's object store, process arguments, or by reference in-process).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .backbones import Backbone
+from .data import ImageSplits
+from .devices import Placement
+from .heads import new_head
+from .sources import SplitInputs, TensorSource
+from .training import EpochRecord, FitResult, TrainConfig, fit_linear_probes
+from .workbench import EngineConfig, FrozenWeightsChanged, Workbench
+
+OnEpoch = Callable[[EpochRecord], None]
+
+
+class Task(Protocol):
+    """What an executor runs: ``task(on_epoch)`` -> one FitResult per run of the task."""
+
+    threads: int
+
+    def __call__(self, on_epoch: OnEpoch | None = None) -> list[FitResult]: ...
+
+
+def fetch(obj):
+    """An object a task was given by reference (a Ray ObjectRef, from ``Executor.put``) or by value."""
+    if type(obj).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(obj)
+    return obj
+
+
+def _digest(item: SplitInputs) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(item.inputs.contiguous().numpy().tobytes()).digest()
+
+
+@dataclass
+class ProbeGroupTask:
+    """Linear probes sharing a schedule, trained in one batched pass on cached features."""
+
+    feature_dim: int
+    n_classes: int
+    head_name: str
+    train: SplitInputs
+    val: SplitInputs
+    cfgs: list[TrainConfig]
+    engine: EngineConfig
+    threads: int
+
+    def __call__(self, on_epoch: OnEpoch | None = None) -> list[FitResult]:
+        torch.set_num_threads(self.threads)
+        placement = Placement.of(self.engine.device, self.engine.dtype)
+        train, val = fetch(self.train), fetch(self.val)
+        before = (_digest(train), _digest(val))
+        heads = [new_head(self.feature_dim, self.n_classes, self.cfgs[0].seed).to(placement.device, placement.dtype)
+                 for _ in self.cfgs]
+        results = fit_linear_probes(heads, TensorSource(train, placement), TensorSource(val, placement),
+                                    self.cfgs, self.head_name, on_epoch)
+        # The frozen backbone is represented here by its cached outputs: they must not change either.
+        if (_digest(train), _digest(val)) != before:
+            raise FrozenWeightsChanged("the cached features changed during training")
+        return results
+
+
+@dataclass
+class TrainTask:
+    """One run of the last `n_trainable_layers` layers from pristine weights plus `start_state`.
+
+    With `inputs` (the coordinator's cached prefix outputs) no image is decoded; without, the
+    task decodes the images itself every epoch (the uncached path).
+    """
+
+    backbone: Backbone  # pristine weights (by value or by reference: see fetch)
+    splits: ImageSplits
+    engine: EngineConfig
+    on_bad_image: str
+    n_trainable_layers: int
+    inputs: dict[str, SplitInputs] | None
+    cfg: TrainConfig
+    start_state: dict[str, torch.Tensor] | None
+    threads: int
+
+    def __call__(self, on_epoch: OnEpoch | None = None) -> list[FitResult]:
+        torch.set_num_threads(self.threads)
+        engine = dataclasses.replace(self.engine, progress=False)
+        # A private copy: in-process, the backbone object is shared with the coordinator.
+        backbone = copy.deepcopy(fetch(self.backbone))
+        bench = Workbench(backbone, fetch(self.splits), engine, cache_dir=None, on_bad_image=self.on_bad_image)
+        inputs = fetch(self.inputs)
+        if inputs is not None:
+            bench.adopt_inputs(self.n_trainable_layers, inputs)
+        return [bench.run(self.cfg, self.n_trainable_layers, start_state=fetch(self.start_state), on_epoch=on_epoch)]

@@ -1,0 +1,279 @@
+"""A backbone and a data folder made ready for many runs that share one forward pass per image.
+
+A :class:`Workbench` loads nothing itself: it is given a backbone and splits, and for each number
+of trainable layers it plans where the backbone's chain is cut (``freezing.plan_cut``), computes or
+loads the frozen prefix's outputs once per split, and then serves any number of training runs that
+each start from the pristine pretrained weights and a head initialised from the run's seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbones import Backbone
+from .data import ImageSplits, Split
+from .devices import Placement
+from .features import (
+    Chain,
+    FeatureCache,
+    bad_image_policy,
+    cached_split_inputs,
+    estimate_cache_bytes,
+    find_bad_images,
+    run_frozen,
+)
+from .freezing import Cut, FreezePlan, frozen_digest, layer_of, load_state_strict, plan_cut, set_train_mode, trainable_state_keys
+from .heads import new_head
+from .sources import BatchSource, ImageSource, SplitInputs, TensorSource
+from .training import EpochRecord, FitResult, TrainConfig, fit, fit_linear_probes, predict_proba, probe_groups
+from .utils import ConfigError, option
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How runs are executed; none of these change the numbers on CPU."""
+
+    device: str = option("auto", "auto | cpu | cuda")
+    dtype: str = option("float32", "numeric type of the model: float32, or float64 for reference checks", choices=("float32", "float64"))
+    use_cache: bool = option(True, "run the frozen backbone on every image every epoch", flag="--no-cache", invert=True)
+    cache_dir: str | None = option(None, "feature cache folder (default: OUT/cache)")
+    cache_max_gb: float = option(4.0, "largest activation cache to keep in memory")
+    num_workers: int | None = option(None, "image decoding workers (default: min(4, cores))", flag="--workers")
+    progress: bool = option(True, "no progress bars", flag="--no-progress", invert=True)
+
+
+class FrozenWeightsChanged(RuntimeError):
+    """A parameter or buffer that should be frozen changed during training (MoCo's linear-eval check)."""
+
+
+@dataclass
+class Setup:
+    """The cut and the training inputs for one number of trainable layers."""
+
+    cut: Cut
+    cached: bool  # inputs are the frozen prefix's cached outputs (else images, whole model every epoch)
+    notice: str  # why caching was turned off, if it was
+    base: int | None = None  # cached at this earlier (fine-tuning) block instead, then run up to the cut
+    sources: dict[str, BatchSource] = field(default_factory=dict)
+
+    @property
+    def cut_name(self) -> str:
+        return self.cut.name
+
+
+@dataclass
+class TestEvaluation:
+    """The chosen model's predictions on the test split (computed once)."""
+
+    accuracy: float
+    probs: torch.Tensor  # (N, C) float64
+    labels: list[int]
+    files: list[str]
+
+
+class Workbench:
+    """Runs on one (backbone, data folder), sharing one frozen forward pass per image between them."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        splits: ImageSplits,
+        engine: EngineConfig,
+        cache_dir: str | Path | None,
+        on_bad_image: str = "error",
+        share_cut_layers: int | None = None,
+    ):
+        self.backbone = backbone
+        self.splits = splits
+        self.engine = engine
+        self.placement = Placement.of(engine.device, engine.dtype)
+        self.cache = FeatureCache(cache_dir)
+        self.on_bad_image = on_bad_image
+        # With LP-then-FT, cache only at the fine-tuning cut and derive shallower cuts' inputs from it,
+        # so each image still goes through the backbone once.
+        self.share_cut_layers = share_cut_layers
+        self.n_classes = len(splits.classes)
+        self.skipped_files: dict[str, list[str]] = {}
+        self.timings: dict[str, float] = {}
+        self._setups: dict[int, Setup] = {}
+        backbone.reset_classifier(new_head(backbone.feature_dim, self.n_classes, seed=0))
+        backbone.model.to(self.placement.device, self.placement.dtype)
+        if self.placement.device.type == "cuda":
+            backbone.model.to(memory_format=torch.channels_last)
+        self._pristine = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backbone.model
+
+    # -- inputs for a number of trainable layers ---------------------------------------------------
+    def setup(self, n_trainable_layers: int) -> Setup:
+        """The cut and train/val inputs for `n_trainable_layers` (computed on first use, then kept)."""
+        if n_trainable_layers not in self._setups:
+            self._setups[n_trainable_layers] = self._make_setup(n_trainable_layers)
+        return self._setups[n_trainable_layers]
+
+    def _make_setup(self, k: int) -> Setup:
+        cut = plan_cut(self.backbone, k)
+        chain = self.backbone.chain()
+        cached, notice = self.engine.use_cache, ""
+        if cached and cut.index:
+            need = estimate_cache_bytes(Chain(chain[: cut.index]), self.backbone.spec.preprocessing, self._n_images(), self.placement)
+            if need > self.engine.cache_max_gb * 1e9:
+                cached = False
+                notice = (f"cache for the input of {cut.name} would take {need / 1e9:.1f} GB "
+                          f"> --cache-max-gb {self.engine.cache_max_gb:g}; running the full model every epoch")
+                log.warning(notice)
+        setup = Setup(cut, cached, notice, self._shared_base(cut) if cached else None)
+        for split in (self.splits.train, self.splits.val):
+            setup.sources[split.name] = self._source(split, setup)
+        return setup
+
+    def _n_images(self) -> int:
+        return sum(len(s) for s in (self.splits.train, self.splits.val, self.splits.test) if s is not None)
+
+    def _shared_base(self, cut: Cut) -> int | None:
+        """The fine-tuning cut to cache at instead of `cut`, when it is earlier and fits the memory budget."""
+        if self.share_cut_layers is None:
+            return None
+        base = plan_cut(self.backbone, self.share_cut_layers).index
+        if base >= cut.index:
+            return None
+        chain = self.backbone.chain()
+        need = estimate_cache_bytes(Chain(chain[:base]), self.backbone.spec.preprocessing, self._n_images(), self.placement)
+        return base if need <= self.engine.cache_max_gb * 1e9 else None
+
+    def _source(self, split: Split, setup: Setup) -> BatchSource:
+        start = time.perf_counter()
+        source: BatchSource
+        if setup.cached:
+            chain, base = self.backbone.chain(), setup.base
+            at = setup.cut.index if base is None else base
+            item, skipped, _hit = cached_split_inputs(
+                self.backbone, Chain(chain[:at]), chain[at][0], split, self.cache, self.placement,
+                self.on_bad_image, num_workers=self.engine.num_workers, progress=self.engine.progress,
+            )
+            if base is not None:
+                derived = run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, self.placement)
+                item = SplitInputs(derived, item.labels, item.bad_files)
+            if skipped:
+                self.skipped_files[split.name] = skipped
+            source = TensorSource(item, self.placement)
+        else:
+            pre = self.backbone.spec.preprocessing
+            bad = find_bad_images(split, pre, self.engine.num_workers, self.engine.progress)
+            keep = bad_image_policy(split, bad, self.on_bad_image)
+            if bad:
+                self.skipped_files[split.name] = bad
+                split = split.subset(keep)
+            source = ImageSource(split, pre, self.placement, self.engine.num_workers)
+        key = f"inputs_{split.name}_s"
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+        return source
+
+    def inputs(self, n_trainable_layers: int) -> dict[str, SplitInputs] | None:
+        """The cached train/val inputs for `n_trainable_layers` on CPU (to ship to workers); None when uncached."""
+        setup = self.setup(n_trainable_layers)
+        if not setup.cached:
+            return None
+        out = {}
+        for name in ("train", "val"):
+            src = setup.sources[name]
+            assert isinstance(src, TensorSource)
+            out[name] = SplitInputs(src.inputs.float().cpu(), src.labels.cpu(), [])
+        return out
+
+    def adopt_inputs(self, n_trainable_layers: int, inputs: dict[str, SplitInputs]) -> None:
+        """Use inputs cached elsewhere (by a coordinating process) for `n_trainable_layers`: no extraction here."""
+        cut = plan_cut(self.backbone, n_trainable_layers)
+        sources: dict[str, BatchSource] = {name: TensorSource(item, self.placement) for name, item in inputs.items()}
+        self._setups[n_trainable_layers] = Setup(cut, True, "", sources=sources)
+
+    def net(self, n_trainable_layers: int) -> torch.nn.Module:
+        """What maps this workbench's inputs to logits: the chain after the cut, or the whole chain."""
+        setup = self.setup(n_trainable_layers)
+        chain = self.backbone.chain()  # rebuilt: the head module is replaced by every run
+        return Chain(chain[setup.cut.index :] if setup.cached else chain)
+
+    # -- runs ------------------------------------------------------------------------------------
+    def reset(self, seed: int, n_trainable_layers: int = 1) -> torch.nn.Linear:
+        """Pristine pretrained weights everywhere, a fresh head initialised from `seed`, the last layers trainable."""
+        self.model.load_state_dict(self._pristine)
+        head = new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.placement.device, self.placement.dtype)
+        self.backbone.reset_classifier(head)
+        FreezePlan(n_trainable_layers).apply(self.model)
+        return head
+
+    def run(self, cfg: TrainConfig, n_trainable_layers: int, start_state: dict | None = None,
+            on_epoch: Callable[[EpochRecord], None] | None = None) -> FitResult:
+        """One training run from pristine weights (plus `start_state`, e.g. a probe's best trainable state).
+
+        The frozen part's digest is compared before and after: a change fails the run.
+        """
+        setup = self.setup(n_trainable_layers)
+        head = self.reset(cfg.seed, n_trainable_layers)
+        if start_state is not None:
+            load_state_strict(self.model, {k: v.to(self.placement.device) for k, v in start_state.items()})
+        train = setup.sources["train"]
+        if cfg.augment:
+            if not isinstance(train, ImageSource):
+                raise ConfigError("augment", True, "needs the backbone to run on every image every epoch (--no-cache)")
+            train = train.augmented(cfg.seed)
+        frozen_before = frozen_digest(self.model)
+        result = fit(self.model, self.net(n_trainable_layers), head, train, setup.sources["val"], cfg, on_epoch)
+        if frozen_digest(self.model) != frozen_before:
+            raise FrozenWeightsChanged("a frozen parameter or buffer changed during training")
+        return result
+
+    def run_probes(self, cfgs: list[TrainConfig], on_epoch: Callable[[EpochRecord], None] | None = None) -> list[FitResult]:
+        """Linear probes (k = 1) for many configs; on cached features, heads sharing a schedule train together."""
+        setup = self.setup(1)
+        if not setup.cached:
+            return [self.run(cfg, 1, on_epoch=on_epoch) for cfg in cfgs]
+        results: list[FitResult | None] = [None] * len(cfgs)
+        for members in probe_groups(cfgs):
+            seed = cfgs[members[0]].seed
+            heads = [new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.placement.device, self.placement.dtype)
+                     for _ in members]
+            batch = fit_linear_probes(heads, setup.sources["train"], setup.sources["val"], [cfgs[i] for i in members],
+                                      self.backbone.classifier_name, on_epoch)
+            for i, r in zip(members, batch):
+                results[i] = r
+        return [r for r in results if r is not None]
+
+    def load_trained(self, n_trainable_layers: int, state: dict) -> None:
+        """Put a run's trained state (e.g. a FitResult's best_state) into the model for evaluation."""
+        self.reset(seed=0, n_trainable_layers=n_trainable_layers)
+        required = set(trainable_state_keys(self.model))
+        load_state_strict(self.model, {k: v.to(self.placement.device) for k, v in state.items()}, required)
+
+    def evaluate_test(self, n_trainable_layers: int) -> TestEvaluation | None:
+        """The current model on the test split: accuracy and per-image probabilities (None without a test split)."""
+        test = self.splits.test
+        if test is None:
+            return None
+        setup = self.setup(n_trainable_layers)
+        if "test" not in setup.sources:
+            setup.sources["test"] = self._source(test, setup)
+        source = setup.sources["test"]
+        set_train_mode(self.model, False)
+        probs = predict_proba(self.net(n_trainable_layers), source)  # one pass over the test split
+        bad = set(self.skipped_files.get("test", []))
+        kept = [i for i, f in enumerate(test.files) if f not in bad]
+        labels = [test.labels[i] for i in kept]
+        wrong = int((probs.argmax(1) != torch.tensor(labels)).sum())
+        accuracy = 1.0 - wrong / len(labels)
+        return TestEvaluation(accuracy, probs, labels, [test.files[i] for i in kept])
+
+    def trainable_param_count(self, n_trainable_layers: int) -> int:
+        """Parameters trained for `n_trainable_layers` (the head included)."""
+        layers = set(plan_cut(self.backbone, n_trainable_layers).trainable_layers)
+        return sum(p.numel() for name, p in self.model.named_parameters() if layer_of(name) in layers)
