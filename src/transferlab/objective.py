@@ -41,10 +41,14 @@ def stacked_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                 l2_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (G,) loss and mean cross-entropy of G heads: logits (G, B, C), weights (G, C, D), scales (G,)."""
+                 l2_scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (G,) loss and mean cross-entropy of G heads: logits (G, B, C), weights (G, C, D).
+
+    Each head's penalty is its own reduction, with the same shapes whatever G is.
+    """
     xent = stacked_xent(logits, labels)
-    return xent + l2_scales * weights.pow(2).sum((1, 2)), xent
+    penalty = torch.stack([s * w.pow(2).sum() for w, s in zip(weights.unbind(0), l2_scales)])
+    return xent + penalty, xent
 
 
 LOSS_TEXT = "loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised)"

@@ -254,8 +254,12 @@ class _StackedOptimizer:
 
 
 def _stacked_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(G, B, C) logits of G heads."""
-    return torch.einsum("bd,gcd->gbc", x, weight) + bias[:, None, :]
+    """(G, B, C) logits of G heads, one matmul per head.
+
+    Every head's matmul has the same shapes whatever G is, so a head's numbers are bit-identical
+    whichever other heads share the pass (one einsum over all heads is not: its blocking depends on G).
+    """
+    return torch.stack([torch.addmm(b, x, w.t()) for w, b in zip(weight.unbind(0), bias.unbind(0))])
 
 
 def fit_linear_probes(
@@ -270,8 +274,8 @@ def fit_linear_probes(
 
     The heads must share a schedule (:meth:`TrainConfig.schedule`: same minibatches); each has its
     own lr, l2 and patience, its own early stopping and divergence check. Each result is what
-    :func:`fit` would return for that head alone (tested within 1e-5); the heads are left holding
-    their best weights. `head_name` prefixes
+    :func:`fit` would return for that head alone (tested within 1e-5) and is bit-identical whatever
+    other heads share the pass; the heads are left holding their best weights. `head_name` prefixes
     the keys of each ``best_state`` (e.g. ``"output"``).
     """
     if len({c.schedule() for c in cfgs}) != 1:
@@ -282,7 +286,7 @@ def fit_linear_probes(
     bias = torch.stack([h.bias.detach() for h in heads]).clone().requires_grad_(True)
     device = weight.device
     lrs = torch.tensor([c.lr for c in cfgs], dtype=weight.dtype, device=device)
-    l2_scales = torch.tensor([Objective(c.l2, n_train).head_l2_scale for c in cfgs], dtype=weight.dtype, device=device)
+    l2_scales = [Objective(c.l2, n_train).head_l2_scale for c in cfgs]
     optimizer = _StackedOptimizer([weight, bias], lrs, cfg0)
     order_gen = torch.Generator().manual_seed(cfg0.seed)
     prefix = f"{head_name}." if head_name else ""
