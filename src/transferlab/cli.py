@@ -45,6 +45,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-max-gb", type=float, default=4.0, help="largest activation cache to keep in memory")
     g.add_argument("--workers", type=int, default=None, help="image decoding workers (default: min(4, cores))")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--runtime", default="auto", choices=("auto", "torch", "compile", "onnxruntime", "openvino"), help="what runs the frozen layers (default auto: OpenVINO, else ONNX Runtime, else PyTorch on CPU; PyTorch on CUDA)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def _engine(args):
     from .study import EngineConfig
 
-    return EngineConfig(args.device, not args.no_cache, args.cache_dir, args.cache_max_gb, args.workers, not args.no_progress)
+    return EngineConfig(args.device, not args.no_cache, args.cache_dir, args.cache_max_gb, args.workers, not args.no_progress, args.runtime)
 
 
 def _data(args):

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .data import ImageDataset, Preprocessing, Split, describe_bad_image
+from .runtimes import PrefixRunner, RuntimeFellBack, eager_runner, onnx_export_key, planned_runner, prepare_prefix_runner
 from .utils import UserError, atomic_write_bytes, stable_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key names the runtime that ran the prefix
 
 
 class Chain(nn.Module):
@@ -76,6 +77,7 @@ class SplitInputs:
     inputs: torch.Tensor  # (N, ...) float32, on CPU
     labels: torch.Tensor  # (N,) int64
     bad_files: list[str]
+    runtime: dict | None = None  # what computed `inputs` (PrefixRunner.describe()), when it was a frozen prefix
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -112,27 +114,29 @@ def extract(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    runner: PrefixRunner | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Run `prefix` (eval mode) once over every image of `split`.
+    """Run `prefix` (eval mode) once over every image of `split`, through `runner` (default: eager PyTorch).
 
     Returns the float32 outputs on CPU, in split order, and the indices of files that failed to
     decode (their rows are zeros). On CUDA the pass uses pinned memory, channels_last and bf16
-    autocast; outputs are stored in float32.
+    autocast; outputs are stored in float32. If the runner's runtime fails midway, it falls back to
+    eager PyTorch and the whole pass is redone, so one split never mixes two runtimes.
     """
     prefix.eval()
+    runner = runner or eager_runner(prefix, device, (1, 3, pre.input_size, pre.input_size))
     workers = default_num_workers() if num_workers is None else num_workers
     cuda = device.type == "cuda"
     loader = _loader(split, pre, batch_size, workers, pin=cuda)
     out: torch.Tensor | None = None
     bad: list[int] = []
-    bar = tqdm(total=len(split), desc=f"extract {split.name}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(split), desc=f"extract {split.name} ({runner.name})", unit="img", disable=not progress, leave=False)
     for x, _y, idx, ok in loader:
-        x = x.to(device, non_blocking=True)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            y = prefix(x)
-        y = y.float().cpu()
+        try:
+            y = runner(x)
+        except RuntimeFellBack:
+            bar.close()
+            return extract(prefix, split, pre, device, batch_size, num_workers, progress, runner)
         if out is None:
             out = torch.empty((len(split),) + tuple(y.shape[1:]), dtype=torch.float32)
         out[idx] = y
@@ -170,7 +174,9 @@ class FeatureCache:
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory is not None else None
 
-    def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, device: torch.device) -> str:
+    def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, device: torch.device,
+            runtime: PrefixRunner | None = None) -> str:
+        runtime = runtime or planned_runner("torch", device)
         return stable_hash(
             {
                 "format": CACHE_FORMAT,
@@ -180,8 +186,9 @@ class FeatureCache:
                 "preprocessing": dataclasses.asdict(pre),
                 "files": _file_fingerprint(split),
                 "labels": list(split.labels),
-                "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
+                "precision": runtime.precision,
                 "device": device.type,
+                "runtime": [runtime.name, runtime.version],  # features of two runtimes are never mixed
             },
             length=24,
         )
@@ -264,23 +271,34 @@ def cached_split_inputs(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> tuple[SplitInputs, list[str], bool]:
-    """The prefix's outputs for `split`, from the cache or computed once and stored.
+    """The prefix's outputs for `split`, from the cache or computed once (by `runtime`) and stored.
 
-    Returns (inputs, skipped files, whether it was a cache hit).
+    Returns (inputs, skipped files, whether it was a cache hit). A cache hit prepares no runtime.
     """
     pre = backbone.spec.preprocessing
-    key = cache.key(backbone, cut_name, split, pre, device)
+    runner = planned_runner(runtime, device)
+    key = cache.key(backbone, cut_name, split, pre, device, runner)
     item = cache.load(split, key)
     hit = item is not None
     if item is None:
-        inputs, bad_index = extract(prefix, split, pre, device, batch_size, num_workers, progress)
+        shape = (1, 3, pre.input_size, pre.input_size)
+        runner = prepare_prefix_runner(prefix, shape, runtime, device, cache.directory,
+                                       onnx_export_key(backbone.spec.name, backbone.weights_digest, cut_name, shape))
+        key = cache.key(backbone, cut_name, split, pre, device, runner)  # eager PyTorch if the runtime fell back
+        item = cache.load(split, key)
+        hit = item is not None
+    if item is None:
+        inputs, bad_index = extract(prefix, split, pre, device, batch_size, num_workers, progress, runner)
+        key = cache.key(backbone, cut_name, split, pre, device, runner)  # it may have fallen back midway
         labels = torch.tensor(split.labels, dtype=torch.int64)
         item = SplitInputs(inputs, labels, [split.files[i] for i in bad_index])
         cache.save(split, key, item)
+    item.runtime = runner.describe()
     keep = bad_image_policy(split, item.bad_files, on_bad_image)
     if len(keep) < len(split):
-        item = SplitInputs(item.inputs[keep], item.labels[keep], item.bad_files)
+        item = SplitInputs(item.inputs[keep], item.labels[keep], item.bad_files, item.runtime)
     return item, list(item.bad_files), hit
 
 

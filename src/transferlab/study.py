@@ -71,6 +71,7 @@ class EngineConfig:
     cache_max_gb: float = 4.0
     num_workers: int | None = None
     progress: bool = True
+    runtime: str = "auto"  # what runs the frozen prefix: auto | torch | compile | onnxruntime | openvino
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Workbench:
         self._sources: dict[str, object] = {}
         self.cached = False
         self.notice = ""
+        self.runtime: dict | None = None  # what ran the frozen prefix (name, version, precision, notice)
 
     # -- setting up a number of trainable layers ------------------------------------------------
     @property
@@ -174,7 +176,9 @@ class Workbench:
         item, skipped, _hit = cached_split_inputs(
             self.backbone, Chain(chain[:start]), chain[start][0], split, self.cache, self.device,
             self.on_bad_image, num_workers=self.engine.num_workers, progress=self.engine.progress,
+            runtime=self.engine.runtime,
         )
+        self.runtime = item.runtime
         if self.base_index is not None:
             item = SplitInputs(run_frozen(Chain(chain[self.base_index : self.cut_index]), item.inputs, self.device), item.labels, item.bad_files)
         return item, skipped
@@ -312,6 +316,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, trainable:
         "cached": bench.cached,
         "cache_cut": bench.cut_name,
         "notice": bench.notice,
+        "runtime": bench.runtime,
         "history": result.history,
         "best_epoch": result.best_epoch,
         "epochs_run": result.history[-1]["epoch"],
@@ -400,6 +405,7 @@ def probe(
     cache_max_gb: float = 4.0,
     num_workers: int | None = None,
     progress: bool = True,
+    runtime: str = "auto",
 ) -> dict:
     """Python twin of ``transferlab probe``: train one probe on `data`, write outputs to `out`, return the record."""
     cfg = ProbeConfig(
@@ -409,6 +415,6 @@ def probe(
         weights=weights,
         n_trainable_layers=n_trainable_layers,
         train=TrainConfig(lr, l2, seed, epochs, patience, batch_size, optimizer, train_bn=train_bn, augment=augment),
-        engine=EngineConfig(device, use_cache, cache_dir, cache_max_gb, num_workers, progress),
+        engine=EngineConfig(device, use_cache, cache_dir, cache_max_gb, num_workers, progress, runtime),
     )
     return run_probe(cfg, out)

@@ -15,7 +15,7 @@ SCALAR_KEYS = {
     "ft_layers": int, "ft_train_bn": bool, "model_dir": str, "val_split": str, "test_split": str, "valid_frac": float, "split_seed": int,
     "max_per_class": int, "on_bad_image": str, "device": str, "cache_dir": str, "cache_max_gb": float, "workers": int,
     "no_cache": bool, "no_progress": bool, "executor": str, "jobs": int, "ray_address": str, "cpus_per_run": float,
-    "gpus_per_run": float,
+    "gpus_per_run": float, "runtime": str,
 }
 
 
@@ -42,6 +42,7 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, default=S)
     p.add_argument("--on-bad-image", choices=("error", "skip"), default=S)
     p.add_argument("--executor", choices=("local", "ray"), default=S, help="where runs execute (default local)")
+    p.add_argument("--runtime", choices=("auto", "torch", "compile", "onnxruntime", "openvino"), default=S, help="what runs the frozen layers (default auto)")
     p.add_argument("--no-cache", action="store_true", default=S)
     p.add_argument("--no-progress", action="store_true", default=S)
     p.add_argument("--force", action="store_true", help="write into a folder holding a different sweep's ledger")
@@ -98,6 +99,7 @@ def build_config(values: dict):
     engine = EngineConfig(
         values.get("device", "auto"), not values.get("no_cache", False), values.get("cache_dir"),
         values.get("cache_max_gb", 4.0), values.get("workers"), not values.get("no_progress", False),
+        values.get("runtime", "auto"),
     )
     kw = {}
     for key, field_name in (("backbones", "backbones"), ("sources", "sources"), ("lr", "lrs"), ("l2", "l2s"),
