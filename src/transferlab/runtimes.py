@@ -18,6 +18,7 @@ onnxruntime and openvino are imported lazily, here only.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import tempfile
@@ -181,12 +182,15 @@ def export_onnx(prefix: nn.Module, input_shape: tuple, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     example = torch.zeros((1,) + tuple(input_shape[1:]))
+    # The TorchScript-based exporter: ~2x faster to export than the dynamo one and needs only `onnx`
+    # (torch >= 2.5 defaults to dynamo, which also needs onnxscript).
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporter deprecation chatter; failures still raise
             torch.onnx.export(
                 prefix.eval(), (example,), tmp, input_names=["x"], output_names=["y"],
-                dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+                dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, **legacy,
             )
         os.replace(tmp, path)
     finally:
