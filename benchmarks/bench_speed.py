@@ -5,6 +5,16 @@
 Prints one JSON object as its last stdout line; every ratio is measured within this one run.
 Without pretrained weights at hand, a randomly initialised copy is timed (``"weights": "random"``):
 time does not depend on the weight values.
+
+Runtimes (``--runtime-backbones``, default efficientnet_lite0,resnet10): extraction throughput
+(decode + frozen prefix, the probe's features) of `--runtime-images` training images with each
+runtime: ``eager`` (plain eager PyTorch, what extraction ran before runtimes existed), ``torch``
+(eager, channels_last), ``onnxruntime``, ``openvino`` (and ``compile`` with ``--compile``). Rounds
+alternate the runtimes and the best round counts, so a neighbour's load on a shared CPU hurts
+every runtime alike. ``runtime_speedup`` = what ``--runtime auto`` picks / ``eager``.
+``--probe-e2e`` also times ``transferlab probe`` on `--data` end to end (default flags, fresh output
+folder, no cache) with ``--runtime torch`` and with the default runtime. ``--runtimes-only`` skips
+the grid and fine-tuning timings.
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ import torch
 
 from transferlab.backbones import load_backbone
 from transferlab.data import load_splits
+from transferlab.devices import Placement
+from transferlab.features import Chain, extract
+from transferlab.runtimes import PrefixRunner, is_installed, onnx_export_key, prepare_prefix_runner, resolve_runtime
 from transferlab.study import EngineConfig, Workbench
 from transferlab.training import TrainConfig
 from transferlab.utils import UserError
@@ -52,6 +65,67 @@ def model_throughput(model: torch.nn.Module, size: int, batch: int, reps: int = 
     return reps * batch / (time.perf_counter() - start)
 
 
+def plain_eager(prefix: torch.nn.Module) -> PrefixRunner:
+    """Extraction as it ran before runtimes: eager PyTorch, default memory layout."""
+
+    @torch.no_grad()
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return prefix(x).float()
+
+    return PrefixRunner("eager", torch.__version__, "fp32", fn)
+
+
+def runtime_throughput(name: str, model_dir: str | None, data: str, n_images: int, rounds: int, with_compile: bool, say) -> dict:
+    """Extraction img/s of the probe's features of `name` on `n_images` training images, per runtime."""
+    backbone, weights = load(name, model_dir)
+    split = load_splits(data).train
+    split = split.subset(list(range(0, len(split), max(1, len(split) // n_images)))[:n_images])
+    pre = backbone.spec.preprocessing
+    chain = backbone.chain()
+    prefix = Chain(chain[:-1]).eval()
+    shape = (1, 3, pre.input_size, pre.input_size)
+    cpu = Placement(torch.device("cpu"))
+    names = ["torch", "compile"] if with_compile else ["torch"]
+    names += [r for r in ("onnxruntime", "openvino") if is_installed(r)]
+    runners = {"eager": plain_eager(prefix)}
+    prepare_s = {}
+    for r in names:
+        t = time.perf_counter()
+        runners[r] = prepare_prefix_runner(prefix, shape, r, cpu, None, onnx_export_key(name, backbone.weights_digest, "head", shape))
+        prepare_s[r] = round(time.perf_counter() - t, 2)  # export + compile (done once per cache folder)
+        if runners[r].notice:
+            say(runners[r].notice)
+    img_s = {r: 0.0 for r in runners}
+    for _ in range(rounds):
+        for r, runner in runners.items():
+            t = time.perf_counter()
+            extract(prefix, split, pre, cpu, progress=False, runner=runner)
+            img_s[r] = max(img_s[r], len(split) / (time.perf_counter() - t))
+    auto = resolve_runtime("auto", cpu)
+    result = {
+        "weights": weights, "images": len(split), "input_size": pre.input_size, "auto": auto,
+        "extract_img_s": {r: round(v, 1) for r, v in img_s.items()},
+        "prepare_s": prepare_s,
+        "runtime_speedup": round(img_s[auto] / img_s["eager"], 2),
+    }
+    say(f"{name}: " + ", ".join(f"{r} {v:.1f}" for r, v in img_s.items()) + f" img/s; {auto} / eager = {result['runtime_speedup']}x")
+    return result
+
+
+def probe_end_to_end(data: str, backbone: str, runtime: str | None) -> float:
+    """Seconds of `transferlab probe` on `data` from the command line, in a fresh output folder."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "transferlab", "probe", "--data", data, "--backbone", backbone, "--out", out, "--no-progress"]
+        cmd += ["--runtime", runtime] if runtime else []
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
+        return time.perf_counter() - t
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -61,11 +135,39 @@ def main(argv=None) -> dict:
     p.add_argument("--ft-layers", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--runtime-backbones", default="efficientnet_lite0,resnet10", help="comma list ('' to skip)")
+    p.add_argument("--runtime-images", type=int, default=96)
+    p.add_argument("--runtime-rounds", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a small CPU)")
+    p.add_argument("--probe-e2e", action="store_true", help="time `transferlab probe` end to end: --runtime torch vs default")
+    p.add_argument("--runtimes-only", action="store_true", help="only the runtime (and --probe-e2e) timings")
     args = p.parse_args(argv)
     splits = load_splits(args.data)
     backbone, weights = load(args.backbone, args.model_dir)
     n_images = len(splits.train) + len(splits.val) + (len(splits.test) if splits.test else 0)
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+
+    runtime_rows = {name: runtime_throughput(name, args.model_dir, args.data, args.runtime_images, args.runtime_rounds, args.compile, say)
+                    for name in filter(None, args.runtime_backbones.split(","))}
+    result = {
+        "threads": torch.get_num_threads(),
+        "runtimes": runtime_rows,
+        "extract_img_s": {name: row["extract_img_s"] for name, row in runtime_rows.items()},
+        "runtime_speedup": {name: row["runtime_speedup"] for name, row in runtime_rows.items()},
+    }
+    if args.probe_e2e:
+        for _ in range(1):  # warm the page cache so neither command pays for the first read of the images
+            for path in splits.train.files + splits.val.files + (splits.test.files if splits.test else []):
+                with open(path, "rb") as f:
+                    f.read()
+        torch_s = probe_end_to_end(args.data, args.backbone, "torch")
+        auto_s = probe_end_to_end(args.data, args.backbone, None)
+        result["probe_e2e"] = {"backbone": args.backbone, "torch_s": round(torch_s, 1), "default_s": round(auto_s, 1),
+                               "default_runtime": resolve_runtime("auto", Placement(torch.device("cpu"))), "speedup": round(torch_s / auto_s, 2)}
+        say(f"probe end to end: --runtime torch {torch_s:.1f}s, default {auto_s:.1f}s")
+    if args.runtimes_only:
+        print(json.dumps(result))
+        return result
 
     def bench(use_cache: bool) -> Workbench:
         engine = EngineConfig(args.device, use_cache=use_cache, progress=False)
@@ -105,14 +207,14 @@ def main(argv=None) -> dict:
     say(f"ft epoch full {ft_full:.2f}s, prefix {ft_prefix:.3f}s (cut at {prefix.setup(args.ft_layers).cut.name})")
 
     result = {
+        **result,
         "backbone": args.backbone,
         "weights": weights,
         "device": args.device,
         "n_images": n_images,
-        "threads": torch.get_num_threads(),
         "model_img_s": round(model_img_s, 2),
         "extract_s": round(extract_s, 3),
-        "extract_img_s": round(n_images / extract_s, 2),
+        "grid_extract_img_s": round(n_images / extract_s, 2),
         "extract_vs_model": round(n_images / extract_s / model_img_s, 3),
         "grid_runs": len(cfgs),
         "grid_epochs": GRID_EPOCHS,

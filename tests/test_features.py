@@ -15,7 +15,8 @@ METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
 
 
 def run_history(backbone, splits, k, use_cache, cache_dir=None, epochs=4, train_bn=False):
-    engine = EngineConfig(device="cpu", use_cache=use_cache, progress=False, num_workers=0)
+    # Eager PyTorch on both paths: this checks the cache itself (other runtimes: test_runtimes.py).
+    engine = EngineConfig(device="cpu", use_cache=use_cache, progress=False, num_workers=0, runtime="torch")
     bench = Workbench(copy.deepcopy(backbone), splits, engine, cache_dir)
     result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8, train_bn=train_bn), k)
     return bench, result
@@ -28,7 +29,9 @@ def assert_same_history(a, b, tol=1e-5):
             if ra[key] is None:
                 assert rb[key] is None
             else:
-                assert abs(ra[key] - rb[key]) <= tol, (ra["epoch"], key, ra[key], rb[key])
+                # Relative: the cached prefix runs in channels_last (oneDNN's fast layout), the full model
+                # in the default layout; sums in another order agree to fp32 rounding, not bit for bit.
+                assert abs(ra[key] - rb[key]) <= tol * max(1.0, abs(ra[key])), (ra["epoch"], key, ra[key], rb[key])
 
 
 @pytest.mark.parametrize("k, cut, train_bn", [(1, "output", False), (3, "features.stage4.unit1", False), (3, "features.stage4.unit1", True)])

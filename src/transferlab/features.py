@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,12 +25,13 @@ from tqdm.auto import tqdm
 from .backbones import Backbone
 from .data import DECODER, Preprocessing, Split, default_num_workers, describe_bad_image, image_loader, split_fingerprint
 from .devices import Placement
+from .runtimes import PrefixRunner, RuntimeFellBack, eager_runner, onnx_export_key, planned_runner, prepare_prefix_runner
 from .sources import SplitInputs
 from .utils import UserError, atomic_write_bytes, stable_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: the key names the runtime that ran the prefix, and the decoder
 
 
 class Chain(nn.Module):
@@ -54,28 +56,28 @@ def extract(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    runner: PrefixRunner | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Run `prefix` (eval mode) once over every image of `split`.
+    """Run `prefix` (eval mode) once over every image of `split`, with `runner` (default: eager PyTorch).
 
     Returns the float32 outputs on CPU, in split order, and the indices of files that failed to
     decode (their rows are zeros). On CUDA the pass uses pinned memory, channels_last and bf16
-    autocast; outputs are stored in float32.
+    autocast; outputs are stored in float32. If the runner's runtime fails midway, it falls back to
+    eager PyTorch and the whole pass is redone, so one split never mixes two runtimes.
     """
     prefix.eval()
+    runner = runner or eager_runner(prefix, placement, (1, 3, pre.input_size, pre.input_size))
     workers = default_num_workers() if num_workers is None else num_workers
-    device = placement.device
-    cuda = device.type == "cuda"
-    loader = image_loader(split, pre, batch_size, workers, pin=cuda)
+    loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda")
     out: torch.Tensor | None = None
     bad: list[int] = []
-    bar = tqdm(total=len(split), desc=f"extract {split.name}", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(split), desc=f"extract {split.name} ({runner.name})", unit="img", disable=not progress, leave=False)
     for x, _y, idx, ok in loader:
-        x = placement.put(x)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            y = prefix(x)
-        y = y.float().cpu()
+        try:
+            y = runner(x)
+        except RuntimeFellBack:
+            bar.close()
+            return extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner)
         if out is None:
             out = torch.empty((len(split),) + tuple(y.shape[1:]), dtype=torch.float32)
         out[idx] = y
@@ -95,15 +97,17 @@ class FeatureCache:
 
     The key covers everything that changes the numbers: backbone name and weights digest, where the
     chain is cut, the decoder and preprocessing, the image list with sizes, modification times and
-    labels, precision and device type. A file whose checksum does not match is reported, deleted and recomputed.
+    labels, the runtime that ran the prefix (name, version, precision) and the device type. A file
+    whose checksum does not match is reported, deleted and recomputed.
     ``directory=None`` keeps nothing on disk.
     """
 
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory is not None else None
 
-    def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, placement: Placement) -> str:
-        device = placement.device
+    def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, placement: Placement,
+            runtime: PrefixRunner | None = None) -> str:
+        runtime = runtime or planned_runner("torch", placement)
         return stable_hash(
             {
                 "format": CACHE_FORMAT,
@@ -113,8 +117,9 @@ class FeatureCache:
                 "decoder": DECODER,
                 "preprocessing": dataclasses.asdict(pre),
                 "files": split_fingerprint(split),
-                "precision": "bf16-autocast" if device.type == "cuda" else str(placement.dtype).removeprefix("torch."),
-                "device": device.type,
+                "runtime": [runtime.name, runtime.version],
+                "precision": runtime.precision,
+                "device": placement.device.type,
             },
             length=24,
         )
@@ -197,23 +202,40 @@ def cached_split_inputs(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    runtime: str = "torch",
+    prepare_runner: Callable[[], PrefixRunner] | None = None,
 ) -> tuple[SplitInputs, list[str], bool]:
-    """The prefix's outputs for `split`, from the cache or computed once and stored.
+    """The prefix's outputs for `split`, from the cache or computed once (by `runtime`) and stored.
 
-    Returns (inputs, skipped files, whether it was a cache hit).
+    `prepare_runner` builds the runner on a cache miss (callers keep one per cut, so the splits
+    share an exported session); a cache hit prepares nothing. Returns (inputs, skipped files,
+    whether it was a cache hit); ``inputs.runtime`` says what computed them.
     """
     pre = backbone.spec.preprocessing
-    key = cache.key(backbone, cut_name, split, pre, placement)
+    runner = planned_runner(runtime, placement)
+    key = cache.key(backbone, cut_name, split, pre, placement, runner)
     item = cache.load(split, key)
     hit = item is not None
     if item is None:
-        inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress)
+        if prepare_runner is None:
+            shape = (1, 3, pre.input_size, pre.input_size)
+            key = onnx_export_key(backbone.spec.name, backbone.weights_digest, cut_name, shape)
+            runner = prepare_prefix_runner(prefix, shape, runtime, placement, cache.directory, key)
+        else:
+            runner = prepare_runner()
+        key = cache.key(backbone, cut_name, split, pre, placement, runner)  # eager PyTorch if the runtime fell back
+        item = cache.load(split, key)
+        hit = item is not None
+    if item is None:
+        inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner)
+        key = cache.key(backbone, cut_name, split, pre, placement, runner)  # it may have fallen back midway
         labels = torch.tensor(split.labels, dtype=torch.int64)
         item = SplitInputs(inputs, labels, [split.files[i] for i in bad_index])
         cache.save(split, key, item)
+    item.runtime = runner.describe()
     keep = bad_image_policy(split, item.bad_files, on_bad_image)
     if len(keep) < len(split):
-        item = SplitInputs(item.inputs[keep], item.labels[keep], item.bad_files)
+        item = SplitInputs(item.inputs[keep], item.labels[keep], item.bad_files, item.runtime)
     return item, list(item.bad_files), hit
 
 

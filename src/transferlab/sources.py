@@ -28,6 +28,7 @@ class SplitInputs:
     inputs: torch.Tensor  # (N, ...) float32, on CPU
     labels: torch.Tensor  # (N,) int64
     bad_files: list[str]
+    runtime: dict | None = None  # what computed `inputs` (PrefixRunner.describe()), when a frozen prefix did
 
 
 class TensorSource:

@@ -68,6 +68,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
         "cached": setup.cached,
         "cache_cut": setup.cut.name,
         "notice": setup.notice,
+        "runtime": setup.runtime,
         "history": result.history,
         "best_epoch": result.best_epoch,
         "epochs_run": result.history[-1]["epoch"],

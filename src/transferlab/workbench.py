@@ -30,6 +30,7 @@ from .features import (
 )
 from .freezing import Cut, FreezePlan, frozen_digest, layer_of, load_state_strict, plan_cut, set_train_mode, trainable_state_keys
 from .heads import new_head
+from .runtimes import RUNTIMES, PrefixRunner, onnx_export_key, prepare_prefix_runner
 from .sources import BatchSource, ImageSource, SplitInputs, TensorSource
 from .training import EpochRecord, FitResult, TrainConfig, fit, fit_linear_probes, predict_proba, probe_groups
 from .utils import ConfigError, option
@@ -48,6 +49,8 @@ class EngineConfig:
     cache_max_gb: float = option(4.0, "largest activation cache to keep in memory")
     num_workers: int | None = option(None, "image decoding workers (default: min(4, cores))", flag="--workers")
     progress: bool = option(True, "no progress bars", flag="--no-progress", invert=True)
+    runtime: str = option("auto", "what runs the frozen layers: auto (OpenVINO, else ONNX Runtime, else PyTorch on CPU; "
+                          "PyTorch on CUDA), torch, compile, onnxruntime, openvino", choices=RUNTIMES)
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -63,6 +66,8 @@ class Setup:
     notice: str  # why caching was turned off, if it was
     base: int | None = None  # cached at this earlier (fine-tuning) block instead, then run up to the cut
     sources: dict[str, BatchSource] = field(default_factory=dict)
+    runner: PrefixRunner | None = None  # what runs the frozen prefix on a cache miss (prepared once, shared by the splits)
+    runtime: dict | None = None  # what computed the cached inputs (PrefixRunner.describe())
 
     @property
     def cut_name(self) -> str:
@@ -157,10 +162,22 @@ class Workbench:
         if setup.cached:
             chain, base = self.backbone.chain(), setup.base
             at = setup.cut.index if base is None else base
+            prefix, cut_name = Chain(chain[:at]), chain[at][0]
+
+            def prepare_runner() -> PrefixRunner:
+                if setup.runner is None:
+                    pre = self.backbone.spec.preprocessing
+                    shape = (1, 3, pre.input_size, pre.input_size)
+                    key = onnx_export_key(self.backbone.spec.name, self.backbone.weights_digest, cut_name, shape)
+                    setup.runner = prepare_prefix_runner(prefix, shape, self.engine.runtime, self.placement, self.cache.directory, key)
+                return setup.runner
+
             item, skipped, _hit = cached_split_inputs(
-                self.backbone, Chain(chain[:at]), chain[at][0], split, self.cache, self.placement,
-                self.on_bad_image, num_workers=self.engine.num_workers, progress=self.engine.progress,
+                self.backbone, prefix, cut_name, split, self.cache, self.placement, self.on_bad_image,
+                num_workers=self.engine.num_workers, progress=self.engine.progress, runtime=self.engine.runtime,
+                prepare_runner=prepare_runner,
             )
+            setup.runtime = item.runtime
             if base is not None:
                 derived = run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, self.placement)
                 item = SplitInputs(derived, item.labels, item.bad_files)
