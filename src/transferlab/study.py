@@ -357,6 +357,14 @@ def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
         raise RuntimeError("a frozen parameter or buffer changed during training")
     t_fit = time.perf_counter()
     test_acc = bench.test_accuracy() if result.status == "done" else None
+    if test_acc is not None:  # per-image test predictions of that same evaluation, for the per-class insight
+        from .predict import source_probabilities
+        from .reporting.insight import insight_page, write_test_predictions
+
+        probs, labels = source_probabilities(bench.net, bench._sources["test"])
+        skipped = set(bench.skipped_files.get("test", []))
+        write_test_predictions(out / "test_predictions.json", bench.splits.classes, [f for f in bench.splits.test.files if f not in skipped], labels, probs)
+        atomic_write_bytes(out / "insight.html", insight_page(out / "test_predictions.json", out / "insight", bench.backbone.spec.name).encode())
     t_test = time.perf_counter()
     seconds = {
         "load_s": t_load - t0, "inputs_s": t_inputs - t_load, "fit_s": t_fit - t_inputs,
