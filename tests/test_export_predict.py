@@ -203,12 +203,13 @@ def test_predict_errors_are_one_line_exit_2(model_dir, data, args, needle, capsy
     assert err.count("\n") == 1 and needle in err
 
 
-def test_export_and_predict_a_sweeps_chosen_run(data, tmp_path, capsys):
+def test_export_and_predict_a_sweeps_chosen_run(data, probe_dir, tmp_path, capsys):
     from transferlab.ledger import Ledger
 
     out = tmp_path / "sweep"
+    # Same data, backbone and cut as the probe: its feature cache serves the sweep (no second extraction).
     assert main(["sweep", "--data", str(data), "--out", str(out), "--backbones", "efficientnet_lite0", "--lr", "1e-3,1e-2",
-                 "--l2", "0", "--seeds", "0", "--epochs", "2", *FAST]) == 0
+                 "--l2", "0", "--seeds", "0", "--epochs", "2", "--cache-dir", str(probe_dir / "cache"), *FAST]) == 0
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     chosen = ledger.run(ledger.choice("efficientnet_lite0", "LP"))
     ledger.close()
