@@ -196,10 +196,15 @@ def load_classifier(path: str | os.PathLike, device: str = "auto", backbone: str
                     method: str | None = None) -> Classifier:
     """A :class:`Classifier` from an exported MODEL_DIR (config.json + model.safetensors), a probe's
     output folder, or a sweep folder (`backbone` / `method` pick a chosen run; default the lowest val xent)."""
-    from .export import CONFIG_FILE, MODEL_FILE, load_trained, model_config
+    from .export import CONFIG_FILE, MODEL_FILE, is_probe_dir, is_sweep_dir, load_trained, model_config
 
     path = Path(path)
     if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():
+        if backbone is not None or method is not None:
+            raise UserError(f"--model {path}: --backbone / --method pick a run of a sweep folder; this is an exported model")
         return _from_model_dir(path, device)
-    trained = load_trained(path, backbone, method)  # UserError if it is no run folder either
+    if not (is_probe_dir(path) or is_sweep_dir(path)):
+        raise UserError(f"--model {path}: not an exported model folder (config.json + model.safetensors), "
+                        "a probe's output folder (run.json + head.safetensors) or a sweep folder (ledger.sqlite)")
+    trained = load_trained(path, backbone, method)
     return Classifier(trained.model, trained.classes, trained.preprocessing, model_config(trained), device)
