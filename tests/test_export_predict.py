@@ -204,6 +204,7 @@ def test_predict_errors_are_one_line_exit_2(model_dir, data, args, needle, capsy
 
 
 def test_export_and_predict_a_sweeps_chosen_run(data, probe_dir, tmp_path, capsys):
+    import transferlab
     from transferlab.ledger import Ledger
 
     out = tmp_path / "sweep"
@@ -227,3 +228,14 @@ def test_export_and_predict_a_sweeps_chosen_run(data, probe_dir, tmp_path, capsy
     assert f"accuracy {chosen['test_acc']:.4f}" in captured.err
     assert main(["export", str(out), "--out", str(model), "--method", "LP-FT"]) == 2
     assert "no chosen run for LP-FT (chosen runs: efficientnet_lite0/LP)" in capsys.readouterr().err
+    # The report shows the per-class insight of a chosen run whose per-image test predictions are stored.
+    from transferlab.reporting.insight import sweep_predictions_path, write_test_predictions
+
+    clf = transferlab.load_classifier(model, device="cpu")
+    probs, _ = clf.predict_proba([r["path"] for r in rows])
+    labels = [clf.classes.index(r["label"]) for r in rows]
+    write_test_predictions(sweep_predictions_path(out, chosen["hash"]), clf.classes, [r["path"] for r in rows], labels, probs)
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "Per-class insight (test)" in page and "efficientnet_lite0 LP (test)" in page
+    assert (out / "insight" / "efficientnet_lite0_LP" / "confusion_matrix.csv").is_file()

@@ -309,3 +309,8 @@ def insight_page(pred_file: str | os.PathLike, out_dir: str | os.PathLike, title
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title or 'transferlab')} insight</title>"
             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
             f"img{{max-width:100%}}</style></head><body>\n{fragment}\n</body></html>\n")
+
+
+def sweep_predictions_path(out: str | os.PathLike, run_hash: str) -> Path:
+    """Where a sweep keeps a chosen run's per-image test predictions: ``OUT/predictions/<hash>.json``."""
+    return Path(out) / "predictions" / f"{run_hash}.json"
