@@ -224,7 +224,7 @@ def _b64(data: bytes, mime: str, alt: str, css: str = "") -> str:
 
 STYLE = (
     "<style>.tl-insight table{border-collapse:collapse;margin:.5em 0}.tl-insight td,.tl-insight th{border:1px solid #ccc;"
-    "padding:2px 6px;text-align:right}.tl-insight td:first-child{text-align:left}.tl-gallery{display:flex;flex-wrap:wrap;gap:6px}"
+    "padding:2px 6px;text-align:right}.tl-insight td:first-child,.tl-insight th:first-child{text-align:left}.tl-gallery{display:flex;flex-wrap:wrap;gap:6px}"
     ".tl-gallery figure{margin:0;width:112px;font-size:11px;line-height:1.2}.tl-gallery img{display:block;max-width:96px;max-height:96px}"
     ".tl-insight details{margin:.5em 0}</style>"
 )
