@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+    from .use_cli import add_use_parsers
+
+    add_use_parsers(sub)  # export, predict
     return parser
 
 

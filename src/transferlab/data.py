@@ -194,6 +194,8 @@ def load_splits(
     stratified `valid_frac` of each class is carved out of train with `split_seed`. `max_per_class`
     caps the images taken from train (before carving), chosen with the same seed.
     """
+    if str(root).lower().endswith(".csv"):  # a labels file instead of a folder tree
+        return load_csv_splits(root, val_split, test_split, valid_frac, split_seed, max_per_class)
     root = Path(root)
     if not root.is_dir():
         raise ConfigError("data", root, "no such folder")
@@ -255,6 +257,124 @@ def load_splits(
     else:
         val = Split("val", tuple(va_files), tuple(va_labels), f"carved from train/ ({valid_frac:g}, seed {split_seed})")
     return ImageSplits(str(root.resolve()), classes, train, val, test, tuple(ignored))
+
+
+def load_csv_splits(
+    csv_path: str | os.PathLike,
+    val_split: str = "val",
+    test_split: str = "test",
+    valid_frac: float = 0.2,
+    split_seed: int = 0,
+    max_per_class: int | None = None,
+) -> ImageSplits:
+    """Splits from a labels file with columns ``path,label`` and optionally ``split``.
+
+    Relative paths are resolved against the CSV's folder. ``split`` values are ``train``, `val_split`
+    and `test_split` (rows without a split column are train). The rules are those of folders: the
+    val rows are the validation set, else a stratified `valid_frac` of train is carved with
+    `split_seed` (same permutation as :func:`load_splits` on the same files); test is optional; every
+    split must hold every train class. Errors name the CSV line and column.
+    """
+    import csv
+
+    path = Path(csv_path)
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such file")
+    if not 0.0 < valid_frac < 1.0:
+        raise UserError(f"--valid-frac {valid_frac}: must be between 0 and 1")
+    if max_per_class is not None and max_per_class < 1:
+        raise UserError(f"--max-per-class {max_per_class}: must be at least 1")
+    base = path.resolve().parent
+    allowed = {"train", val_split, test_split}
+    rows: dict[str, list[tuple[str, str, int]]] = {}  # split value -> (file, label, line)
+    seen: dict[str, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            for column in ("path", "label"):
+                if column not in header:
+                    raise UserError(f"{path}: line 1: missing column '{column}' (header: {','.join(header) or 'empty'}; "
+                                    "expected path,label[,split])")
+            reader.fieldnames = header
+            for record in reader:
+                line = reader.line_num
+                where = f"{path}: line {line}"
+                if not any((v or "").strip() for v in record.values()):
+                    continue  # blank line
+                file, label = (record.get("path") or "").strip(), (record.get("label") or "").strip()
+                if not file:
+                    raise UserError(f"{where}, column path: empty")
+                if not label:
+                    raise UserError(f"{where}, column label: empty label for {file}")
+                split = (record.get("split") or "").strip() if "split" in header else "train"
+                if split not in allowed:
+                    raise UserError(f"{where}, column split: unknown split value '{split}' (expected one of "
+                                    f"{', '.join(sorted(allowed))})")
+                full = os.path.normpath(os.path.join(base, file))
+                if not os.path.isfile(full):
+                    raise UserError(f"{where}, column path: no such file {full}")
+                if Path(full).suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise UserError(f"{where}, column path: {file} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                if full in seen:
+                    raise UserError(f"{where}, column path: {file} is listed again (first on line {seen[full]})")
+                seen[full] = line
+                rows.setdefault(split, []).append((full, label, line))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    train_rows = rows.get("train", [])
+    if not train_rows:
+        raise UserError(f"{path}: no train rows (column split: rows with 'train', or no split column)")
+    train_files: dict[str, list[str]] = {}
+    for file, label, _line in train_rows:
+        train_files.setdefault(label, []).append(file)
+    classes = tuple(sorted(train_files))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def csv_split(name: str, value: str) -> Split:
+        per_class: dict[str, list[str]] = {}
+        for file, label, line in rows[value]:
+            if label not in index:
+                raise UserError(f"{path}: line {line}, column label: class '{label}' of split '{value}' has no train rows")
+            per_class.setdefault(label, []).append(file)
+        missing = [c for c in classes if c not in per_class]
+        if missing:
+            raise UserError(f"{path}: column split: split '{value}' has no rows of class(es) {', '.join(missing)}")
+        files = [f for c in classes for f in sorted(per_class[c])]
+        labels = [index[c] for c in classes for _ in per_class[c]]
+        return Split(name, tuple(files), tuple(labels), f"{path.name} [{value}]")
+
+    test = csv_split("test", test_split) if test_split != "train" and rows.get(test_split) else None
+    use_val = val_split not in (test_split, "train") and bool(rows.get(val_split))
+    rng = np.random.default_rng(split_seed)
+    tr_files: list[str] = []
+    tr_labels: list[int] = []
+    va_files: list[str] = []
+    va_labels: list[int] = []
+    for c in classes:  # the carving of load_splits, on the same sorted per-class file lists
+        files = sorted(train_files[c])
+        order = rng.permutation(len(files)) if (max_per_class or not use_val) else np.arange(len(files))
+        if max_per_class is not None:
+            order = order[:max_per_class]
+        chosen = [files[i] for i in order]
+        if use_val:
+            n_val = 0
+        else:
+            if len(chosen) < 2:
+                raise UserError(f"{path}: class '{c}' has {len(chosen)} train row(s); carving a validation split needs at least 2 per class")
+            n_val = min(len(chosen) - 1, max(1, round(len(chosen) * valid_frac)))
+        va_files += sorted(chosen[:n_val])
+        va_labels += [index[c]] * n_val
+        tr_files += sorted(chosen[n_val:])
+        tr_labels += [index[c]] * (len(chosen) - n_val)
+    train = Split("train", tuple(tr_files), tuple(tr_labels), f"{path.name} [train]")
+    if use_val:
+        val = csv_split("val", val_split)
+    else:
+        val = Split("val", tuple(va_files), tuple(va_labels), f"carved from {path.name} [train] ({valid_frac:g}, seed {split_seed})")
+    return ImageSplits(str(path.resolve()), classes, train, val, test, ())
 
 
 def load_rgb(path: str, min_size: int | None = None) -> Image.Image:

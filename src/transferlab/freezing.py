@@ -117,10 +117,13 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], required
     silently ignored tensor (``load_state_dict(strict=False)`` would leave a fresh head in place).
     """
     own = model.state_dict()
-    unknown = sorted(set(state) - set(own))
+    unknown = [k for k in state if k not in own]
     missing = sorted((required or set()) - set(state))
-    if unknown or missing:
-        raise ValueError(f"trained state does not fit the model: unknown {unknown[:5]}, missing {missing[:5]}")
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ValueError(f"trained tensor {unknown[0]} is not a tensor of the model{more}")
+    if missing:
+        raise ValueError(f"the trained tensors lack {', '.join(missing)}")
     with torch.no_grad():
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):

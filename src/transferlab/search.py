@@ -30,6 +30,7 @@ from .executors import Executor, InProcessExecutor, ProcessExecutor, RayExecutor
 from .freezing import layer_names
 from .ledger import Ledger, Method, RunRow
 from .objective import describe_objective
+from .reporting.insight import sweep_predictions_path, write_test_predictions
 from .tasks import ProbeGroupTask, Task, TrainTask
 from .training import EpochRecord, FitResult, TrainConfig, probe_groups
 from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
@@ -342,6 +343,9 @@ class Sweep:
             bench.load_trained(k, _load_params(self.out, h))
             test = bench.evaluate_test(k)
             assert test is not None
+            # Per-image predictions of this one evaluation: the report's per-class insight reads them.
+            write_test_predictions(sweep_predictions_path(self.out, h), bench.splits.classes, test.files, test.labels,
+                                   test.probs.numpy())
             self.ledger.record_test(h, test.accuracy)
         return h
 

@@ -15,7 +15,7 @@ from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
 from .data import DataConfig
 from .objective import Objective
 from .training import EpochRecord, FitResult, TrainConfig
-from .utils import UserError, atomic_write_bytes, build_config, check_writable_dir, option, write_json
+from .utils import UserError, atomic_write_bytes, build_config, check_writable_dir, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
 __all__ = ["DataConfig", "EngineConfig", "ProbeConfig", "Workbench", "probe", "run_probe"]
@@ -59,6 +59,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
             "preprocessing": dataclasses.asdict(spec.preprocessing),
         },
         "data": bench.splits.summary(),
+        "data_digest": stable_hash(bench.splits.fingerprint()),
         "skipped_files": bench.skipped_files,
         "status": result.status,
         "objective": Objective(cfg.train.l2, 1).describe(),
@@ -109,6 +110,11 @@ def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     bar.close()
     t_fit = time.perf_counter()
     test = bench.evaluate_test(cfg.n_trainable_layers) if result.status == "done" else None
+    if test is not None:  # the per-image predictions of that one evaluation, for the per-class insight
+        from .reporting.insight import insight_page, write_test_predictions
+
+        write_test_predictions(out / "test_predictions.json", bench.splits.classes, test.files, test.labels, test.probs.numpy())
+        atomic_write_bytes(out / "insight.html", insight_page(out / "test_predictions.json", out / "insight", bench.backbone.spec.name).encode())
     t_test = time.perf_counter()
     seconds = {
         "load_s": t_load - t0, "inputs_s": t_inputs - t_load, "fit_s": t_fit - t_inputs,

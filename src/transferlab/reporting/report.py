@@ -122,7 +122,7 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
     return lines
 
 
-def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) -> str:
+def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]], insights: str = "") -> str:
     data = ledger.get_meta("data_summary", {})
     command = ledger.get_meta("command", "")
     skipped = ledger.get_meta("skipped_backbones", {})
@@ -170,8 +170,22 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]]) 
         parts.append("<h2>Skipped backbones</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
     parts.append("<h2>Figures</h2>")
     parts += [_img(path, caption) for caption, path in made]
+    parts.append(insights)
     parts.append(f"<h2>Reproduce</h2><pre>{html.escape(command)}</pre></body></html>")
     return "\n".join(parts)
+
+
+def _insights(ledger: Ledger, out: Path, rows: list[dict]) -> str:
+    """Per-class insight of every chosen run whose per-image test predictions were stored."""
+    from .insight import insight_html, sweep_predictions_path
+
+    parts = []
+    for r in rows:
+        run_hash = ledger.choice(r["backbone"], r["method"])
+        path = sweep_predictions_path(out, run_hash) if run_hash else None
+        if path is not None and path.is_file():
+            parts.append(insight_html(path, out / "insight" / f"{r['backbone']}_{r['method']}", f"{r['backbone']} {r['method']}"))
+    return ("<h2>Per-class insight (test)</h2>\n" + "\n".join(parts) + "\n") if parts else ""
 
 
 def build_report(out: str | Path) -> list[dict]:
@@ -186,7 +200,7 @@ def build_report(out: str | Path) -> list[dict]:
         write_json(out / "summary.json", rows)
         _write_csv(out / "summary.csv", rows)
         made = _draw(ledger, out, rows)
-        atomic_write_bytes(out / "report.html", render_html(ledger, rows, made).encode())
+        atomic_write_bytes(out / "report.html", render_html(ledger, rows, made, _insights(ledger, out, rows)).encode())
     finally:
         ledger.close()
     return rows

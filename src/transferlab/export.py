@@ -1,0 +1,355 @@
+"""Turn a finished run into a stand-alone model folder: the whole network, its classes and how to feed it.
+
+A run keeps only what it trained (``head.safetensors`` of a probe, ``runs/<hash>.safetensors`` of a
+sweep); the rest of the network is the pretrained backbone. :func:`load_trained` rebuilds the whole
+network from the run's own record (backbone name, weights, classes) and loads the trained tensors
+strictly: every trained tensor must name a tensor of the model, with the same shape.
+:func:`export_model` writes it as ``MODEL_DIR/model.safetensors`` + ``config.json`` (+ ``model.onnx``):
+
+- ``model.safetensors``: the state dict of the zoo's own model class (timm / pytorchcv) with a
+  ``Linear(feature_dim, n_classes)`` classifier, so it loads without transferlab (README).
+- ``config.json``: architecture and zoo, class names in label order, preprocessing, provenance.
+- ``model.onnx``: input ``image`` (N, 3, H, W) float32, preprocessed as in the config; outputs
+  ``logits`` and ``probabilities`` (softmax of the logits), both (N, n_classes); the batch is dynamic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import DEFAULT_MODEL_DIR, Backbone, load_backbone
+from .data import Preprocessing
+from .freezing import load_state_strict
+from .heads import new_head
+from .ledger import METHODS
+from .utils import UserError, atomic_write_bytes, check_writable_dir, stable_hash, write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("safetensors", "onnx", "both")
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+# 18 is the lowest opset torch's (dynamo) ONNX exporter implements; >= 17 is what LayerNorm-era runtimes need.
+ONNX_OPSET = 18
+CONFIG_FORMAT = 1
+
+
+@dataclass
+class TrainedModel:
+    """The whole trained network (eval mode, CPU) and what is known about where it came from."""
+
+    backbone: Backbone
+    base_name: str  # catalogue name of the architecture (without a local weights path)
+    classes: tuple[str, ...]
+    provenance: dict
+
+    @property
+    def model(self) -> nn.Module:
+        return self.backbone.model
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.backbone.spec.preprocessing
+
+
+# -- finding the run --------------------------------------------------------------------------------
+def is_probe_dir(path: Path) -> bool:
+    return (path / "run.json").is_file() and (path / "head.safetensors").is_file()
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / "ledger.sqlite").is_file()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise UserError(f"{path}: cannot read trained tensors ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def load_trained_tensors(model: nn.Module, state: dict[str, torch.Tensor], source: str, classifier: str) -> None:
+    """Load a run's trained tensors into `model`, strictly: each must be a model tensor of the same shape,
+    and the classifier must be among them (else the exported network would carry an untrained head)."""
+    head = {k for k in model.state_dict() if k.startswith(classifier + ".")}
+    try:
+        load_state_strict(model, state, required=head)
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _build(name: str, model_dir: str, weights: str | None, n_classes: int, state: dict, source: str) -> Backbone:
+    backbone = load_backbone(name, model_dir=model_dir, weights=weights)
+    backbone.reset_classifier(new_head(backbone.feature_dim, n_classes, seed=0))
+    load_trained_tensors(backbone.model, state, source, backbone.classifier_name)
+    backbone.model.eval()
+    return backbone
+
+
+def _from_probe(src: Path) -> TrainedModel:
+    try:
+        record = json.loads((src / "run.json").read_text())
+        cfg = record["config"]
+        classes = tuple(record["data"]["classes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{src / 'run.json'}: not a transferlab run record ({type(e).__name__}: {e})") from None
+    if record.get("status") != "done":
+        raise UserError(f"{src}: the run's status is {record.get('status')!r}; only finished runs can be exported")
+    head_file = src / "head.safetensors"
+    state = _read_tensors(head_file)
+    backbone = _build(cfg["backbone"], cfg.get("model_dir", DEFAULT_MODEL_DIR), cfg.get("weights"), len(classes), state, str(head_file))
+    recorded = record.get("backbone", {}).get("weights_digest")
+    if recorded and recorded != backbone.weights_digest:
+        raise UserError(
+            f"{src}: the backbone weights at hand (digest {backbone.weights_digest}) are not those the run was trained on "
+            f"(digest {recorded}); pass the same weights (--model-dir / --weights) as for training"
+        )
+    provenance = {
+        "kind": "probe",
+        "source": str(src.resolve()),
+        "run_hash": _file_sha256(head_file)[:20],  # a probe has no ledger hash: the digest of its trained tensors
+        "method": "LP" if record.get("n_trainable_layers", 1) == 1 else "FT",
+        "n_trainable_layers": record.get("n_trainable_layers"),
+        "train": cfg.get("train"),
+        "data": _data_provenance(record.get("data", {}), cfg.get("data"), record.get("data_digest")),
+        "backbone_weights": backbone.weights,
+        "backbone_weights_digest": backbone.weights_digest,
+        "metrics": {k: record.get(k) for k in ("best_epoch", "val_xent", "val_err", "test_acc")},
+    }
+    return TrainedModel(backbone, cfg["backbone"], classes, provenance)
+
+
+def _data_provenance(summary: dict, data_config: dict | None, data_digest: str | None) -> dict:
+    """What the run was trained on: root, split sizes, and the images' fingerprint.
+
+    The fingerprint is ``stable_hash`` of [path, size, mtime_ns, label] of every file of every split
+    (``ImageSplits.fingerprint``), the same digest a sweep's run hashes include.
+    """
+    out = {
+        "root": summary.get("root"),
+        "n_classes": summary.get("n_classes"),
+        "splits": {s: summary[s]["n"] for s in ("train", "val", "test") if s in summary},
+        "fingerprint": data_digest,
+    }
+    if data_config is not None:
+        out["config"] = data_config
+    return out
+
+
+def sweep_choices(ledger) -> list[dict]:
+    """Every chosen run of a sweep ledger: backbone, method, hash, val_xent."""
+    rows = []
+    for name in ledger.get_meta("backbones", []):
+        for method in METHODS:
+            h = ledger.choice(name, method)
+            if h is None:
+                continue
+            run = ledger.run(h)
+            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": (run.get("metrics") or {}).get("val_xent"), "run": run})
+    return rows
+
+
+def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str) -> dict:
+    """The chosen run for (backbone, method); unspecified parts: the lowest validation cross-entropy."""
+    if method is not None and method not in METHODS:
+        raise UserError(f"--method {method}: expected LP or LP-FT")
+    fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
+    if not fits:
+        known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
+        asked = "/".join(x for x in (backbone, method) if x) or "any"
+        raise UserError(f"{where}: no chosen run for {asked} (chosen runs: {known})")
+    finite = [c for c in fits if c["val_xent"] is not None]
+    return min(finite or fits, key=lambda c: (c["val_xent"] is None, c["val_xent"] or 0.0))
+
+
+def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> TrainedModel:
+    from .ledger import Ledger
+
+    ledger = Ledger(src / "ledger.sqlite", readonly=True)
+    try:
+        choice = pick_choice(sweep_choices(ledger), backbone_name, method, str(src))
+        config = ledger.get_meta("config", {})
+        summary = ledger.get_meta("data_summary", {})
+        fingerprint = ledger.get_meta("data_fingerprint")
+        data_digest = stable_hash(fingerprint) if fingerprint is not None else None
+    finally:
+        ledger.close()
+    run = choice["run"]
+    classes = tuple(summary.get("classes") or ())
+    if not classes:
+        raise UserError(f"{src / 'ledger.sqlite'}: no data summary with class names")
+    params = src / "runs" / f"{choice['hash']}.safetensors"
+    if not params.is_file():
+        raise UserError(f"{src}: the chosen run's parameters {params} are missing")
+    backbone = _build(choice["backbone"], config.get("model_dir", DEFAULT_MODEL_DIR), None, len(classes), _read_tensors(params), str(params))
+    metrics = run.get("metrics") or {}
+    provenance = {
+        "kind": "sweep",
+        "source": str(src.resolve()),
+        "run_hash": choice["hash"],
+        "method": choice["method"],
+        "n_trainable_layers": metrics.get("n_trainable_layers"),
+        "train": run.get("config"),
+        "data": _data_provenance(summary, config.get("data"), data_digest),
+        "backbone_weights": backbone.weights,
+        "backbone_weights_digest": backbone.weights_digest,
+        # The sweep's run hash covers the weights digest: recomputing it checks these are the trained-on weights.
+        "backbone_weights_verified": _hash_matches(choice, config, backbone, data_digest, src),
+        "metrics": {"best_epoch": metrics.get("best_epoch"), "val_xent": metrics.get("val_xent"),
+                    "val_err": metrics.get("val_err"), "test_acc": run.get("test_acc")},
+    }
+    return TrainedModel(backbone, choice["backbone"], classes, provenance)
+
+
+def _hash_matches(choice: dict, config: dict, backbone: Backbone, data_digest: str | None, src: Path) -> bool | None:
+    """Whether the run hash recomputed with the weights at hand equals the ledger's (None: cannot tell)."""
+    try:
+        from .ledger import Ledger
+        from .search import run_hash
+        from .study import DataConfig
+        from .training import TrainConfig
+
+        start = None
+        if choice["method"] == "LP-FT":
+            ledger = Ledger(src / "ledger.sqlite", readonly=True)
+            try:
+                start = ledger.choice(choice["backbone"], "LP")
+            finally:
+                ledger.close()
+        h = run_hash(choice["method"], choice["backbone"], backbone.weights_digest, data_digest or "", DataConfig(**config["data"]),
+                     TrainConfig(**choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start)
+    except Exception as e:  # an older or newer ledger layout: record that it could not be checked
+        log.debug("cannot recompute the run hash: %s", e)
+        return None
+    if h != choice["hash"]:
+        log.warning("%s: the run hash recomputed with the backbone weights at hand differs from the ledger's; "
+                    "the weights may not be those the sweep trained on", src)
+    return h == choice["hash"]
+
+
+def load_trained(src: str | os.PathLike, backbone: str | None = None, method: str | None = None) -> TrainedModel:
+    """The whole trained network of a probe folder (run.json + head.safetensors) or of a sweep folder
+    (ledger.sqlite; `backbone` / `method` pick a chosen run, default the lowest validation cross-entropy)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder")
+    if is_probe_dir(src):
+        if backbone is not None or method is not None:
+            raise UserError(f"{src}: --backbone / --method pick a run of a sweep folder; this is a probe's folder")
+        return _from_probe(src)
+    if is_sweep_dir(src):
+        return _from_sweep(src, backbone, method)
+    raise UserError(f"{src}: neither a probe's output folder (run.json + head.safetensors) nor a sweep's (ledger.sqlite)")
+
+
+# -- writing the model folder -----------------------------------------------------------------------
+def model_config(trained: TrainedModel) -> dict:
+    """config.json: everything needed to rebuild, feed and trace the model."""
+    from . import __version__
+
+    spec = trained.backbone.spec
+    pre = trained.preprocessing
+    return {
+        "format": "transferlab-model",
+        "format_version": CONFIG_FORMAT,
+        "architecture": spec.arch,  # the zoo's own model name
+        "zoo": spec.zoo,  # timm | pytorchcv
+        "backbone": trained.base_name,  # transferlab catalogue name
+        "classifier": trained.backbone.classifier_name,
+        "feature_dim": trained.backbone.feature_dim,
+        "num_classes": len(trained.classes),
+        "classes": list(trained.classes),  # in label order: output column i is classes[i]
+        "preprocessing": {
+            **dataclasses.asdict(pre),
+            "resize_size": pre.resize_size,
+            "steps": (
+                "decode to 8-bit RGB (alpha dropped; JPEGs decoded at reduced scale, never below resize_size; "
+                "the EXIF orientation applied); "
+                "resize the short side to resize_size with `interpolation`; center crop input_size x input_size; "
+                "scale to [0, 1]; normalise (x - mean) / std per channel; layout (N, 3, H, W) float32"
+            ),
+        },
+        "outputs": {
+            "safetensors": "model(x) returns logits (N, num_classes); probabilities = softmax(logits, dim=1)",
+            "onnx": {"input": "image", "outputs": ["logits", "probabilities"], "probabilities": "softmax of logits over classes",
+                     "dynamic_axes": {"image": [0], "logits": [0], "probabilities": [0]}, "opset": ONNX_OPSET},
+        },
+        "provenance": {**trained.provenance, "transferlab_version": __version__},
+    }
+
+
+class _WithProbabilities(nn.Module):
+    """The network plus a softmax, for ONNX: outputs (logits, probabilities)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        logits = self.model(image)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
+    """Write `model` as ONNX with a dynamic batch axis (torch's dynamo exporter; needs onnx + onnxscript)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("--format onnx needs the onnx extra: pip install 'transferlab[onnx]'") from None
+    wrapped = _WithProbabilities(model).eval()
+    example = torch.zeros(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        wrapped, (example,), dynamo=True, opset_version=ONNX_OPSET, input_names=["image"],
+        output_names=["logits", "probabilities"], dynamic_shapes=({0: batch},), verbose=False,
+    )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    tmp = path.with_name(f".{path.name}.tmp")
+    program.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_model(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "safetensors",
+                 backbone: str | None = None, method: str | None = None) -> dict:
+    """Write MODEL_DIR (`out`): model.safetensors and config.json, and model.onnx with fmt onnx|both.
+
+    Returns the config (also in ``out/config.json``).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    trained = load_trained(src, backbone, method)
+    out = check_writable_dir(out)
+    from safetensors.torch import save
+
+    # clone: safetensors refuses tensors sharing memory, and a state dict may hold views
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
+    config = model_config(trained)
+    atomic_write_bytes(out / MODEL_FILE, save(tensors, metadata={"format": "pt", "architecture": config["architecture"]}))
+    config["files"] = {"safetensors": MODEL_FILE}
+    if fmt in ("onnx", "both"):
+        export_onnx(trained.model, trained.preprocessing.input_size, out / ONNX_FILE)
+        config["files"]["onnx"] = ONNX_FILE
+    write_json(out / CONFIG_FILE, config)
+    return config
