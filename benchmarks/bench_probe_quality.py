@@ -20,6 +20,7 @@ from transferlab.backbones import load_backbone
 from transferlab.search import choose
 from transferlab.sources import TensorSource
 from transferlab.study import DataConfig, EngineConfig, Workbench
+from transferlab.tasks import train_probes
 from transferlab.training import TrainConfig
 
 LRS, L2S, CS = (1e-4, 1e-3, 1e-2), (0.0, 1e-2, 1.0), (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -46,7 +47,7 @@ def main(argv=None) -> dict:
 
     cfgs = [TrainConfig(lr=lr, l2=l2, seed=0, epochs=args.epochs, patience=15) for lr in LRS for l2 in L2S]
     t1 = time.perf_counter()
-    results = bench.run_probes(cfgs)
+    results = train_probes(bench, cfgs)
     rows = [{"hash": str(i), "status": r.status, "metrics": {"val_xent": r.best["val_xent"], "val_err": r.best["val_err"]}}
             for i, r in enumerate(results)]
     best = int(choose(rows, [str(i) for i in range(len(cfgs))])["hash"])

@@ -33,6 +33,7 @@ from transferlab.devices import Placement
 from transferlab.features import Chain, extract
 from transferlab.runtimes import PrefixRunner, is_installed, onnx_export_key, prepare_prefix_runner, resolve_runtime
 from transferlab.study import EngineConfig, Workbench
+from transferlab.tasks import train_probes
 from transferlab.training import TrainConfig
 from transferlab.utils import UserError
 
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     cfgs = [TrainConfig(lr=lr, l2=l2, seed=s, epochs=GRID_EPOCHS, patience=GRID_EPOCHS + 1)
             for s in GRID_SEEDS for lr in GRID_LRS for l2 in GRID_L2S]
     t1 = time.perf_counter()
-    cached.run_probes(cfgs)
+    train_probes(cached, cfgs)
     grid_runs_s = time.perf_counter() - t1
     grid_cached_s = extract_s + grid_runs_s
     say(f"extract {extract_s:.1f}s, grid of {len(cfgs)} probes {grid_runs_s:.2f}s")

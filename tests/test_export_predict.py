@@ -228,13 +228,16 @@ def test_export_and_predict_a_sweeps_chosen_run(data, probe_dir, tmp_path, capsy
     assert f"accuracy {chosen['test_acc']:.4f}" in captured.err
     assert main(["export", str(out), "--out", str(model), "--method", "LP-FT"]) == 2
     assert "no chosen run for LP-FT (chosen runs: efficientnet_lite0/LP)" in capsys.readouterr().err
-    # The report shows the per-class insight of a chosen run whose per-image test predictions are stored.
-    from transferlab.reporting.insight import sweep_predictions_path, write_test_predictions
+    # The sweep stored the per-image predictions of its one test evaluation: they give its test accuracy,
+    # and the exported model predicts the same probabilities on the same files.
+    from transferlab.reporting.insight import read_test_predictions, sweep_predictions_path
 
+    stored = read_test_predictions(sweep_predictions_path(out, chosen["hash"]))
+    assert (stored["probs"].argmax(1) == stored["labels"]).mean() == chosen["test_acc"]
     clf = transferlab.load_classifier(model, device="cpu")
-    probs, _ = clf.predict_proba([r["path"] for r in rows])
-    labels = [clf.classes.index(r["label"]) for r in rows]
-    write_test_predictions(sweep_predictions_path(out, chosen["hash"]), clf.classes, [r["path"] for r in rows], labels, probs)
+    probs, _ = clf.predict_proba(stored["files"])
+    assert abs(probs - stored["probs"]).max() < 1e-4
+    (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "Per-class insight (test)" in page and "efficientnet_lite0 LP (test)" in page

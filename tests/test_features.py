@@ -29,9 +29,7 @@ def assert_same_history(a, b, tol=1e-5):
             if ra[key] is None:
                 assert rb[key] is None
             else:
-                # Relative: the cached prefix runs in channels_last (oneDNN's fast layout), the full model
-                # in the default layout; sums in another order agree to fp32 rounding, not bit for bit.
-                assert abs(ra[key] - rb[key]) <= tol * max(1.0, abs(ra[key])), (ra["epoch"], key, ra[key], rb[key])
+                assert abs(ra[key] - rb[key]) <= tol, (ra["epoch"], key, ra[key], rb[key])
 
 
 @pytest.mark.parametrize("k, cut, train_bn", [(1, "output", False), (3, "features.stage4.unit1", False), (3, "features.stage4.unit1", True)])
@@ -98,5 +96,5 @@ def test_memory_guard_falls_back_to_the_full_model_with_a_notice(tiny_folder, re
     assert not setup.cached
     assert "--cache-max-gb 1e-06" in setup.notice and "features.stage4.unit1" in setup.notice
     assert setup.notice in caplog.text
-    result = bench.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8), 3)
+    result = bench.run(TrainConfig(lr=1e-4, epochs=1, batch_size=8), 3)
     assert result.status == "done" and len(result.history) == 2

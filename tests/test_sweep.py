@@ -33,6 +33,11 @@ def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_
     assert all(tuple(r) == SUMMARY_KEYS for r in rows)
     assert rows[0]["n_trainable_layers"] == 1 and rows[1]["n_trainable_layers"] == 3
     assert rows[0]["source"] == "imagenet1k" and rows[0]["source_top1"] == 75.1
+    # The paired comparison on the same test images: its difference is the two test accuracies' difference.
+    assert rows[0]["diff_vs_lp"] is None and 0.0 <= rows[1]["p_mcnemar"] <= 1.0
+    assert rows[1]["diff_vs_lp"] == pytest.approx(rows[1]["test_acc"] - rows[0]["test_acc"], abs=1e-12)
+    assert rows[1]["ci_low"] <= rows[1]["diff_vs_lp"] <= rows[1]["ci_high"]
+    assert rows[0]["n_seeds"] == 2 and rows[0]["val_err_seed_std"] is not None
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     lp = [r for r in ledger.runs("efficientnet_lite0", "LP")]
     ft = [r for r in ledger.runs("efficientnet_lite0", "LP-FT")]
@@ -52,8 +57,10 @@ def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_
                  "figures/grid_efficientnet_lite0.png", "figures/lpft_efficientnet_lite0.png"):
         assert (out / name).stat().st_size > 0, name
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    # 4 figures, plus a confusion matrix and a reliability diagram for each of the 2 chosen runs.
+    assert html.count("data:image/png;base64,") == 4 + 2 * 2
     assert "(l2 / n_train) * sum(W_head ** 2)" in html and "transferlab sweep --data" in html
+    assert "McNemar p = " in html
 
 
 def _run_rows(out):
@@ -135,10 +142,24 @@ def test_lpft_extracts_once_and_derives_probe_features(tiny_folder, tmp_path):
     assert sweep(tiny_folder, shared) == 0
     no_ft = [a for a in GRID if a not in ("--lpft",)]
     assert main(["sweep", "--data", str(tiny_folder), "--out", str(plain), *no_ft]) == 0
-    assert sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir()) == ["test", "train", "val"]
+    assert sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir() if p.is_file()) == ["test", "train", "val"]
+    assert len(list((shared / "cache" / "onnx").glob("*.onnx"))) == 1  # one frozen prefix exported: the FT cut's
     lp_shared = json.loads((shared / "summary.json").read_text())[0]
     lp_plain = json.loads((plain / "summary.json").read_text())[0]
     keys = ("lr", "l2", "seed", "best_epoch")
     assert [lp_shared[k] for k in keys] == [lp_plain[k] for k in keys]
     assert lp_shared["val_xent"] == pytest.approx(lp_plain["val_xent"], abs=1e-5)
     assert lp_shared["test_acc"] == lp_plain["test_acc"]
+
+
+def test_ft_blocks_train_whole_blocks_and_the_layer_order_is_recorded(tiny_folder, tmp_path):
+    out = tmp_path / "blocks"
+    at = GRID.index("--ft-layers")
+    grid = GRID[:at] + GRID[at + 2 :]
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(out), *grid, "--ft-blocks", "4", "--ft-lr", "1e-4"]) == 0
+    ft = json.loads((out / "summary.json").read_text())[1]
+    # efficientnet_lite0's last 4 blocks with parameters: blocks.6.0 (6 layers), conv_head, bn2, classifier.
+    assert ft["method"] == "LP-FT" and ft["n_trainable_layers"] == 9
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    assert {r["config"]["layer_order"] for r in ledger.runs()} == {"forward"}
+    assert ledger.get_meta("config")["ft_blocks"] == 4

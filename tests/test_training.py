@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from transferlab.data import load_splits
 from transferlab.devices import Placement
-from transferlab.freezing import FreezePlan, frozen_digest, layer_names, set_train_mode
+from transferlab.freezing import FreezePlan, frozen_digest, layer_names, layers_of_last_blocks, ordered_layers, plan_cut, set_train_mode
 from transferlab.heads import new_head
 from transferlab.sources import SplitInputs, TensorSource
 from transferlab.training import TrainConfig, evaluate, fit
@@ -24,22 +24,52 @@ def feature_source(n, dim, n_classes, seed, shift=2.0):
     return TensorSource(SplitInputs(x, y, []), CPU)
 
 
-def test_resnet10_layers_and_probe_size(resnet10_random):
-    model = copy.deepcopy(resnet10_random.model)
-    model.output = new_head(512, 10, seed=0)
-    names = layer_names(model)
-    assert names[-3:] == ["features.stage4.unit1.identity_conv.conv", "features.stage4.unit1.identity_conv.bn", "output"]
-    assert names[0] == "features.init_block.conv.conv"
-    assert FreezePlan(1).apply(model) == ["output"]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5130
-    assert FreezePlan(3).apply(model) == names[-3:]
-    with pytest.raises(ConfigError, match=f"n_trainable_layers={len(names) + 1}: must be between 1 and {len(names)}"):
-        FreezePlan(len(names) + 1).apply(model)
+def _resnet10_with_head(resnet10_random):
+    bb = copy.deepcopy(resnet10_random)
+    bb.reset_classifier(new_head(512, 10, seed=0))
+    return bb
+
+
+def test_resnet10_last_layers_follow_the_forward_pass(resnet10_random):
+    """pytorchcv's ResUnit.forward computes `identity_conv(x)` before `body(x)`, though it defines
+    `identity_conv` after `body`: in forward order the last 3 layers are the main path's last conv and
+    BN, then the head; `--layer-order definition` keeps the course's rule (the 1x1 shortcut)."""
+    bb = _resnet10_with_head(resnet10_random)
+    unit = "features.stage4.unit1"
+    forward = ordered_layers(bb, "forward")
+    assert forward[-3:] == [f"{unit}.body.conv2.conv", f"{unit}.body.conv2.bn", "output"]
+    assert forward[-7:-3] == [f"{unit}.identity_conv.conv", f"{unit}.identity_conv.bn", f"{unit}.body.conv1.conv", f"{unit}.body.conv1.bn"]
+    assert sorted(forward) == sorted(layer_names(bb.model)) and forward[0] == "features.init_block.conv.conv"
+    definition = ordered_layers(bb, "definition")
+    assert definition[-3:] == [f"{unit}.identity_conv.conv", f"{unit}.identity_conv.bn", "output"]
+    assert FreezePlan(1).apply(bb) == ["output"]
+    assert sum(p.numel() for p in bb.model.parameters() if p.requires_grad) == 5130
+    assert FreezePlan(3).apply(bb) == forward[-3:]
+    assert FreezePlan(3, "definition").apply(bb) == definition[-3:]
+    assert plan_cut(bb, 3).name == unit and plan_cut(bb, 3, "definition").name == unit
+    with pytest.raises(ConfigError, match=f"n_trainable_layers={len(forward) + 1}: must be between 1 and {len(forward)}"):
+        FreezePlan(len(forward) + 1).apply(bb)
+
+
+def test_efficientnet_lite_last_layers_follow_the_forward_pass():
+    """timm's InvertedResidual runs conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3; the model then conv_head,
+    bn2, the classifier. The last block of the chain holding parameters is the head."""
+    from transferlab.backbones import load_backbone
+
+    bb = load_backbone("efficientnet_lite0", pretrained=False)
+    last_ir = [f"blocks.6.0.{n}" for n in ("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3")]
+    assert ordered_layers(bb, "forward")[-9:] == last_ir + ["conv_head", "bn2", "classifier"]
+    # Blocks with parameters, last first: classifier, bn2, conv_head, blocks.6.0 (6 layers).
+    assert [layers_of_last_blocks(bb, n) for n in (1, 2, 3, 4)] == [1, 2, 3, 9]
+    assert plan_cut(bb, layers_of_last_blocks(bb, 4)).name == "blocks.6.0"
+    with pytest.raises(ConfigError, match="ft_blocks=0: must be between 1 and"):
+        layers_of_last_blocks(bb, 0)
 
 
 def test_train_mode_only_for_modules_with_trainable_params(resnet10_random):
-    model = copy.deepcopy(resnet10_random.model)
-    FreezePlan(3).apply(model)
+    bb = _resnet10_with_head(resnet10_random)
+    model = bb.model
+    FreezePlan(3, "definition").apply(bb)
     set_train_mode(model, True, train_bn=True)
     training = {n for n, m in model.named_modules() if m.training}
     assert training == {"features.stage4.unit1.identity_conv.conv", "features.stage4.unit1.identity_conv.bn", "output"}
@@ -102,14 +132,15 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_
     """MoCo's linear-eval sanity check, including batch-norm running statistics."""
     bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), EngineConfig(device="cpu", progress=False, num_workers=0), None)
     bench.reset(seed=0, n_trainable_layers=k)
-    frozen_bn = bench.model.features.stage4.unit1.body.conv2.bn
+    unit = bench.model.features.stage4.unit1
+    frozen_bn = unit.identity_conv.bn  # k = 3 in forward order: body.conv2.conv, body.conv2.bn, output
     before_mean = frozen_bn.running_mean.clone()
     digest = frozen_digest(bench.model)
-    trained_bn_before = bench.model.features.stage4.unit1.identity_conv.bn.running_mean.clone()
+    trained_bn_before = unit.body.conv2.bn.running_mean.clone()
     bench.run(TrainConfig(lr=1e-2, epochs=3, batch_size=8, train_bn=train_bn), k)
     assert frozen_digest(bench.model) == digest
     assert torch.equal(frozen_bn.running_mean, before_mean)
-    trained_bn = bench.model.features.stage4.unit1.identity_conv.bn
+    trained_bn = unit.body.conv2.bn
     # Running statistics move only when a trainable BN layer uses batch statistics; its affine params train either way.
     assert torch.equal(trained_bn.running_mean, trained_bn_before) == (k == 1 or not train_bn)
 

@@ -94,6 +94,7 @@ def test_extending_the_grid_trains_only_new_runs_and_tests_once_per_choice(data,
     assert sweep(data, out, *base, "--l2", "0") == 0
     ledger = ledger_of(out)
     before = {r["hash"]: (r["updated"], r["test_acc"], r["history"]) for r in ledger.runs()}
+    first_choices = {m: ledger.choice("efficientnet_lite0", m) for m in ("LP", "LP-FT")}
     ledger.close()
     for _ in range(2):  # grow, then resume the grown grid
         assert sweep(data, out, *base, "--l2", "0,1") == 0
@@ -101,14 +102,25 @@ def test_extending_the_grid_trains_only_new_runs_and_tests_once_per_choice(data,
     after = {r["hash"]: (r["updated"], r["test_acc"], r["history"]) for r in ledger.runs()}
     assert all(after[h] == before[h] for h in before)  # finished rows untouched, test accuracy kept
     assert len([r for r in ledger.runs(method="LP")]) == 4
-    # One test evaluation per configuration ever chosen, never two for the same one.
+    # The test split is read once per configuration ever chosen: once for the first grid's choice, once
+    # more only if the grown grid chose another; the resume reads it no more.
     for method in ("LP", "LP-FT"):
-        tested = [r["hash"] for r in ledger.runs(method=method) if r["test_acc"] is not None]
-        assert ledger.test_evaluations("efficientnet_lite0", method) == len(tested) >= 1
+        chosen_over_time = {first_choices[method], ledger.choice("efficientnet_lite0", method)}
+        assert ledger.test_evaluations("efficientnet_lite0", method) == len(chosen_over_time)
     ledger.close()
     # Trained only what was missing, yet the numbers equal a fresh sweep of the whole grid.
     assert sweep(data, tmp_path / "fresh", *base, "--l2", "0,1") == 0
     assert summary(out) == summary(tmp_path / "fresh")
+
+
+def test_a_refused_rerun_keeps_the_choices_and_another_grid_never_shows_old_ones(data, tmp_path, capsys):
+    out = tmp_path / "s"
+    grid = ["--lr", "1e-2", "--l2", "0", "--seeds", "0"]
+    assert sweep(data, out, *grid) == 0
+    chosen = ledger_of(out).choice("efficientnet_lite0", "LP")
+    assert chosen is not None
+    assert sweep(data, out, *grid, "--jobs", "0") == 2  # refused before the ledger changes
+    assert ledger_of(out).choice("efficientnet_lite0", "LP") == chosen
 
 
 def test_a_fixed_grid_tests_once_however_often_it_resumes(data, tmp_path):
@@ -364,24 +376,29 @@ def test_atomic_write_fsyncs_file_and_folder_and_keeps_the_umask(tmp_path, monke
 
     from transferlab.utils import atomic_write_bytes
 
-    synced = []
+    synced, umask_seen_meanwhile = [], []
     real_fsync = os.fsync
 
     def recording_fsync(fd):
         synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        # What another thread would see while the write is under way (os.umask sets and returns it).
+        def read_umask():
+            current = os.umask(0)
+            os.umask(current)
+            umask_seen_meanwhile.append(current)
+
+        probe = threading.Thread(target=read_umask)
+        probe.start()
+        probe.join()
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     old = os.umask(0o027)
     try:
-        seen = []
-        worker = threading.Thread(target=lambda: seen.append(os.umask(0o027)))  # what another thread would observe
         atomic_write_bytes(tmp_path / "f.bin", b"x")
-        worker.start()
-        worker.join()
         mode = stat.S_IMODE(os.stat(tmp_path / "f.bin").st_mode)
     finally:
         os.umask(old)
-    assert seen == [0o027] and mode == 0o640
+    assert umask_seen_meanwhile == [0o027, 0o027] and mode == 0o640
     assert synced == [False, True]  # the file, then its folder
     assert (tmp_path / "f.bin").read_bytes() == b"x" and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

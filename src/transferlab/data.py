@@ -279,11 +279,11 @@ def load_csv_splits(
 
     path = Path(csv_path)
     if not path.is_file():
-        raise UserError(f"--data {path}: no such file")
+        raise ConfigError("data", path, "no such file")
     if not 0.0 < valid_frac < 1.0:
-        raise UserError(f"--valid-frac {valid_frac}: must be between 0 and 1")
+        raise ConfigError("valid_frac", valid_frac, "must be between 0 and 1")
     if max_per_class is not None and max_per_class < 1:
-        raise UserError(f"--max-per-class {max_per_class}: must be at least 1")
+        raise ConfigError("max_per_class", max_per_class, "must be at least 1")
     base = path.resolve().parent
     allowed = {"train", val_split, test_split}
     rows: dict[str, list[tuple[str, str, int]]] = {}  # split value -> (file, label, line)
@@ -300,7 +300,9 @@ def load_csv_splits(
             for record in reader:
                 line = reader.line_num
                 where = f"{path}: line {line}"
-                if not any((v or "").strip() for v in record.values()):
+                if record.get(None):  # DictReader puts fields beyond the header under the key None
+                    raise UserError(f"{where}: {len(header) + len(record[None])} fields, the header has {len(header)}")
+                if not any((v or "").strip() for k, v in record.items() if k is not None):
                     continue  # blank line
                 file, label = (record.get("path") or "").strip(), (record.get("label") or "").strip()
                 if not file:

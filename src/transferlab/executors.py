@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ class Executor(Protocol):
     """Runs tasks (callables returning a list of results) somewhere and hands their results back."""
 
     threads: int  # intra-op threads every task uses, wherever it runs
+    capacity: int | None  # tasks worth having in flight at once (None: as many as there are)
 
     def put(self, obj: Any) -> Any:
         """A reference to `obj` that tasks can take as an argument (shipped once, used by many tasks)."""
@@ -32,8 +33,8 @@ class Executor(Protocol):
     def submit(self, task: Callable[..., Any]) -> Any:
         """Start `task`; returns a handle."""
 
-    def as_completed(self, handles: list) -> Iterator[Any]:
-        """Yield each handle once its task has finished (successfully or not)."""
+    def wait_any(self, handles: list) -> Any:
+        """The first of `handles` whose task has finished (successfully or not)."""
 
     def result(self, handle: Any) -> Any:
         """The task's return value, or its exception raised here."""
@@ -71,6 +72,8 @@ class _Deferred:
 class InProcessExecutor:
     """Runs each task in this process, one at a time, when the sweep asks for its result."""
 
+    capacity: int | None = 1
+
     def __init__(self, on_epoch: Callable | None = None):
         self.threads = coordinator_threads()
         self.on_epoch = on_epoch
@@ -81,10 +84,9 @@ class InProcessExecutor:
     def submit(self, task: Callable[..., Any]) -> _Deferred:
         return _Deferred(task, self.on_epoch)
 
-    def as_completed(self, handles: list) -> Iterator[_Deferred]:
-        for handle in handles:
-            handle.run()
-            yield handle
+    def wait_any(self, handles: list) -> _Deferred:
+        handles[0].run()
+        return handles[0]
 
     def result(self, handle: _Deferred) -> Any:
         if handle.error is not None:
@@ -112,7 +114,10 @@ class ProcessExecutor:
         if jobs < 1:
             raise ConfigError("jobs", jobs, "must be at least 1")
         self.threads = coordinator_threads()
+        # No more tasks than workers in flight: a worker that dies breaks the pool, and fails only the
+        # tasks that were running, not ones still waiting their turn.
         self.jobs = jobs
+        self.capacity: int | None = jobs
         self.pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
@@ -129,8 +134,9 @@ class ProcessExecutor:
             self.pool = self._new_pool()
             return self.pool.submit(_call_pickled, pickle.dumps(task))
 
-    def as_completed(self, handles: list) -> Iterator[cf.Future]:
-        return cf.as_completed(handles)
+    def wait_any(self, handles: list) -> cf.Future:
+        done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
+        return next(h for h in handles if h in done)
 
     def result(self, handle: cf.Future) -> Any:
         return pickle.loads(handle.result())
@@ -171,6 +177,7 @@ class RayExecutor:
             raise ConfigError("executor", "ray", "Ray is not installed (pip install 'transferlab[ray]')") from None
         self.ray = ray
         self.threads = coordinator_threads()
+        self.capacity: int | None = None  # Ray schedules tasks by their CPU/GPU requests
         if address in (None, "", "local"):
             # A private local instance: state under the output folder, loopback only, no auth token needed there.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -189,11 +196,9 @@ class RayExecutor:
     def submit(self, task: Callable[..., Any]) -> Any:
         return self._remote.remote(task)
 
-    def as_completed(self, handles: list) -> Iterator[Any]:
-        pending = list(handles)
-        while pending:
-            done, pending = self.ray.wait(pending, num_returns=1)
-            yield from done
+    def wait_any(self, handles: list) -> Any:
+        done, _ = self.ray.wait(handles, num_returns=1)
+        return done[0]
 
     def result(self, handle: Any) -> Any:
         return self.ray.get(handle)

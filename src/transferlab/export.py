@@ -31,7 +31,7 @@ from .data import Preprocessing
 from .freezing import load_state_strict
 from .heads import new_head
 from .ledger import METHODS
-from .utils import UserError, atomic_write_bytes, check_writable_dir, stable_hash, write_json
+from .utils import ConfigError, UserError, atomic_write_bytes, check_writable_dir, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def sweep_choices(ledger) -> list[dict]:
 def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str) -> dict:
     """The chosen run for (backbone, method); unspecified parts: the lowest validation cross-entropy."""
     if method is not None and method not in METHODS:
-        raise UserError(f"--method {method}: expected LP or LP-FT")
+        raise ConfigError("method", method, "expected LP or LP-FT")
     fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
     if not fits:
         known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
@@ -229,15 +229,15 @@ def _hash_matches(choice: dict, config: dict, backbone: Backbone, data_digest: s
         from .study import DataConfig
         from .training import TrainConfig
 
-        start = None
-        if choice["method"] == "LP-FT":
-            ledger = Ledger(src / "ledger.sqlite", readonly=True)
-            try:
-                start = ledger.choice(choice["backbone"], "LP")
-            finally:
-                ledger.close()
+        ledger = Ledger(src / "ledger.sqlite", readonly=True)
+        try:
+            start = ledger.choice(choice["backbone"], "LP") if choice["method"] == "LP-FT" else None
+            numerics = ledger.get_meta("numerics")
+        finally:
+            ledger.close()
         h = run_hash(choice["method"], choice["backbone"], backbone.weights_digest, data_digest or "", DataConfig(**config["data"]),
-                     TrainConfig(**choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start)
+                     TrainConfig(**choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start,
+                     numerics)
     except Exception as e:  # an older or newer ledger layout: record that it could not be checked
         log.debug("cannot recompute the run hash: %s", e)
         return None
@@ -338,7 +338,7 @@ def export_model(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "saf
     Returns the config (also in ``out/config.json``).
     """
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+        raise ConfigError("format", fmt, f"expected one of {', '.join(FORMATS)}")
     trained = load_trained(src, backbone, method)
     out = check_writable_dir(out)
     from safetensors.torch import save

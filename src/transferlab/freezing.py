@@ -1,7 +1,11 @@
 """Which layers train: layer naming, freezing the rest, and keeping frozen layers in eval mode.
 
-A *layer* is a unique parameter-name prefix (the name minus ``.weight``/``.bias``) in definition
-order; ``n_trainable_layers = k`` trains the last k layers. Frozen layers stay in eval mode during
+A *layer* is a unique parameter-name prefix (the name minus ``.weight``/``.bias``). Layers are ordered
+by when a forward pass first runs them (``order="forward"``, the default) or by parameter definition
+(``order="definition"``, the course's rule); ``n_trainable_layers = k`` trains the last k layers. The
+two differ where a module is defined after one that runs later: pytorchcv's ResUnit defines its 1x1
+shortcut ``identity_conv`` after ``body`` but runs it first, so by definition the "last 3 layers" of
+resnet10 were the shortcut, not the last conv of the main path. Frozen layers stay in eval mode during
 training, so their weights *and* batch-norm running statistics do not change (the course code this
 tool replaces put the whole model in train mode and let them drift).
 """
@@ -23,30 +27,86 @@ def layer_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else ""
 
 
+LAYER_ORDERS = ("forward", "definition")
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Unique parameter-name prefixes of `model`, in definition order."""
     return list(dict.fromkeys(layer_of(name) for name, _ in model.named_parameters()))
 
 
+@torch.no_grad()
+def forward_layer_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """`model`'s layers in the order one forward pass of `example` first runs them (hooks, eval mode).
+
+    Layers the pass never enters through their own module come first, in definition order: they
+    cannot be "the last" layers of anything.
+    """
+    owners = {m: name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    seen: dict[str, None] = {}
+
+    def record(module: nn.Module, _inputs: object) -> None:
+        seen.setdefault(owners[module], None)
+
+    handles = [m.register_forward_pre_hook(record) for m in owners]
+    training = model.training
+    try:
+        model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    defined = layer_names(model)
+    ran = [n for n in seen if n in set(defined)]
+    return [n for n in defined if n not in seen] + ran
+
+
+def ordered_layers(backbone: Backbone, order: str = "forward") -> list[str]:
+    """The backbone's layers in `order` ("forward" or "definition")."""
+    if order == "definition":
+        return layer_names(backbone.model)
+    if order != "forward":
+        raise ConfigError("layer_order", order, f"expected one of {', '.join(LAYER_ORDERS)}")
+    p = next(backbone.model.parameters())
+    size = backbone.spec.preprocessing.input_size
+    return forward_layer_names(backbone.model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+
+
 @dataclass(frozen=True)
 class FreezePlan:
-    """Train the last `n_trainable_layers` layers of a model, freeze the rest."""
+    """Train the last `n_trainable_layers` layers of a backbone (in `order`), freeze the rest."""
 
     n_trainable_layers: int = 1
+    order: str = "forward"
 
-    def trainable_layers(self, model: nn.Module) -> list[str]:
-        names = layer_names(model)
+    def trainable_layers(self, backbone: Backbone) -> list[str]:
+        """The trainable layers, in `order`."""
+        names = ordered_layers(backbone, self.order)
         k = self.n_trainable_layers
         if not 1 <= k <= len(names):
             raise ConfigError("n_trainable_layers", k, f"must be between 1 and {len(names)} (the model's layer count)")
         return names[-k:]
 
-    def apply(self, model: nn.Module) -> list[str]:
-        """Set ``requires_grad`` accordingly and return the trainable layer names."""
-        trainable = set(self.trainable_layers(model))
-        for name, param in model.named_parameters():
-            param.requires_grad_(layer_of(name) in trainable)
-        return [n for n in layer_names(model) if n in trainable]
+    def apply(self, backbone: Backbone) -> list[str]:
+        """Set ``requires_grad`` accordingly and return the trainable layer names (in `order`)."""
+        trainable = self.trainable_layers(backbone)
+        keep = set(trainable)
+        for name, param in backbone.model.named_parameters():
+            param.requires_grad_(layer_of(name) in keep)
+        return trainable
+
+
+def layers_of_last_blocks(backbone: Backbone, n_blocks: int) -> int:
+    """How many layers the last `n_blocks` parameter-holding blocks of the chain hold (the head is one).
+
+    Blocks run one after the other, so their layers are the last ones in forward order: training the
+    last N blocks is training that many last layers, with ``order="forward"``.
+    """
+    blocks = [(name, b) for name, b in backbone.chain() if next(b.parameters(), None) is not None]
+    if not 1 <= n_blocks <= len(blocks):
+        raise ConfigError("ft_blocks", n_blocks, f"must be between 1 and {len(blocks)} ({backbone.spec.name}'s blocks with parameters)")
+    owner = {id(p): layer_of(name) for name, p in backbone.model.named_parameters()}
+    return len({owner[id(p)] for _, b in blocks[-n_blocks:] for p in b.parameters() if id(p) in owner})
 
 
 @dataclass(frozen=True)
@@ -61,15 +121,15 @@ class Cut:
     trainable_layers: tuple[str, ...]
 
 
-def plan_cut(backbone: Backbone, n_trainable_layers: int) -> Cut:
+def plan_cut(backbone: Backbone, n_trainable_layers: int, order: str = "forward") -> Cut:
     """The cut for training the last `n_trainable_layers` layers; computed without changing the model."""
     model = backbone.model
-    trainable = set(FreezePlan(n_trainable_layers).trainable_layers(model))
+    ordered = FreezePlan(n_trainable_layers, order).trainable_layers(backbone)
+    trainable = set(ordered)
     owner = {id(p): layer_of(name) for name, p in model.named_parameters()}
     for i, (name, block) in enumerate(backbone.chain()):
         if any(owner.get(id(p)) in trainable for p in block.parameters()):
-            ordered = tuple(n for n in layer_names(model) if n in trainable)
-            return Cut(i, name, ordered)
+            return Cut(i, name, tuple(ordered))
     raise ValueError(f"no block of {backbone.spec.name}'s chain holds a trainable layer")
 
 

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS choices (
     backbone TEXT NOT NULL,
     method TEXT NOT NULL,
     hash TEXT NOT NULL REFERENCES runs(hash),
+    grid TEXT,
     PRIMARY KEY (backbone, method)
 );
 CREATE TABLE IF NOT EXISTS test_evaluations (
@@ -80,6 +81,8 @@ class Ledger:
             self.db.execute("PRAGMA synchronous=FULL")
             with self.db:
                 self.db.executescript(SCHEMA)
+                if "grid" not in {r[1] for r in self.db.execute("PRAGMA table_info(choices)")}:  # a 0.1 ledger
+                    self.db.execute("ALTER TABLE choices ADD COLUMN grid TEXT")
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -163,18 +166,25 @@ class Ledger:
         return [_decode(r) for r in self.db.execute(query + " ORDER BY rowid", args)]
 
     # -- choices ----------------------------------------------------------------------------------
-    def clear_choices(self) -> None:
-        """Forget every choice: a sweep re-chooses from its own grid's finished runs."""
-        with self.db:
-            self.db.execute("DELETE FROM choices")
-
+    # Each choice is tagged with the grid (meta "grid": a hash of the sweep's config) that made it; only
+    # the current grid's choices are seen, so a re-run with another grid never shows an old winner, and
+    # a re-run refused or interrupted before choosing leaves nothing half-replaced.
     def choose(self, backbone: str, method: Method, run_hash: str) -> None:
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO choices (backbone, method, hash) VALUES (?, ?, ?)", (backbone, method, run_hash))
+            self.db.execute("INSERT OR REPLACE INTO choices (backbone, method, hash, grid) VALUES (?, ?, ?, ?)",
+                            (backbone, method, run_hash, self.get_meta("grid")))
+
+    def unchoose(self, backbone: str, method: Method) -> None:
+        """This grid has no choice for (backbone, method)."""
+        with self.db:
+            self.db.execute("DELETE FROM choices WHERE backbone = ? AND method = ?", (backbone, method))
 
     def choice(self, backbone: str, method: Method) -> str | None:
-        row = self.db.execute("SELECT hash FROM choices WHERE backbone = ? AND method = ?", (backbone, method)).fetchone()
-        return row["hash"] if row else None
+        """The current grid's chosen run for (backbone, method), if any."""
+        row = self.db.execute("SELECT hash, grid FROM choices WHERE backbone = ? AND method = ?", (backbone, method)).fetchone()
+        if row is None or row["grid"] != self.get_meta("grid"):
+            return None
+        return row["hash"]
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -31,7 +31,7 @@ class Objective:
         return xent + self.head_l2_scale * head_weight.pow(2).sum(), xent
 
     def describe(self) -> str:
-        return describe_objective(self.l2 > 0)
+        return describe_objective((self.l2,))
 
 
 def stacked_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,9 @@ def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return xent + penalty, xent
 
 
-LOSS_TEXT = "loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised)"
-
-
-def describe_objective(head_l2: bool = True) -> str:
-    """The formula the report prints (every term a run of this version can use)."""
-    return LOSS_TEXT
+def describe_objective(l2s: tuple[float, ...] = (1.0,)) -> str:
+    """The formula the report prints: the terms runs with these L2 strengths use."""
+    text = "loss = mean cross-entropy"
+    if any(l2 > 0 for l2 in l2s):
+        text += f" + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised; l2 in {', '.join(f'{v:g}' for v in l2s)})"
+    return text

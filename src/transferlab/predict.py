@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, ImageDataset, Preprocessing, Split, describe_bad_image
-from .utils import UserError
+from .utils import ConfigError, UserError
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -104,9 +104,9 @@ class Classifier:
         Undecodable files: 'error' raises one UserError listing all of them; 'skip' leaves them out.
         """
         if on_bad_image not in ("error", "skip"):
-            raise UserError(f"--on-bad-image {on_bad_image}: expected error or skip")
+            raise ConfigError("on_bad_image", on_bad_image, "expected error or skip")
         if batch_size < 1:
-            raise UserError(f"--batch-size {batch_size}: must be at least 1")
+            raise ConfigError("batch_size", batch_size, "must be at least 1")
         dataset = _Items(images, self.preprocessing)
         if num_workers is None:
             from .data import default_num_workers
@@ -139,7 +139,7 @@ class Classifier:
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         if top_k < 1:
-            raise UserError(f"--top-k {top_k}: must be at least 1")
+            raise ConfigError("top_k", top_k, "must be at least 1")
         probs, kept = self.predict_proba(images, batch_size, on_bad_image, num_workers, progress)
         return rows_from_probabilities(probs, [_name(images[i], i) for i in kept], self.classes, top_k)
 
@@ -191,7 +191,7 @@ def load_classifier(path: str | os.PathLike, device: str = "auto", backbone: str
     path = Path(path)
     if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():
         if backbone is not None or method is not None:
-            raise UserError(f"--model {path}: --backbone / --method pick a run of a sweep folder; this is an exported model")
+            raise ConfigError("model", path, "--backbone / --method pick a run of a sweep folder; this is an exported model")
         return _from_model_dir(path, device)
     if not (is_probe_dir(path) or is_sweep_dir(path)):
         raise UserError(f"--model {path}: not an exported model folder (config.json + model.safetensors), "

@@ -60,8 +60,8 @@ def is_installed(runtime: str) -> bool:
 def resolve_runtime(name: str, placement: Placement) -> str:
     """The concrete runtime for `name` on `placement`.
 
-    'auto': on CPU in float32 the fastest installed of OpenVINO, ONNX Runtime, else eager PyTorch
-    (channels_last); on CUDA, or in float64, eager PyTorch. An explicit runtime that is not installed,
+    'auto': on CPU in float32 the fastest installed of OpenVINO, ONNX Runtime, else eager PyTorch;
+    on CUDA, or in float64, eager PyTorch. An explicit runtime that is not installed,
     or an inference runtime asked for on CUDA or in float64, is a ConfigError.
     """
     if name not in RUNTIMES:
@@ -142,22 +142,18 @@ def _reason(e: BaseException) -> str:
 
 
 # -- eager and compiled PyTorch -------------------------------------------------------------------
-def _channels_last_ok(prefix: nn.Module, input_shape: tuple) -> bool:
-    """channels_last is faster for convolutions on CPU (oneDNN); use it when the prefix starts with 4-d input."""
-    return len(input_shape) == 4
-
-
 def eager_runner(prefix: nn.Module, placement: Placement, input_shape: tuple = ()) -> PrefixRunner:
-    """Eager PyTorch: channels_last input on CPU (oneDNN's fast layout) and on CUDA; bf16 autocast on CUDA."""
+    """Eager PyTorch, the reference: on CPU exactly what the uncached path computes (default layout; a
+    channels_last pass is faster but differs by float rounding, which training then amplifies past
+    1e-5); on CUDA channels_last and bf16 autocast."""
     prefix.eval()
     device = placement.device
     cuda = device.type == "cuda"
-    channels_last = cuda or _channels_last_ok(prefix, input_shape)
 
     @torch.no_grad()
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = placement.put(x)
-        if channels_last and x.dim() == 4:
+        if cuda and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             y = prefix(x)

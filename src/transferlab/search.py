@@ -13,6 +13,7 @@ choose and test.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -21,13 +22,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, check_weights_available, get_spec, load_backbone, with_source
 from .data import DataConfig, ImageSplits, describe_data_change
 from .devices import resolve_device
 from .executors import Executor, InProcessExecutor, ProcessExecutor, RayExecutor
-from .freezing import layer_names
+from .freezing import layer_names, layers_of_last_blocks
 from .ledger import Ledger, Method, RunRow
 from .objective import describe_objective
 from .reporting.insight import sweep_predictions_path, write_test_predictions
@@ -57,12 +59,17 @@ class SweepConfig:
     l2s: tuple[float, ...] = option((0.0, 1e-2, 1.0), "comma list of L2 strengths", flag="--l2")
     seeds: tuple[int, ...] = option((0, 1), "comma list of seeds")
     lpft: bool = option(False, "LP-then-FT from the chosen probe")
-    ft_layers: int = option(3, "LP-then-FT trains the last k layers")
+    ft_layers: int = option(3, "LP-then-FT trains the last k layers (see --layer-order)")
+    ft_blocks: int | None = option(None, "LP-then-FT trains the last N blocks of the chain holding parameters, the head "
+                                   "counting as one (all their layers; overrides --ft-layers)")
     ft_lrs: tuple[float, ...] = option((1e-5, 1e-4), "comma list of fine-tuning learning rates", flag="--ft-lr")
     ft_train_bn: bool = option(False, "fine-tuned batch-norm layers use batch statistics")
     model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
 
     GRID_FIELDS = ("lr", "l2", "seed")  # TrainConfig fields the grid sets
+    # TrainConfig fields a sweep does not take from the command line: the probe's head has no batch norm,
+    # fine-tuning has --ft-train-bn.
+    NOT_SWEPT = GRID_FIELDS + ("train_bn",)
 
     def probe_configs(self) -> list[TrainConfig]:
         """The LP grid in a fixed order (seed, lr, l2): the order also breaks validation ties."""
@@ -76,6 +83,8 @@ class SweepConfig:
         for cfg in self.probe_configs():
             cfg.validate()
         if self.lpft:
+            if self.ft_blocks is not None and self.train.layer_order != "forward":
+                raise ConfigError("ft_blocks", self.ft_blocks, "counts blocks in forward order (drop --layer-order definition)")
             if self.ft_layers < 1:
                 raise ConfigError("ft_layers", self.ft_layers, "must be at least 1")
             for lr in self.ft_lrs:
@@ -97,7 +106,8 @@ class ExecutorConfig:
 def make_executor(cfg: ExecutorConfig, out: Path, device: str, on_epoch=None) -> Executor:
     """The executor `cfg` names; tasks run on `device` wherever they execute."""
     if cfg.kind == "local":
-        return InProcessExecutor(on_epoch) if cfg.jobs == 1 else ProcessExecutor(cfg.jobs)
+        local: Executor = InProcessExecutor(on_epoch) if cfg.jobs == 1 else ProcessExecutor(cfg.jobs)
+        return local
     if cfg.kind == "ray":
         gpus = cfg.gpus_per_run
         if gpus is None:  # several runs share one GPU; each task sees it only if it asks for a share
@@ -130,12 +140,25 @@ def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
     return names, skipped
 
 
+def numerics_identity(engine: EngineConfig) -> dict:
+    """What of the engine changes a run's numbers: device type, dtype and the runtime of the frozen layers
+    (name, version, precision). Not: workers, progress bars, cache folders, the executor."""
+    from .devices import Placement
+    from .runtimes import planned_runner
+
+    placement = Placement.of(engine.device, engine.dtype)
+    runner = planned_runner(engine.runtime, placement)
+    return {"device": placement.device.type, "dtype": engine.dtype, "runtime": [runner.name, runner.version, runner.precision],
+            "cached": engine.use_cache}
+
+
 def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: str, data: DataConfig,
-             train: TrainConfig, k: int, start: str | None = None) -> str:
-    """Identity of one run: everything that changes its numbers (the images too; not the engine)."""
+             train: TrainConfig, k: int, start: str | None = None, numerics: dict | None = None) -> str:
+    """Identity of one run: everything that changes its numbers (the images and the numerics too)."""
     return stable_hash(
         {"method": method, "backbone": backbone, "weights": weights_digest, "images": data_digest,
-         "data": dataclasses.asdict(data), "train": dataclasses.asdict(train), "n_trainable_layers": k, "start": start},
+         "data": dataclasses.asdict(data), "train": dataclasses.asdict(train), "n_trainable_layers": k, "start": start,
+         "numerics": numerics or {}},
         length=20,
     )
 
@@ -163,6 +186,10 @@ class Sweep:
     def __init__(self, cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
                  executor: ExecutorConfig = ExecutorConfig()):
         cfg.validate()
+        if cfg.train.augment and cfg.engine.use_cache:
+            # New views every epoch: probes and fine-tuning both run the backbone on every image (as `probe` does).
+            log.warning("--augment: every epoch sees new views of the images, so the backbone runs on every image every epoch (no cache)")
+            cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, use_cache=False))
         self.cfg, self.executor_cfg, self.command = cfg, executor, command
         self.out = check_writable_dir(out)
         self.lock = FolderLock(self.out)
@@ -173,6 +200,7 @@ class Sweep:
         self.executor: Executor | None = None
         self.bar: tqdm | None = None
         self.force = force
+        self.numerics: dict = {}
 
     def close(self) -> None:
         if self.executor is not None:
@@ -205,35 +233,43 @@ class Sweep:
     def run(self) -> list[dict]:
         """Run (or resume) every phase for every backbone, then write the summary and the report."""
         cfg = self.cfg
+        # Everything that can be refused is checked before the ledger changes: a refused re-run keeps
+        # the folder's previous choices.
         self.splits = splits = cfg.data.load()
+        names, skipped = resolve_backbones(cfg)
+        if cfg.lpft:
+            self._check_ft_layers(names)
+        self.numerics = numerics_identity(cfg.engine)
+        self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
         self._claim_folder(splits)
         self.ledger.set_meta("config", dataclasses.asdict(cfg))
+        self.ledger.set_meta("grid", stable_hash(dataclasses.asdict(cfg)))  # choices of other grids are not shown
         self.ledger.set_meta("command", self.command)
         write_json(self.out / "sweep.json", {"config": dataclasses.asdict(cfg), "executor": dataclasses.asdict(self.executor_cfg),
                                              "command": self.command})
-        names, skipped = resolve_backbones(cfg)
         for name, reason in skipped.items():
             log.warning("skipping %s: %s", name, reason)
         self.ledger.set_meta("backbones", names)
         self.ledger.set_meta("skipped_backbones", skipped)
         self.ledger.set_meta("data_summary", splits.summary())
-        self.ledger.set_meta("objective", describe_objective())
-        if cfg.lpft:
-            self._check_ft_layers(names)
-        self.ledger.clear_choices()  # choices are made afresh from this grid's finished runs
-        self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
+        self.ledger.set_meta("objective", describe_objective(cfg.l2s))
+        self.ledger.set_meta("numerics", self.numerics)
         n_runs = len(names) * (len(cfg.probe_configs()) + (len(cfg.ft_lrs) if cfg.lpft else 0))
         self.bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress)
         try:
             for name in names:
-                bench = Workbench(load_backbone(name, cfg.model_dir), splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
-                                  share_cut_layers=cfg.ft_layers if cfg.lpft else None)
+                backbone = load_backbone(name, cfg.model_dir)
+                k_ft = cfg.ft_layers if cfg.ft_blocks is None else layers_of_last_blocks(backbone, cfg.ft_blocks)
+                bench = Workbench(backbone, splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
+                                  share_cut_layers=k_ft if cfg.lpft else None, layer_order=cfg.train.layer_order)
                 spec = bench.backbone.spec
                 self.ledger.set_meta(f"backbone_info:{name}", {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch})
                 self.ledger.set_meta(f"skipped_files:{name}", {})
                 probe_hash = self._phase(bench, "LP", 1, self._probe_runs(bench))
                 if cfg.lpft and probe_hash is not None:
-                    self._phase(bench, "LP-FT", cfg.ft_layers, self._finetune_runs(bench, probe_hash), start=probe_hash)
+                    self._phase(bench, "LP-FT", k_ft, self._finetune_runs(bench, probe_hash, k_ft), start=probe_hash)
+                else:
+                    self.ledger.unchoose(name, "LP-FT")
                 if bench.skipped_files:
                     self.ledger.set_meta(f"skipped_files:{name}", bench.skipped_files)
         finally:
@@ -244,7 +280,11 @@ class Sweep:
 
     def _check_ft_layers(self, names: list[str]) -> None:
         for name in names:
-            n_layers = len(layer_names(load_backbone(name, pretrained=False).model))
+            backbone = load_backbone(name, pretrained=False)
+            if self.cfg.ft_blocks is not None:
+                layers_of_last_blocks(backbone, self.cfg.ft_blocks)  # a ConfigError beyond the model's blocks
+                continue
+            n_layers = len(layer_names(backbone.model))
             if self.cfg.ft_layers > n_layers:
                 raise ConfigError("ft_layers", self.cfg.ft_layers, f"{name} has only {n_layers} layers")
 
@@ -254,17 +294,18 @@ class Sweep:
 
     # -- what each phase runs ---------------------------------------------------------------------
     def _hash(self, bench: Workbench, method: Method, cfg: TrainConfig, k: int, start: str | None = None) -> str:
-        return run_hash(method, bench.backbone.spec.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k, start)
+        return run_hash(method, bench.backbone.spec.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k,
+                        start, self.numerics)
 
     def _probe_runs(self, bench: Workbench) -> list[PlannedRun]:
         return [PlannedRun(self._hash(bench, "LP", c, 1), c) for c in self.cfg.probe_configs()]
 
-    def _finetune_runs(self, bench: Workbench, probe_hash: str) -> list[PlannedRun]:
+    def _finetune_runs(self, bench: Workbench, probe_hash: str, k: int) -> list[PlannedRun]:
         probe = self.ledger.run(probe_hash)
         assert probe is not None
         probe_cfg = TrainConfig(**probe["config"])
         cfgs = [dataclasses.replace(probe_cfg, lr=lr, train_bn=self.cfg.ft_train_bn) for lr in self.cfg.ft_lrs]
-        return [PlannedRun(self._hash(bench, "LP-FT", c, self.cfg.ft_layers, probe_hash), c) for c in cfgs]
+        return [PlannedRun(self._hash(bench, "LP-FT", c, k, probe_hash), c) for c in cfgs]
 
     def _tasks(self, bench: Workbench, k: int, todo: list[PlannedRun], start: str | None) -> Iterator[tuple[list[PlannedRun], Task]]:
         """The units of work for `todo`: batched probe groups on cached features, else one run per task."""
@@ -278,8 +319,10 @@ class Sweep:
                 yield group, ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
                                             train, val, [p.cfg for p in group], engine, ex.threads)
             return
-        bench.reset(seed=0, n_trainable_layers=k)  # ship pristine weights
-        backbone, splits = ex.put(bench.backbone), ex.put(bench.splits)
+        bench.reset(seed=0, n_trainable_layers=k)  # ship pristine weights, on the CPU: each task places its own copy
+        pristine = copy.deepcopy(bench.backbone)
+        pristine.model.to("cpu", torch.float32)
+        backbone, splits = ex.put(pristine), ex.put(bench.splits)
         shipped_inputs = None if inputs is None else ex.put(inputs)
         start_state = None if start is None else ex.put(_load_params(self.out, start))
         for p in todo:
@@ -296,17 +339,25 @@ class Sweep:
         return self._choose_and_test(bench, method, k, planned)
 
     def _execute(self, bench: Workbench, method: Method, k: int, units: list[tuple[list[PlannedRun], Task]]) -> None:
-        """Run every unit; each of its runs ends done, diverged or failed (error stored), and the sweep goes on."""
+        """Run every unit; each of its runs ends done, diverged or failed (error stored), and the sweep goes on.
+
+        A unit's runs are marked running when it is submitted, and no more units are in flight than the
+        executor has room for: an interruption leaves only those unfinished.
+        """
         ex, name = self.executor, bench.backbone.spec.name
         assert ex is not None and self.bar is not None
         n_params = bench.trainable_param_count(k)
-        handles = {}
-        for runs, task in units:
-            for p in runs:
-                self.ledger.mark_running(p.hash, name, method, dataclasses.asdict(p.cfg))
-            handles[ex.submit(task)] = runs
-        for handle in ex.as_completed(list(handles)):
-            runs = handles[handle]
+        runtime = bench.setup(k).runtime  # what computed the cached inputs (None: the uncached path)
+        waiting = list(units)
+        in_flight: dict[object, list[PlannedRun]] = {}
+        while waiting or in_flight:
+            while waiting and (ex.capacity is None or len(in_flight) < ex.capacity):
+                runs, task = waiting.pop(0)
+                for p in runs:
+                    self.ledger.mark_running(p.hash, name, method, dataclasses.asdict(p.cfg))
+                in_flight[ex.submit(task)] = runs
+            handle = ex.wait_any(list(in_flight))
+            runs = in_flight.pop(handle)
             try:
                 results: list[FitResult] = ex.result(handle)
             except Exception as e:  # a bug, out of memory, a dead worker: record it, keep going
@@ -316,14 +367,14 @@ class Sweep:
                 log.warning("%s %s: %d run(s) failed (%s); re-run the same command to retry them", name, method, len(runs), error)
             else:
                 for p, result in zip(runs, results):
-                    self._record(p.hash, result, n_params, k)
+                    self._record(p.hash, result, n_params, k, runtime)
             self.bar.update(len(runs))
 
-    def _record(self, h: str, result: FitResult, n_params: int, k: int) -> None:
+    def _record(self, h: str, result: FitResult, n_params: int, k: int, runtime: dict | None) -> None:
         _save_params(self.out, h, result.best_state)  # parameters first: a 'done' row always has its file
         best = result.best
         metrics = {"best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"], "val_xent": best["val_xent"],
-                   "val_err": best["val_err"], "trainable_params": n_params, "n_trainable_layers": k}
+                   "val_err": best["val_err"], "trainable_params": n_params, "n_trainable_layers": k, "runtime": runtime}
         self.ledger.finish(h, result.status, metrics, list(result.history), {"train_loop_s": result.train_seconds})
 
     def _choose_and_test(self, bench: Workbench, method: Method, k: int, planned: list[PlannedRun]) -> str | None:
@@ -332,10 +383,12 @@ class Sweep:
         if not all(self.ledger.is_finished(h) for h in hashes):
             log.warning("%s %s: some runs failed or are unfinished; re-run the same command to finish them before choosing",
                         name, method)
+            self.ledger.unchoose(name, method)
             return None
         chosen = choose(self.ledger.runs(name, method), hashes)
         if chosen is None:
             log.warning("%s %s: every run diverged; nothing to test", name, method)
+            self.ledger.unchoose(name, method)
             return None
         h = chosen["hash"]
         self.ledger.choose(name, method, h)

@@ -41,7 +41,7 @@ def build_workbench(cfg: ProbeConfig, out: Path) -> Workbench:
     splits = cfg.data.load()
     backbone = load_backbone(cfg.backbone, model_dir=cfg.model_dir, weights=cfg.weights)
     cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else out / "cache"
-    return Workbench(backbone, splits, cfg.engine, cache_dir, cfg.data.on_bad_image)
+    return Workbench(backbone, splits, cfg.engine, cache_dir, cfg.data.on_bad_image, layer_order=cfg.train.layer_order)
 
 
 def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: float | None, seconds: dict) -> dict:

@@ -23,7 +23,7 @@ from .workbench import EngineConfig
 SWEEP_FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
     ("data", config_flags(DataConfig)),
     ("sweep", config_flags(SweepConfig)),
-    ("training (every run)", config_flags(TrainConfig, exclude=SweepConfig.GRID_FIELDS)),
+    ("training (every run)", config_flags(TrainConfig, exclude=SweepConfig.NOT_SWEPT)),
     ("engine", config_flags(EngineConfig)),
     ("executor", config_flags(ExecutorConfig)),
 ]

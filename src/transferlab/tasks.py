@@ -19,7 +19,7 @@ from .data import ImageSplits
 from .devices import Placement
 from .heads import new_head
 from .sources import SplitInputs, TensorSource
-from .training import EpochRecord, FitResult, TrainConfig, fit_linear_probes
+from .training import EpochRecord, FitResult, TrainConfig, fit_linear_probes, probe_groups
 from .workbench import EngineConfig, FrozenWeightsChanged, Workbench
 
 OnEpoch = Callable[[EpochRecord], None]
@@ -99,8 +99,23 @@ class TrainTask:
         engine = dataclasses.replace(self.engine, progress=False)
         # A private copy: in-process, the backbone object is shared with the coordinator.
         backbone = copy.deepcopy(fetch(self.backbone))
-        bench = Workbench(backbone, fetch(self.splits), engine, cache_dir=None, on_bad_image=self.on_bad_image)
+        bench = Workbench(backbone, fetch(self.splits), engine, cache_dir=None, on_bad_image=self.on_bad_image,
+                          layer_order=self.cfg.layer_order)
         inputs = fetch(self.inputs)
         if inputs is not None:
             bench.adopt_inputs(self.n_trainable_layers, inputs)
         return [bench.run(self.cfg, self.n_trainable_layers, start_state=fetch(self.start_state), on_epoch=on_epoch)]
+
+
+def train_probes(bench: Workbench, cfgs: list[TrainConfig], on_epoch: OnEpoch | None = None) -> list[FitResult]:
+    """Linear probes for `cfgs` on `bench`'s cached features, in this process, grouped as a sweep groups them."""
+    inputs = bench.inputs(1)
+    if inputs is None:
+        raise ValueError("train_probes needs cached features (a workbench with use_cache)")
+    results: list[FitResult | None] = [None] * len(cfgs)
+    for members in probe_groups(cfgs):
+        task = ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name, inputs["train"],
+                              inputs["val"], [cfgs[i] for i in members], bench.engine, torch.get_num_threads())
+        for i, result in zip(members, task(on_epoch)):
+            results[i] = result
+    return [r for r in results if r is not None]

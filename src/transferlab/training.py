@@ -73,6 +73,8 @@ class TrainConfig:
     # shifts what the head was trained on); True uses and updates batch statistics.
     train_bn: bool = option(False, "trainable batch-norm layers use batch statistics (default: pretrained running statistics)")
     augment: bool = option(False, "random resized crops and flips of training images (runs the backbone every epoch)")
+    layer_order: str = option("forward", "which layers are 'the last k': in the order a forward pass runs them, or by "
+                              "parameter definition (the course's rule)", choices=("forward", "definition"))
 
     def validate(self) -> None:
         """ConfigError naming the field for values that cannot train."""
@@ -83,6 +85,7 @@ class TrainConfig:
             (self.patience >= 1, "patience", self.patience, "must be at least 1"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1"),
             (self.optimizer in ("adam", "sgd"), "optimizer", self.optimizer, "expected adam or sgd"),
+            (self.layer_order in ("forward", "definition"), "layer_order", self.layer_order, "expected forward or definition"),
         ]
         for ok, name, value, reason in checks:
             if not ok:

@@ -32,8 +32,8 @@ from .freezing import Cut, FreezePlan, frozen_digest, layer_of, load_state_stric
 from .heads import new_head
 from .runtimes import RUNTIMES, PrefixRunner, onnx_export_key, prepare_prefix_runner
 from .sources import BatchSource, ImageSource, SplitInputs, TensorSource
-from .training import EpochRecord, FitResult, TrainConfig, fit, fit_linear_probes, predict_proba, probe_groups
-from .utils import ConfigError, option
+from .training import EpochRecord, FitResult, TrainConfig, fit, predict_proba
+from .utils import ConfigError, UserError, option
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ class Workbench:
         cache_dir: str | Path | None,
         on_bad_image: str = "error",
         share_cut_layers: int | None = None,
+        layer_order: str = "forward",
     ):
         self.backbone = backbone
+        self.layer_order = layer_order  # which layers "the last k" are (freezing.ordered_layers)
         self.splits = splits
         self.engine = engine
         self.placement = Placement.of(engine.device, engine.dtype)
@@ -127,7 +129,7 @@ class Workbench:
         return self._setups[n_trainable_layers]
 
     def _make_setup(self, k: int) -> Setup:
-        cut = plan_cut(self.backbone, k)
+        cut = plan_cut(self.backbone, k, self.layer_order)
         chain = self.backbone.chain()
         cached, notice = self.engine.use_cache, ""
         if cached and cut.index:
@@ -142,6 +144,13 @@ class Workbench:
             setup.sources[split.name] = self._source(split, setup)
         return setup
 
+    def _same_runtime(self, setup: Setup, runtime: dict | None) -> bool:
+        """Whether `runtime` computed what `setup` already holds (one runtime per setup, never a mix)."""
+        def what(r: dict | None) -> tuple:
+            return (r or {}).get("name"), (r or {}).get("version"), (r or {}).get("precision")
+
+        return setup.runtime is None or what(setup.runtime) == what(runtime)
+
     def _n_images(self) -> int:
         return sum(len(s) for s in (self.splits.train, self.splits.val, self.splits.test) if s is not None)
 
@@ -149,7 +158,7 @@ class Workbench:
         """The fine-tuning cut to cache at instead of `cut`, when it is earlier and fits the memory budget."""
         if self.share_cut_layers is None:
             return None
-        base = plan_cut(self.backbone, self.share_cut_layers).index
+        base = plan_cut(self.backbone, self.share_cut_layers, self.layer_order).index
         if base >= cut.index:
             return None
         chain = self.backbone.chain()
@@ -172,12 +181,25 @@ class Workbench:
                     setup.runner = prepare_prefix_runner(prefix, shape, self.engine.runtime, self.placement, self.cache.directory, key)
                 return setup.runner
 
-            item, skipped, _hit = cached_split_inputs(
-                self.backbone, prefix, cut_name, split, self.cache, self.placement, self.on_bad_image,
-                num_workers=self.engine.num_workers, progress=self.engine.progress, runtime=self.engine.runtime,
-                prepare_runner=prepare_runner,
-            )
-            setup.runtime = item.runtime
+            def load(runtime: str) -> tuple[SplitInputs, list[str]]:
+                item, skipped, _hit = cached_split_inputs(
+                    self.backbone, prefix, cut_name, split, self.cache, self.placement, self.on_bad_image,
+                    num_workers=self.engine.num_workers, progress=self.engine.progress, runtime=runtime,
+                    prepare_runner=prepare_runner,
+                )
+                return item, skipped
+
+            # Later splits look for what the first one was computed by, so one setup's splits share a runtime.
+            item, skipped = load(setup.runtime["name"] if setup.runtime else self.engine.runtime)
+            if not self._same_runtime(setup, item.runtime):
+                # The runtime failed on this split and fell back: compute it the way the others were.
+                log.warning("%s: recomputing split %s with %s, as the other splits were", cut_name, split.name, setup.runtime)
+                setup.runner = None
+                item, skipped = load(setup.runtime["name"] if setup.runtime else "torch")
+                if not self._same_runtime(setup, item.runtime):
+                    raise UserError(f"split {split.name} cannot be computed by {(setup.runtime or {}).get('name')} as the other "
+                                    f"splits were ({(item.runtime or {}).get('notice')}); pass --runtime torch, or remove {self.cache.directory}")
+            setup.runtime = setup.runtime or item.runtime
             if base is not None:
                 derived = run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, self.placement)
                 item = SplitInputs(derived, item.labels, item.bad_files)
@@ -210,7 +232,7 @@ class Workbench:
 
     def adopt_inputs(self, n_trainable_layers: int, inputs: dict[str, SplitInputs]) -> None:
         """Use inputs cached elsewhere (by a coordinating process) for `n_trainable_layers`: no extraction here."""
-        cut = plan_cut(self.backbone, n_trainable_layers)
+        cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
         sources: dict[str, BatchSource] = {name: TensorSource(item, self.placement) for name, item in inputs.items()}
         self._setups[n_trainable_layers] = Setup(cut, True, "", sources=sources)
 
@@ -226,7 +248,7 @@ class Workbench:
         self.model.load_state_dict(self._pristine)
         head = new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.placement.device, self.placement.dtype)
         self.backbone.reset_classifier(head)
-        FreezePlan(n_trainable_layers).apply(self.model)
+        FreezePlan(n_trainable_layers, self.layer_order).apply(self.backbone)
         return head
 
     def run(self, cfg: TrainConfig, n_trainable_layers: int, start_state: dict | None = None,
@@ -235,6 +257,8 @@ class Workbench:
 
         The frozen part's digest is compared before and after: a change fails the run.
         """
+        if cfg.layer_order != self.layer_order:
+            raise ValueError(f"run with layer_order={cfg.layer_order} on a workbench ordering layers by {self.layer_order}")
         setup = self.setup(n_trainable_layers)
         head = self.reset(cfg.seed, n_trainable_layers)
         if start_state is not None:
@@ -249,22 +273,6 @@ class Workbench:
         if frozen_digest(self.model) != frozen_before:
             raise FrozenWeightsChanged("a frozen parameter or buffer changed during training")
         return result
-
-    def run_probes(self, cfgs: list[TrainConfig], on_epoch: Callable[[EpochRecord], None] | None = None) -> list[FitResult]:
-        """Linear probes (k = 1) for many configs; on cached features, heads sharing a schedule train together."""
-        setup = self.setup(1)
-        if not setup.cached:
-            return [self.run(cfg, 1, on_epoch=on_epoch) for cfg in cfgs]
-        results: list[FitResult | None] = [None] * len(cfgs)
-        for members in probe_groups(cfgs):
-            seed = cfgs[members[0]].seed
-            heads = [new_head(self.backbone.feature_dim, self.n_classes, seed).to(self.placement.device, self.placement.dtype)
-                     for _ in members]
-            batch = fit_linear_probes(heads, setup.sources["train"], setup.sources["val"], [cfgs[i] for i in members],
-                                      self.backbone.classifier_name, on_epoch)
-            for i, r in zip(members, batch):
-                results[i] = r
-        return [r for r in results if r is not None]
 
     def load_trained(self, n_trainable_layers: int, state: dict) -> None:
         """Put a run's trained state (e.g. a FitResult's best_state) into the model for evaluation."""
@@ -292,5 +300,5 @@ class Workbench:
 
     def trainable_param_count(self, n_trainable_layers: int) -> int:
         """Parameters trained for `n_trainable_layers` (the head included)."""
-        layers = set(plan_cut(self.backbone, n_trainable_layers).trainable_layers)
+        layers = set(plan_cut(self.backbone, n_trainable_layers, self.layer_order).trainable_layers)
         return sum(p.numel() for name, p in self.model.named_parameters() if layer_of(name) in layers)

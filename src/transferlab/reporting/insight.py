@@ -197,12 +197,12 @@ def plot_reliability(bins: list[dict], ece: float, title: str = "") -> bytes:
 
 def thumbnail_jpeg(path: str, size: int = THUMB_SIZE, quality: int = THUMB_QUALITY) -> bytes | None:
     """A small RGB JPEG of an image file (None if it cannot be read any more)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
             img.draft("RGB", (size, size))
-            img = img.convert("RGB")
+            img = (ImageOps.exif_transpose(img) or img).convert("RGB")  # upright, as the model saw it
             img.thumbnail((size, size))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=quality, optimize=True)

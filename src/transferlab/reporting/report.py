@@ -6,16 +6,21 @@ import base64
 import csv
 import html
 import io
+import statistics
 from pathlib import Path
 from typing import Any
 
-from ..ledger import METHODS, Ledger
+from ..ledger import METHODS, Ledger, Method
 from ..utils import UserError, atomic_write_bytes, write_json
 from . import figures
 
 SUMMARY_KEYS = (
     "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
     "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc",
+    # the chosen hyperparameters over every seed of the grid (validation only: the test split is read once)
+    "n_seeds", "val_err_seed_mean", "val_err_seed_std",
+    # LP-FT rows: LP-FT against LP on the same test images (reporting/compare.py)
+    "diff_vs_lp", "ci_low", "ci_high", "p_mcnemar",
 )
 
 
@@ -27,8 +32,9 @@ def _run(ledger: Ledger, run_hash: str) -> dict[str, Any]:
     return dict(row)
 
 
-def summary_rows(ledger: Ledger) -> list[dict]:
-    """One row per (backbone, method) chosen on validation, in sweep order."""
+def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
+    """One row per (backbone, method) chosen on validation, in sweep order (`out`: the sweep folder,
+    where the chosen runs' test predictions are)."""
     rows = []
     for name in ledger.get_meta("backbones", []):
         info = ledger.get_meta(f"backbone_info:{name}", {})
@@ -43,9 +49,38 @@ def summary_rows(ledger: Ledger) -> list[dict]:
                 "method": method, "lr": cfg["lr"], "l2": cfg["l2"], "seed": cfg["seed"],
                 "n_trainable_layers": m["n_trainable_layers"], "trainable_params": m["trainable_params"],
                 "best_epoch": m["best_epoch"], "val_xent": m["val_xent"], "val_err": m["val_err"],
-                "test_acc": run["test_acc"],
+                "test_acc": run["test_acc"], **_over_seeds(ledger, name, method, cfg),
+                **_against_lp(ledger, out, name, method, run_hash),
             })
     return rows
+
+
+def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict) -> dict:
+    """Validation error of the chosen hyperparameters across the grid's seeds: mean and sample std."""
+    same = {k: v for k, v in chosen_cfg.items() if k != "seed"}
+    errs = [r["metrics"]["val_err"] for r in ledger.runs(name, method)
+            if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same]
+    return {"n_seeds": len(errs), "val_err_seed_mean": statistics.fmean(errs) if errs else None,
+            "val_err_seed_std": statistics.stdev(errs) if len(errs) > 1 else None}
+
+
+def _against_lp(ledger: Ledger, out: Path | None, name: str, method: Method, run_hash: str) -> dict:
+    """For an LP-FT row: the paired comparison with the chosen probe on the test images (None elsewhere)."""
+    empty = {"diff_vs_lp": None, "ci_low": None, "ci_high": None, "p_mcnemar": None}
+    lp_hash = ledger.choice(name, "LP")
+    if method != "LP-FT" or lp_hash is None or out is None:
+        return empty
+    from .compare import paired_comparison
+    from .insight import read_test_predictions, sweep_predictions_path
+
+    paths = sweep_predictions_path(out, lp_hash), sweep_predictions_path(out, run_hash)
+    if not all(p.is_file() for p in paths):
+        return empty
+    lp, ft = (read_test_predictions(p) for p in paths)
+    if lp["files"] != ft["files"]:
+        return empty
+    c = paired_comparison(lp["labels"], lp["probs"].argmax(1), ft["probs"].argmax(1))
+    return {"diff_vs_lp": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p_mcnemar": c.p_mcnemar}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -114,10 +149,15 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
         lp_run = _run(ledger, ledger.choice(name, "LP") or "")
         lp_train_err = lp_run["history"][lp["best_epoch"]]["train_err"] if lp["best_epoch"] else None
         why = "" if lp_train_err is None else f"; the probe's train error at its best epoch was {lp_train_err:.3f}"
+        noise = ""
+        if ft["p_mcnemar"] is not None:
+            real = ft["ci_low"] > 0 or ft["ci_high"] < 0
+            noise = (f" Paired on the same test images: 95% bootstrap interval [{100 * ft['ci_low']:+.1f}, {100 * ft['ci_high']:+.1f}] "
+                     f"points, McNemar p = {ft['p_mcnemar']:.3g}: {'more than' if real else 'within'} noise.")
         lines.append(
             f"{name}: fine-tuning the last {ft['n_trainable_layers']} layers from the best probe {verdict} test accuracy "
             f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "
-            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f} at FT epoch {ft['best_epoch']}{why})."
+            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f} at FT epoch {ft['best_epoch']}{why}).{noise}"
         )
     return lines
 
@@ -196,7 +236,7 @@ def build_report(out: str | Path) -> list[dict]:
         raise UserError(f"{out}: no ledger.sqlite here (is it a sweep's output folder?)")
     ledger = Ledger(path, readonly=True)
     try:
-        rows = summary_rows(ledger)
+        rows = summary_rows(ledger, out)
         write_json(out / "summary.json", rows)
         _write_csv(out / "summary.csv", rows)
         made = _draw(ledger, out, rows)

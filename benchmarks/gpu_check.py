@@ -1,0 +1,115 @@
+"""GPU smoke check: probe, LP-then-FT sweep and a Ray sweep on CUDA agree with the same runs on CPU.
+
+Runs (each from the command line, in fresh folders under --out):
+  1. ``transferlab probe`` on CPU and on CUDA;
+  2. ``transferlab sweep --lpft`` (a small grid) on CPU and on CUDA;
+  3. the same sweep on CUDA with ``--executor ray``;
+and prints one JSON line: per comparison the largest |val_xent difference| (target <= 2e-3), whether
+the chosen configuration is the same (or, if not, whether the two were within that margin on CPU),
+and extraction img/s on GPU vs CPU (from run.json timings).
+
+    python benchmarks/gpu_check.py --data ../shared/data/birds10 [--out gpu-check]
+
+Needs a CUDA device; exits 2 with one line otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOL = 2e-3
+GRID = ["--lr", "1e-3,1e-2", "--l2", "0,1e-2", "--seeds", "0", "--lpft", "--ft-lr", "1e-5,1e-4", "--epochs", "40",
+        "--no-progress"]
+
+
+def transferlab(*args: str) -> float:
+    """Run one command; seconds it took."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "transferlab", *args], check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
+    return time.perf_counter() - t
+
+
+def chosen(summary: list[dict]) -> dict:
+    return {(r["backbone"], r["method"]): r for r in summary}
+
+
+def compare_sweeps(cpu_dir: Path, gpu_dir: Path) -> dict:
+    cpu, gpu = chosen(json.loads((cpu_dir / "summary.json").read_text())), chosen(json.loads((gpu_dir / "summary.json").read_text()))
+    out = {}
+    for key, c in cpu.items():
+        g = gpu.get(key)
+        if g is None:
+            out["/".join(key)] = {"missing_on_gpu": True}
+            continue
+        same = all(c[k] == g[k] for k in ("lr", "l2", "seed"))
+        margin_ok = same or _within_margin_on_cpu(cpu_dir, key, c, g)
+        out["/".join(key)] = {"val_xent_cpu": c["val_xent"], "val_xent_gpu": g["val_xent"],
+                              "abs_diff": abs(c["val_xent"] - g["val_xent"]), "same_choice": same,
+                              "choice_ok": margin_ok, "test_acc_cpu": c["test_acc"], "test_acc_gpu": g["test_acc"]}
+    return out
+
+
+def _within_margin_on_cpu(cpu_dir: Path, key: tuple, c: dict, g: dict) -> bool:
+    """Different choices are fine when the GPU's choice was within TOL of the CPU's best on CPU too."""
+    import sqlite3
+
+    con = sqlite3.connect(cpu_dir / "ledger.sqlite")
+    try:
+        for cfg, metrics in con.execute("SELECT config, metrics FROM runs WHERE backbone = ? AND method = ?", key):
+            cfg, metrics = json.loads(cfg), json.loads(metrics or "{}")
+            if all(cfg[k] == g[k] for k in ("lr", "l2", "seed")) and metrics.get("val_xent") is not None:
+                return abs(metrics["val_xent"] - c["val_xent"]) <= TOL
+    finally:
+        con.close()
+    return False
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default="gpu-check")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device is available", file=sys.stderr)
+        raise SystemExit(2)
+    out = Path(args.out)
+    common = ["--data", args.data, "--backbone", args.backbone, "--no-progress"]
+    seconds = {}
+    for device in ("cpu", "cuda"):
+        seconds[f"probe_{device}"] = transferlab("probe", *common, "--device", device, "--out", str(out / f"probe_{device}"))
+    probe = {d: json.loads((out / f"probe_{d}" / "run.json").read_text()) for d in ("cpu", "cuda")}
+    n_images = sum(probe["cpu"]["data"][s]["n"] for s in ("train", "val", "test") if s in probe["cpu"]["data"])
+    img_s = {d: n_images / sum(v for k, v in probe[d]["timings"].items() if k.startswith("inputs_")) for d in ("cpu", "cuda")}
+    sweep = ["sweep", "--data", args.data, "--backbones", args.backbone, *GRID]
+    for name, extra in (("sweep_cpu", ["--device", "cpu"]), ("sweep_cuda", ["--device", "cuda"]),
+                        ("sweep_cuda_ray", ["--device", "cuda", "--executor", "ray"])):
+        seconds[name] = transferlab(*sweep, *extra, "--out", str(out / name))
+    result = {
+        "gpu": torch.cuda.get_device_name(0),
+        "probe": {"val_xent_cpu": probe["cpu"]["val_xent"], "val_xent_gpu": probe["cuda"]["val_xent"],
+                  "abs_diff": abs(probe["cpu"]["val_xent"] - probe["cuda"]["val_xent"]),
+                  "test_acc_cpu": probe["cpu"]["test_acc"], "test_acc_gpu": probe["cuda"]["test_acc"]},
+        "sweep_cuda": compare_sweeps(out / "sweep_cpu", out / "sweep_cuda"),
+        "sweep_cuda_ray": compare_sweeps(out / "sweep_cpu", out / "sweep_cuda_ray"),
+        "extract_img_s": {"cpu": round(img_s["cpu"], 1), "cuda": round(img_s["cuda"], 1), "ratio": round(img_s["cuda"] / img_s["cpu"], 2)},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    diffs = [result["probe"]["abs_diff"]] + [v.get("abs_diff", float("inf")) for s in ("sweep_cuda", "sweep_cuda_ray")
+                                             for v in result[s].values()]
+    choices = [v.get("choice_ok", False) for s in ("sweep_cuda", "sweep_cuda_ray") for v in result[s].values()]
+    result["ok"] = max(diffs) <= TOL and all(choices)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
