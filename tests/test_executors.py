@@ -84,12 +84,12 @@ class ProbeGroupTaskDyingOnSeed1(ProbeGroupTask):
 
 
 def test_a_dead_worker_fails_its_runs_and_a_rerun_redoes_them(local_summary, tmp_path, monkeypatch):
-    import transferlab.search as search
+    import transferlab.tasks as tasks
     from transferlab.ledger import Ledger
 
     data, expected = local_summary
     out = tmp_path / "p"
-    monkeypatch.setattr(search, "ProbeGroupTask", ProbeGroupTaskDyingOnSeed1)
+    monkeypatch.setattr(tasks, "ProbeGroupTask", ProbeGroupTaskDyingOnSeed1)
     assert main(["sweep", "--data", str(data), "--out", str(out), *GRID, "--jobs", "2"]) == 0
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     runs = ledger.runs(method="LP")

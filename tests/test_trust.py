@@ -201,9 +201,9 @@ class _TamperingTask(ProbeGroupTask):
 
 
 def test_changed_cached_features_fail_the_probes_in_a_worker_process(data, tmp_path, monkeypatch):
-    import transferlab.search as search
+    import transferlab.tasks as tasks
 
-    monkeypatch.setattr(search, "ProbeGroupTask", _TamperingTask)
+    monkeypatch.setattr(tasks, "ProbeGroupTask", _TamperingTask)
     out = tmp_path / "s"
     assert sweep(data, out, "--lr", "1e-2", "--l2", "0,1", "--seeds", "0,1", "--jobs", "2") == 0
     runs = ledger_of(out).runs(method="LP")

@@ -13,16 +13,13 @@ choose and test.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, check_weights_available, get_spec, load_backbone, with_source
@@ -33,8 +30,8 @@ from .freezing import layer_names, layers_of_last_blocks
 from .ledger import Ledger, Method, RunRow
 from .objective import describe_objective
 from .reporting.insight import sweep_predictions_path, write_test_predictions
-from .tasks import ProbeGroupTask, Task, TrainTask
-from .training import EpochRecord, FitResult, TrainConfig, probe_groups
+from .tasks import Task, make_tasks
+from .training import EpochRecord, FitResult, TrainConfig
 from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
@@ -172,6 +169,43 @@ def choose(rows: list[RunRow], order: list[str]) -> RunRow | None:
     return min(done, key=lambda r: (r["metrics"]["val_xent"], r["metrics"]["val_err"], order.index(r["hash"])))  # type: ignore[index]
 
 
+def claim_folder(ledger: Ledger, out: Path, data: DataConfig, splits: ImageSplits, force: bool) -> str:
+    """Refuse (or with `force`, start over) when `out`'s ledger is about other data or other images.
+
+    Records the data's identity and fingerprint; returns the images' digest (part of every run hash).
+    """
+    identity = stable_hash(dataclasses.asdict(data))
+    fingerprint = splits.fingerprint()
+    previous_identity = ledger.get_meta("identity")
+    previous_fingerprint = ledger.get_meta("data_fingerprint")
+    problem = ""
+    if previous_identity is not None and previous_identity != identity:
+        problem = "holds the ledger of a different sweep (other data or splits)"
+    elif previous_fingerprint is not None and previous_fingerprint != fingerprint:
+        problem = f"the images changed since its sweep ran: {describe_data_change(previous_fingerprint, fingerprint)}"
+    if problem:
+        if not force:
+            raise ConfigError("out", out, f"{problem}; use another folder, or pass --force to start over")
+        log.warning("--force: %s %s; starting over", out, problem)
+        ledger.start_over()
+        shutil.rmtree(out / "runs", ignore_errors=True)
+    ledger.set_meta("identity", identity)
+    ledger.set_meta("data_fingerprint", fingerprint)
+    return stable_hash(fingerprint)
+
+
+def check_ft_capacity(cfg: SweepConfig, names: list[str]) -> None:
+    """A ConfigError when --ft-layers / --ft-blocks reach beyond a backbone."""
+    for name in names:
+        backbone = load_backbone(name, pretrained=False)
+        if cfg.ft_blocks is not None:
+            layers_of_last_blocks(backbone, cfg.ft_blocks)
+            continue
+        n_layers = len(layer_names(backbone.model))
+        if cfg.ft_layers > n_layers:
+            raise ConfigError("ft_layers", cfg.ft_layers, f"{name} has only {n_layers} layers")
+
+
 @dataclass(frozen=True)
 class PlannedRun:
     """One run of a phase: its ledger hash and its training config."""
@@ -208,27 +242,6 @@ class Sweep:
         self.ledger.close()
         self.lock.release()
 
-    def _claim_folder(self, splits: ImageSplits) -> None:
-        """Refuse (or with --force, start over) when the folder's ledger is about other data or other images."""
-        identity = stable_hash(dataclasses.asdict(self.cfg.data))
-        fingerprint = splits.fingerprint()
-        previous_identity = self.ledger.get_meta("identity")
-        previous_fingerprint = self.ledger.get_meta("data_fingerprint")
-        problem = ""
-        if previous_identity is not None and previous_identity != identity:
-            problem = "holds the ledger of a different sweep (other data or splits)"
-        elif previous_fingerprint is not None and previous_fingerprint != fingerprint:
-            problem = f"the images changed since its sweep ran: {describe_data_change(previous_fingerprint, fingerprint)}"
-        if problem:
-            if not self.force:
-                raise ConfigError("out", self.out, f"{problem}; use another folder, or pass --force to start over")
-            log.warning("--force: %s %s; starting over", self.out, problem)
-            self.ledger.start_over()
-            shutil.rmtree(self.out / "runs", ignore_errors=True)
-        self.ledger.set_meta("identity", identity)
-        self.ledger.set_meta("data_fingerprint", fingerprint)
-        self.data_digest = stable_hash(fingerprint)
-
     # -- the whole study --------------------------------------------------------------------------
     def run(self) -> list[dict]:
         """Run (or resume) every phase for every backbone, then write the summary and the report."""
@@ -238,10 +251,10 @@ class Sweep:
         self.splits = splits = cfg.data.load()
         names, skipped = resolve_backbones(cfg)
         if cfg.lpft:
-            self._check_ft_layers(names)
+            check_ft_capacity(cfg, names)
         self.numerics = numerics_identity(cfg.engine)
         self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
-        self._claim_folder(splits)
+        self.data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force)
         self.ledger.set_meta("config", dataclasses.asdict(cfg))
         self.ledger.set_meta("grid", stable_hash(dataclasses.asdict(cfg)))  # choices of other grids are not shown
         self.ledger.set_meta("command", self.command)
@@ -278,16 +291,6 @@ class Sweep:
 
         return build_report(self.out)
 
-    def _check_ft_layers(self, names: list[str]) -> None:
-        for name in names:
-            backbone = load_backbone(name, pretrained=False)
-            if self.cfg.ft_blocks is not None:
-                layers_of_last_blocks(backbone, self.cfg.ft_blocks)  # a ConfigError beyond the model's blocks
-                continue
-            n_layers = len(layer_names(backbone.model))
-            if self.cfg.ft_layers > n_layers:
-                raise ConfigError("ft_layers", self.cfg.ft_layers, f"{name} has only {n_layers} layers")
-
     def _on_epoch(self, record: EpochRecord) -> None:
         if self.bar is not None:
             self.bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}")
@@ -307,27 +310,6 @@ class Sweep:
         cfgs = [dataclasses.replace(probe_cfg, lr=lr, train_bn=self.cfg.ft_train_bn) for lr in self.cfg.ft_lrs]
         return [PlannedRun(self._hash(bench, "LP-FT", c, k, probe_hash), c) for c in cfgs]
 
-    def _tasks(self, bench: Workbench, k: int, todo: list[PlannedRun], start: str | None) -> Iterator[tuple[list[PlannedRun], Task]]:
-        """The units of work for `todo`: batched probe groups on cached features, else one run per task."""
-        ex, engine = self.executor, self.cfg.engine
-        assert ex is not None
-        inputs = bench.inputs(k)  # extraction (or a cache load) happens here, only when there is work to do
-        if k == 1 and start is None and inputs is not None:
-            train, val = ex.put(inputs["train"]), ex.put(inputs["val"])
-            for members in probe_groups([p.cfg for p in todo]):
-                group = [todo[i] for i in members]
-                yield group, ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name,
-                                            train, val, [p.cfg for p in group], engine, ex.threads)
-            return
-        bench.reset(seed=0, n_trainable_layers=k)  # ship pristine weights, on the CPU: each task places its own copy
-        pristine = copy.deepcopy(bench.backbone)
-        pristine.model.to("cpu", torch.float32)
-        backbone, splits = ex.put(pristine), ex.put(bench.splits)
-        shipped_inputs = None if inputs is None else ex.put(inputs)
-        start_state = None if start is None else ex.put(_load_params(self.out, start))
-        for p in todo:
-            yield [p], TrainTask(backbone, splits, engine, self.cfg.data.on_bad_image, k, shipped_inputs, p.cfg, start_state, ex.threads)
-
     # -- one path for every phase -----------------------------------------------------------------
     def _phase(self, bench: Workbench, method: Method, k: int, planned: list[PlannedRun], start: str | None = None) -> str | None:
         """Execute the unfinished runs of `planned`, then choose on validation and test once; the chosen hash."""
@@ -335,7 +317,10 @@ class Sweep:
         todo = [p for p in planned if not self.ledger.is_finished(p.hash)]
         self.bar.update(len(planned) - len(todo))
         if todo:
-            self._execute(bench, method, k, list(self._tasks(bench, k, todo, start)))
+            start_state = None if start is None else _load_params(self.out, start)
+            assert self.executor is not None
+            units = make_tasks(bench, self.executor, k, [p.cfg for p in todo], start_state, self.cfg.data.on_bad_image)
+            self._execute(bench, method, k, [([todo[i] for i in members], task) for members, task in units])
         return self._choose_and_test(bench, method, k, planned)
 
     def _execute(self, bench: Workbench, method: Method, k: int, units: list[tuple[list[PlannedRun], Task]]) -> None:

@@ -17,6 +17,7 @@ import torch
 from .backbones import Backbone
 from .data import ImageSplits
 from .devices import Placement
+from .executors import Executor, InProcessExecutor
 from .heads import new_head
 from .sources import SplitInputs, TensorSource
 from .training import EpochRecord, FitResult, TrainConfig, fit_linear_probes, probe_groups
@@ -107,15 +108,35 @@ class TrainTask:
         return [bench.run(self.cfg, self.n_trainable_layers, start_state=fetch(self.start_state), on_epoch=on_epoch)]
 
 
+def make_tasks(bench: Workbench, executor: Executor, n_trainable_layers: int, cfgs: list[TrainConfig],
+               start_state: dict[str, torch.Tensor] | None, on_bad_image: str) -> list[tuple[list[int], Task]]:
+    """The units of work that train `cfgs` on `bench`: (indices into `cfgs`, task) pairs.
+
+    Linear probes on cached features train in batched groups (``probe_groups``); anything else is one
+    run per task. What tasks share (features, pristine weights, the start state) is shipped once
+    through ``executor.put``. Extraction, or a cache load, happens here: only when there is work.
+    """
+    k, engine = n_trainable_layers, bench.engine
+    inputs = bench.inputs(k)
+    if k == 1 and start_state is None and inputs is not None:
+        train, val = executor.put(inputs["train"]), executor.put(inputs["val"])
+        return [(members, ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name, train, val,
+                                         [cfgs[i] for i in members], engine, executor.threads))
+                for members in probe_groups(cfgs)]
+    bench.reset(seed=0, n_trainable_layers=k)  # pristine weights, shipped on the CPU: each task places its own copy
+    pristine = copy.deepcopy(bench.backbone)
+    pristine.model.to("cpu", torch.float32)
+    backbone, splits = executor.put(pristine), executor.put(bench.splits)
+    shipped = None if inputs is None else executor.put(inputs)
+    start = None if start_state is None else executor.put(start_state)
+    return [([i], TrainTask(backbone, splits, engine, on_bad_image, k, shipped, cfg, start, executor.threads))
+            for i, cfg in enumerate(cfgs)]
+
+
 def train_probes(bench: Workbench, cfgs: list[TrainConfig], on_epoch: OnEpoch | None = None) -> list[FitResult]:
-    """Linear probes for `cfgs` on `bench`'s cached features, in this process, grouped as a sweep groups them."""
-    inputs = bench.inputs(1)
-    if inputs is None:
-        raise ValueError("train_probes needs cached features (a workbench with use_cache)")
+    """Linear probes for `cfgs` on `bench`, in this process, grouped and run as a sweep runs them."""
     results: list[FitResult | None] = [None] * len(cfgs)
-    for members in probe_groups(cfgs):
-        task = ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name, inputs["train"],
-                              inputs["val"], [cfgs[i] for i in members], bench.engine, torch.get_num_threads())
+    for members, task in make_tasks(bench, InProcessExecutor(), 1, cfgs, None, bench.on_bad_image):
         for i, result in zip(members, task(on_epoch)):
             results[i] = result
     return [r for r in results if r is not None]
