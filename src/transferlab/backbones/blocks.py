@@ -18,7 +18,7 @@ class Call(nn.Module):
     """A block computing ``fn(x)`` with `modules` and `params` registered as its own (shared, not copied)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], modules: dict[str, nn.Module] | None = None,
-                 params: dict[str, nn.Parameter] | None = None):
+                 params: dict[str, nn.Parameter | None] | None = None):
         super().__init__()
         self.fn = fn  # a plain attribute: the model it closes over is not registered (its parameters are not ours)
         self.parts = nn.ModuleDict({k.replace(".", "__"): m for k, m in (modules or {}).items()})
@@ -37,16 +37,18 @@ def set_path(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def uncovered(model: nn.Module, covered: list[nn.Module]) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter]]:
+def uncovered(model: nn.Module, covered: list[nn.Module]) -> tuple[dict[str, nn.Module], dict[str, nn.Parameter | None]]:
     """The largest submodules of `model` sharing nothing with `covered`, and the parameters held
     directly by modules that contain a covered one (e.g. a ViT's ``cls_token`` on the root)."""
     inside = {id(s) for m in covered for s in m.modules()}
+    owned = {id(p) for m in covered for p in m.parameters()}  # e.g. a cls_token a block registered itself
     modules: dict[str, nn.Module] = {}
-    params: dict[str, nn.Parameter] = {}
+    params: dict[str, nn.Parameter | None] = {}
 
     def walk(prefix: str, module: nn.Module) -> None:
         for n, p in module.named_parameters(recurse=False):
-            params[prefix + n] = p
+            if id(p) not in owned:
+                params[prefix + n] = p
         for name, child in module.named_children():
             if id(child) in inside:
                 continue

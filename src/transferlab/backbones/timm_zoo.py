@@ -125,7 +125,7 @@ def list_available(pattern: str, model_dir: str) -> list[dict]:
         path, where = _weights_place(spec)
         rows.append({"name": spec.name, "zoo": "timm", "source": spec.source, "source_top1": None,
                      "weights": "present" if path else f"missing ({where})"})
-    return [r for r in rows if fnmatch.fnmatch(r["name"].removeprefix(PREFIX), pattern)]
+    return [r for r in rows if fnmatch.fnmatch(str(r["name"]).removeprefix(PREFIX), pattern)]
 
 
 def weights_file(spec: BackboneSpec) -> str:
@@ -191,9 +191,9 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
     if not pretrained:
         model = _create(name, False)
     else:
-        path, where = _weights_place(spec)
-        if path is not None:  # timm's own loader (and checkpoint filter) on the cached file: no hub request
-            model = _create(name, True, pretrained_cfg_overlay={"file": path})
+        cached, where = _weights_place(spec)
+        if cached is not None:  # timm's own loader (and checkpoint filter) on the cached file: no hub request
+            model = _create(name, True, pretrained_cfg_overlay={"file": cached})
         else:
             why = hub_cache.offline_reason()
             if why is None:
