@@ -47,11 +47,18 @@ def _print_result(record: dict, out: Path) -> None:
 
 
 def cmd_backbones(args) -> int:
-    from .backbones import list_backbones
+    from .backbones import list_backbones, list_zoo
 
-    rows = list_backbones(args.model_dir)
+    rows = list_zoo(args.zoo, args.filter, args.model_dir) if args.zoo else list_backbones(args.model_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    if args.zoo:
+        width = max([20] + [len(r["name"]) for r in rows])
+        print(f"{'name':{width}s} {'source':12s} {'top1':>6s}  weights")
+        for r in rows:
+            top1 = f"{r['source_top1']:.2f}" if r["source_top1"] is not None else "-"
+            print(f"{r['name']:{width}s} {r['source']:12s} {top1:>6s}  {r['weights']}")
         return 0
     print(f"{'name':20s} {'zoo':9s} {'source':10s} {'top1':>6s} {'params':>10s} {'input':>5s}  weights")
     for r in rows:
@@ -127,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .backbones import DEFAULT_MODEL_DIR
 
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--zoo", choices=("timm", "torchvision", "hf"), help="list a library's models (name prefix zoo:) instead of the catalogue")
+    p.add_argument("--filter", default="*", help="with --zoo: shell pattern on model names, e.g. 'convnext*'")
     p.set_defaults(func=cmd_backbones)
 
     from .cli_flags import add_flags

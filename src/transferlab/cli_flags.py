@@ -25,7 +25,7 @@ class Flag:
 
     field: str
     flag: str
-    kind: str  # "bool" | "list" | "value"
+    kind: str  # "bool" | "list" | "value" | "mapping"
     base: type  # element type of a list, the type of a value
     invert: bool
     choices: tuple[str, ...] | None
@@ -50,6 +50,17 @@ class Flag:
                 raise UserError(f"{self.flag} {raw}: expected a comma list of {self.base.__name__} values") from None
         if raw is None:
             return None
+        if self.kind == "mapping":
+            if isinstance(raw, str):
+                import json
+
+                try:
+                    raw = json.loads(raw)
+                except ValueError:
+                    raise UserError(f"{self.flag} {raw}: expected a JSON object") from None
+            if not isinstance(raw, dict):
+                raise UserError(f"{self.flag} {raw}: expected a mapping")
+            return raw
         try:
             return self._one(raw)
         except ValueError:
@@ -70,6 +81,8 @@ def _unwrap(tp: Any) -> tuple[str, type]:
         return "bool", bool
     if typing.get_origin(tp) is tuple:
         return "list", typing.get_args(tp)[0]
+    if typing.get_origin(tp) is dict:
+        return "mapping", dict
     return "value", tp
 
 

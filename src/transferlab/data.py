@@ -32,17 +32,33 @@ ON_BAD_IMAGE = ("error", "skip")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Deterministic evaluation preprocessing: resize the short side, center crop, normalise."""
+    """Deterministic evaluation preprocessing: resize the short side, center crop, normalise.
+
+    The short side goes to `resize` pixels when given (torchvision's weights transforms, HF image
+    processors), else to ``int(input_size / crop_pct)`` (timm's crop_pct). With `squash` the image is
+    resized to input_size x input_size directly, aspect ratio not kept, and not cropped (HF ViT).
+    """
 
     input_size: int = 224
     crop_pct: float = 0.875
-    interpolation: str = "bilinear"
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: int | None = None
+    squash: bool = False
 
     @property
     def resize_size(self) -> int:
-        return int(self.input_size / self.crop_pct)
+        if self.squash:
+            return self.input_size
+        return self.resize if self.resize is not None else int(self.input_size / self.crop_pct)
+
+
+# PIL resampling filters by the names timm, torchvision and HF use.
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
 
 
 @dataclass(frozen=True)
@@ -411,14 +427,14 @@ def build_transform(pre: Preprocessing):
     """The torchvision transform for `pre` (PIL RGB image -> normalised float tensor)."""
     from torchvision import transforms
 
-    interp = {
-        "bilinear": transforms.InterpolationMode.BILINEAR,
-        "bicubic": transforms.InterpolationMode.BICUBIC,
-    }[pre.interpolation]
+    interp = transforms.InterpolationMode(pre.interpolation)
+    if pre.squash:
+        resize = [transforms.Resize((pre.input_size, pre.input_size), interpolation=interp)]
+    else:
+        resize = [transforms.Resize(pre.resize_size, interpolation=interp), transforms.CenterCrop(pre.input_size)]
     return transforms.Compose(
         [
-            transforms.Resize(pre.resize_size, interpolation=interp),
-            transforms.CenterCrop(pre.input_size),
+            *resize,
             transforms.ToTensor(),
             transforms.Normalize(pre.mean, pre.std),
         ]
@@ -448,7 +464,7 @@ def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator) -
     if box is None:  # extreme aspect ratios: the central square
         side = min(w, h)
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    resample = Image.Resampling.BICUBIC if pre.interpolation == "bicubic" else Image.Resampling.BILINEAR
+    resample = INTERPOLATIONS[pre.interpolation]
     img = img.crop(box).resize((pre.input_size, pre.input_size), resample)
     if torch.rand(1, generator=gen).item() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -168,7 +168,8 @@ def _from_model_dir(path: Path, device: str) -> Classifier:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         classes, pre = config["classes"], config["preprocessing"]
-        preprocessing = Preprocessing(pre["input_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]), tuple(pre["std"]))
+        preprocessing = Preprocessing(pre["input_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]), tuple(pre["std"]),
+                                      pre.get("resize"), pre.get("squash", False))
         name = config["backbone"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path / CONFIG_FILE}: not a transferlab model config ({type(e).__name__}: {e})") from None

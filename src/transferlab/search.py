@@ -62,6 +62,8 @@ class SweepConfig:
     ft_lrs: tuple[float, ...] = option((1e-5, 1e-4), "comma list of fine-tuning learning rates", flag="--ft-lr")
     ft_train_bn: bool = option(False, "fine-tuned batch-norm layers use batch statistics")
     model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
+    backbone_info: dict[str, dict] | None = option(None, "per backbone name, overrides of what the library says: "
+                                                   "{NAME: {source: ..., source_top1: ...}} (YAML, or JSON on the command line)")
 
     GRID_FIELDS = ("lr", "l2", "seed")  # TrainConfig fields the grid sets
     # TrainConfig fields a sweep does not take from the command line: the probe's head has no batch norm,
@@ -79,6 +81,12 @@ class SweepConfig:
                 raise ConfigError(name, "", "needs at least one value")
         for cfg in self.probe_configs():
             cfg.validate()
+        for name, info in (self.backbone_info or {}).items():
+            if not isinstance(info, dict) or set(info) - {"source", "source_top1"}:
+                raise ConfigError("backbone_info", name, "expected a mapping with keys source and/or source_top1")
+            top1 = info.get("source_top1")
+            if top1 is not None and not (isinstance(top1, (int, float)) and 0 <= top1 <= 100):
+                raise ConfigError("backbone_info", name, f"source_top1 {top1!r} must be a percentage")
         if self.lpft:
             if self.ft_blocks is not None and self.train.layer_order != "forward":
                 raise ConfigError("ft_blocks", self.ft_blocks, "counts blocks in forward order (drop --layer-order definition)")
@@ -118,11 +126,17 @@ def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
     names: list[str] = []
     skipped: dict[str, str] = {}
     for arch in cfg.backbones:
-        candidates = [arch] if arch.endswith("_cub") else [with_source(arch, s) for s in cfg.sources]
+        prefixed = ":" in arch  # timm:/torchvision:/hf: names carry their own source
+        candidates = [arch] if arch.endswith("_cub") or prefixed else [with_source(arch, s) for s in cfg.sources]
         for name in candidates:
             if name in names or name in skipped:
                 continue
-            if name not in CATALOGUE:
+            if prefixed:
+                try:
+                    get_spec(name)
+                except ConfigError as e:
+                    raise ConfigError("backbones", e.value, e.reason) from None
+            elif name not in CATALOGUE:
                 try:
                     get_spec(name.removesuffix("_cub"))  # unknown architecture: an error with suggestions
                 except ConfigError as e:
@@ -276,7 +290,8 @@ class Sweep:
                 bench = Workbench(backbone, splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
                                   share_cut_layers=k_ft if cfg.lpft else None, layer_order=cfg.train.layer_order)
                 spec = bench.backbone.spec
-                self.ledger.set_meta(f"backbone_info:{name}", {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch})
+                info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch}
+                self.ledger.set_meta(f"backbone_info:{name}", {**info, **(cfg.backbone_info or {}).get(name, {})})
                 self.ledger.set_meta(f"skipped_files:{name}", {})
                 probe_hash = self._phase(bench, "LP", 1, self._probe_runs(bench))
                 if cfg.lpft and probe_hash is not None:

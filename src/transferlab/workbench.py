@@ -132,6 +132,11 @@ class Workbench:
         cut = plan_cut(self.backbone, k, self.layer_order)
         chain = self.backbone.chain()
         cached, notice = self.engine.use_cache, ""
+        if cached and cut.index == 0 and len(chain) <= 2:
+            cached = False  # nothing frozen comes before the first trainable block: no prefix to cache
+            notice = (f"{self.backbone.spec.name} has no blocks to cut between (chain: features, head): "
+                      "fine-tuning runs the whole model every epoch, uncached")
+            log.warning(notice)
         if cached and cut.index:
             need = estimate_cache_bytes(Chain(chain[: cut.index]), self.backbone.spec.preprocessing, self._n_images(), self.placement)
             if need > self.engine.cache_max_gb * 1e9:

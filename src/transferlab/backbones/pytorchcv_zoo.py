@@ -21,6 +21,10 @@ from .registry import BackboneSpec
 CLASSIFIER = "output"
 
 
+def classifier_name(model: nn.Module) -> str:
+    return CLASSIFIER
+
+
 def expected_weights_file(arch: str) -> tuple[str, str]:
     """(file name pytorchcv expects, full sha1) for `arch`."""
     from pytorchcv.models.common.model_store import get_model_name_suffix_data

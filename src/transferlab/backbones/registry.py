@@ -22,11 +22,12 @@ class BackboneSpec:
     """What a backbone is: how to build it, what it was trained on, how to feed it."""
 
     name: str
-    zoo: str  # "pytorchcv" | "timm"
-    arch: str  # the zoo's own model name
-    source: str  # "imagenet1k" | "cub" | "local"
-    source_top1: float | None  # percent, from the zoo's published table
+    zoo: str  # "pytorchcv" | "timm" | "torchvision" | "hf"
+    arch: str  # the zoo's own model name (hf: the model id or local folder)
+    source: str  # "imagenet1k" | "cub" | "imagenet21k" | ... | "local"; "unknown" when the library does not say
+    source_top1: float | None  # percent, from the zoo's published table or the library's metadata
     preprocessing: Preprocessing
+    tag: str = ""  # timm pretrained tag, torchvision weights enum name
 
     def with_local_weights(self, path: str) -> BackboneSpec:
         return replace(self, name=f"{self.name}@{path}", source="local", source_top1=None)
@@ -67,14 +68,31 @@ CATALOGUE: dict[str, BackboneSpec] = _build_catalogue()
 
 SOURCE_SUFFIX = {"imagenet1k": "", "cub": "_cub"}
 
+# Name prefix -> adapter module (imported only when a name with that prefix is resolved).
+ZOO_PREFIXES = {"timm": "timm_zoo", "torchvision": "torchvision_zoo", "hf": "hf_zoo"}
+
+
+def resolve_spec(name: str) -> BackboneSpec:
+    """The spec of a prefixed name (``timm:resnet50.a1_in1k``), built from the library's own metadata."""
+    import importlib
+
+    prefix, _, ref = name.partition(":")
+    if prefix not in ZOO_PREFIXES or not ref:
+        raise ConfigError("backbone", name, f"expected PREFIX:NAME with PREFIX one of {', '.join(ZOO_PREFIXES)}")
+    zoo = importlib.import_module(f"{__package__}.{ZOO_PREFIXES[prefix]}")
+    return zoo.resolve(ref)
+
 
 def get_spec(name: str) -> BackboneSpec:
-    """The spec of backbone `name`, or a UserError suggesting close names."""
+    """The spec of backbone `name` (a catalogue name or a prefixed one), or a UserError suggesting close names."""
+    if ":" in name and name.partition(":")[0] in ZOO_PREFIXES:
+        return resolve_spec(name)
     try:
         return CATALOGUE[name]
     except KeyError:
         close = difflib.get_close_matches(name, CATALOGUE, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(CATALOGUE)}"
+        hint += "; or timm:NAME, torchvision:NAME, hf:MODEL_ID"
         raise ConfigError("backbone", name, f"unknown backbone{hint}") from None
 
 
