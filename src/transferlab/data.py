@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +197,36 @@ def _check_same_classes(train_dir: Path, other_dir: Path, train: set[str], other
         raise UserError("class folders differ between splits; " + "; ".join(parts))
 
 
+def _take_and_carve(classes: tuple[str, ...], train_files: dict[str, list[str]], split_seed: int, max_per_class: int | None,
+                    valid_frac: float | None, too_few: Callable[[str, int], str]) -> tuple[list[str], list[int], list[str], list[int]]:
+    """(train files, labels, carved val files, labels): per class, at most `max_per_class` images drawn with
+    `split_seed`, then a stratified `valid_frac` of them carved out as validation (None: no carving).
+
+    Each split keeps file order, so runs do not depend on the order of the carving permutation.
+    """
+    rng = np.random.default_rng(split_seed)
+    tr_files: list[str] = []
+    tr_labels: list[int] = []
+    va_files: list[str] = []
+    va_labels: list[int] = []
+    for label, c in enumerate(classes):
+        files = train_files[c]
+        order = rng.permutation(len(files)) if (max_per_class or valid_frac is not None) else np.arange(len(files))
+        if max_per_class is not None:
+            order = order[:max_per_class]
+        chosen = [files[i] for i in order]
+        n_val = 0
+        if valid_frac is not None:
+            if len(chosen) < 2:
+                raise UserError(too_few(c, len(chosen)))
+            n_val = min(len(chosen) - 1, max(1, round(len(chosen) * valid_frac)))
+        va_files += sorted(chosen[:n_val])
+        va_labels += [label] * n_val
+        tr_files += sorted(chosen[n_val:])
+        tr_labels += [label] * (len(chosen) - n_val)
+    return tr_files, tr_labels, va_files, va_labels
+
+
 def load_splits(
     root: str | os.PathLike,
     val_split: str = "val",
@@ -240,32 +271,11 @@ def load_splits(
     test_dir = root / test_split
     test = folder_split("test", test_dir) if test_dir.is_dir() and test_split != "train" else None
 
-    rng = np.random.default_rng(split_seed)
     val_dir = root / val_split
     use_val_folder = val_dir.is_dir() and val_split not in (test_split, "train")
-    tr_files: list[str] = []
-    tr_labels: list[int] = []
-    va_files: list[str] = []
-    va_labels: list[int] = []
-    for c in classes:
-        files = train_files[c]
-        order = rng.permutation(len(files)) if (max_per_class or not use_val_folder) else np.arange(len(files))
-        if max_per_class is not None:
-            order = order[:max_per_class]
-        chosen = [files[i] for i in order]
-        if use_val_folder:
-            n_val = 0
-        else:
-            if len(chosen) < 2:
-                raise UserError(
-                    f"{train_dir / c}: {len(chosen)} image(s); carving a validation split needs at least 2 per class"
-                )
-            n_val = min(len(chosen) - 1, max(1, round(len(chosen) * valid_frac)))
-        # Keep each split in file order so runs do not depend on the carving permutation's order.
-        va_files += sorted(chosen[:n_val])
-        va_labels += [index[c]] * n_val
-        tr_files += sorted(chosen[n_val:])
-        tr_labels += [index[c]] * (len(chosen) - n_val)
+    tr_files, tr_labels, va_files, va_labels = _take_and_carve(
+        classes, train_files, split_seed, max_per_class, None if use_val_folder else valid_frac,
+        lambda c, n: f"{train_dir / c}: {n} image(s); carving a validation split needs at least 2 per class")
 
     train = Split("train", tuple(tr_files), tuple(tr_labels), "train/")
     if use_val_folder:
@@ -366,27 +376,9 @@ def load_csv_splits(
 
     test = csv_split("test", test_split) if test_split != "train" and rows.get(test_split) else None
     use_val = val_split not in (test_split, "train") and bool(rows.get(val_split))
-    rng = np.random.default_rng(split_seed)
-    tr_files: list[str] = []
-    tr_labels: list[int] = []
-    va_files: list[str] = []
-    va_labels: list[int] = []
-    for c in classes:  # the carving of load_splits, on the same sorted per-class file lists
-        files = sorted(train_files[c])
-        order = rng.permutation(len(files)) if (max_per_class or not use_val) else np.arange(len(files))
-        if max_per_class is not None:
-            order = order[:max_per_class]
-        chosen = [files[i] for i in order]
-        if use_val:
-            n_val = 0
-        else:
-            if len(chosen) < 2:
-                raise UserError(f"{path}: class '{c}' has {len(chosen)} train row(s); carving a validation split needs at least 2 per class")
-            n_val = min(len(chosen) - 1, max(1, round(len(chosen) * valid_frac)))
-        va_files += sorted(chosen[:n_val])
-        va_labels += [index[c]] * n_val
-        tr_files += sorted(chosen[n_val:])
-        tr_labels += [index[c]] * (len(chosen) - n_val)
+    tr_files, tr_labels, va_files, va_labels = _take_and_carve(
+        classes, {c: sorted(train_files[c]) for c in classes}, split_seed, max_per_class, None if use_val else valid_frac,
+        lambda c, n: f"{path}: class '{c}' has {n} train row(s); carving a validation split needs at least 2 per class")
     train = Split("train", tuple(tr_files), tuple(tr_labels), f"{path.name} [train]")
     if use_val:
         val = csv_split("val", val_split)
