@@ -16,7 +16,6 @@ strictly: every trained tensor must name a tensor of the model, with the same sh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from .data import Preprocessing
 from .freezing import load_state_strict
 from .heads import new_head
 from .ledger import METHODS
-from .utils import ConfigError, UserError, atomic_write_bytes, check_writable_dir, stable_hash, write_json
+from .utils import ConfigError, UserError, atomic_write_bytes, check_writable_dir, file_digest, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,6 @@ def is_probe_dir(path: Path) -> bool:
 
 def is_sweep_dir(path: Path) -> bool:
     return (path / "ledger.sqlite").is_file()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -127,7 +118,7 @@ def _from_probe(src: Path) -> TrainedModel:
     provenance = {
         "kind": "probe",
         "source": str(src.resolve()),
-        "run_hash": _file_sha256(head_file)[:20],  # a probe has no ledger hash: the digest of its trained tensors
+        "run_hash": file_digest(head_file)[:20],  # a probe has no ledger hash: the digest of its trained tensors
         "method": "LP" if record.get("n_trainable_layers", 1) == 1 else "FT",
         "n_trainable_layers": record.get("n_trainable_layers"),
         "train": cfg.get("train"),

@@ -8,14 +8,13 @@ The only module that imports pytorchcv. Weights come through pytorchcv's own
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 from typing import Any
 
 from torch import nn
 
-from ..utils import UserError
+from ..utils import UserError, file_digest
 from .registry import BackboneSpec
 
 CLASSIFIER = "output"
@@ -31,14 +30,6 @@ def expected_weights_file(arch: str) -> tuple[str, str]:
 
     error, sha1, _tag = get_model_name_suffix_data(arch)
     return f"{arch}-{error}-{sha1[:8]}.pth", sha1
-
-
-def _sha1(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_status(spec: BackboneSpec, model_dir: str) -> str:
@@ -59,7 +50,7 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
     path = os.path.join(model_dir, file_name)
     problem = "not found"
     if os.path.isfile(path):
-        if _sha1(path) == sha1:
+        if file_digest(path, "sha1") == sha1:
             problem = ""
         else:
             problem = "present but its sha1 does not match the published one"
