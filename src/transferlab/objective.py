@@ -11,27 +11,46 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+Anchor = tuple[torch.Tensor, torch.Tensor]  # (a fine-tuned backbone tensor, its pretrained value)
+
 
 @dataclass(frozen=True)
 class Objective:
-    """``loss = mean cross-entropy + (l2 / n_train) * sum(W_head ** 2)`` (the head bias is not penalised)."""
+    """``loss = CE_s + (l2 / n_train) * sum(W_head ** 2) + l2sp * sum ||w - w_pretrained||^2``.
+
+    CE_s is the mean cross-entropy against labels smoothed by `label_smoothing` (plain cross-entropy
+    when 0); the head bias is not penalised; the L2-SP term (Li et al. 2018) pulls every fine-tuned
+    backbone tensor toward its pretrained value, which the caller passes explicitly (`anchors`). The
+    cross-entropy recorded as ``train_xent`` is always the plain one.
+    """
 
     l2: float
     n_train: int
+    label_smoothing: float = 0.0
+    l2sp: float = 0.0
 
     @property
     def head_l2_scale(self) -> float:
         return self.l2 / self.n_train
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, mean cross-entropy) of one minibatch."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
+             anchors: list[Anchor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, plain mean cross-entropy) of one minibatch."""
         xent = F.cross_entropy(logits, labels)
-        if not self.l2:
-            return xent, xent
-        return xent + self.head_l2_scale * head_weight.pow(2).sum(), xent
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing) if self.label_smoothing else xent
+        if self.l2:
+            loss = loss + self.head_l2_scale * head_weight.pow(2).sum()
+        if self.l2sp and anchors:
+            loss = loss + self.l2sp * l2sp_penalty(anchors)
+        return loss, xent
 
     def describe(self) -> str:
-        return describe_objective((self.l2,))
+        return describe_objective((self.l2,), self.label_smoothing, self.l2sp)
+
+
+def l2sp_penalty(anchors: list[Anchor]) -> torch.Tensor:
+    """sum over tensors of ||w - w_pretrained||^2."""
+    return torch.stack([(w - w0).pow(2).sum() for w, w0 in anchors]).sum()
 
 
 def stacked_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -41,19 +60,26 @@ def stacked_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                 l2_scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (G,) loss and mean cross-entropy of G heads: logits (G, B, C), weights (G, C, D).
+                 l2_scales: list[float], label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head (G,) loss and plain mean cross-entropy of G heads: logits (G, B, C), weights (G, C, D).
 
     Each head's penalty is its own reduction, with the same shapes whatever G is.
     """
     xent = stacked_xent(logits, labels)
+    data_term = xent
+    if label_smoothing:
+        g, b, c = logits.shape
+        data_term = F.cross_entropy(logits.reshape(g * b, c), labels.repeat(g), reduction="none",
+                                    label_smoothing=label_smoothing).view(g, b).mean(1)
     penalty = torch.stack([s * w.pow(2).sum() for w, s in zip(weights.unbind(0), l2_scales)])
-    return xent + penalty, xent
+    return data_term + penalty, xent
 
 
-def describe_objective(l2s: tuple[float, ...] = (1.0,)) -> str:
-    """The formula the report prints: the terms runs with these L2 strengths use."""
-    text = "loss = mean cross-entropy"
+def describe_objective(l2s: tuple[float, ...] = (1.0,), label_smoothing: float = 0.0, l2sp: float = 0.0) -> str:
+    """The formula the report prints: exactly the terms runs with these settings use."""
+    text = "loss = mean cross-entropy" + (f" (labels smoothed by {label_smoothing:g})" if label_smoothing else "")
     if any(l2 > 0 for l2 in l2s):
         text += f" + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised; l2 in {', '.join(f'{v:g}' for v in l2s)})"
+    if l2sp:
+        text += f"\n     + {l2sp:g} * sum over fine-tuned backbone tensors of ||w - w_pretrained||^2   (L2-SP)"
     return text

@@ -279,7 +279,7 @@ class Sweep:
         self.ledger.set_meta("backbones", names)
         self.ledger.set_meta("skipped_backbones", skipped)
         self.ledger.set_meta("data_summary", splits.summary())
-        self.ledger.set_meta("objective", describe_objective(cfg.l2s))
+        self.ledger.set_meta("objective", describe_objective(cfg.l2s, cfg.train.label_smoothing, cfg.train.l2sp))
         self.ledger.set_meta("numerics", self.numerics)
         n_runs = len(names) * (len(cfg.probe_configs()) + (len(cfg.ft_lrs) if cfg.lpft else 0))
         self.bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress)

@@ -62,7 +62,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
         "data_digest": stable_hash(bench.splits.fingerprint()),
         "skipped_files": bench.skipped_files,
         "status": result.status,
-        "objective": Objective(cfg.train.l2, 1).describe(),
+        "objective": Objective(cfg.train.l2, 1, cfg.train.label_smoothing, cfg.train.l2sp).describe(),
         "n_trainable_layers": k,
         "trainable_layers": list(setup.cut.trainable_layers),
         "trainable_params": bench.trainable_param_count(k),

@@ -73,6 +73,8 @@ class TrainConfig:
     # shifts what the head was trained on); True uses and updates batch statistics.
     train_bn: bool = option(False, "trainable batch-norm layers use batch statistics (default: pretrained running statistics)")
     augment: bool = option(False, "random resized crops and flips of training images (runs the backbone every epoch)")
+    label_smoothing: float = option(0.0, "cross-entropy against labels smoothed by this much (0: plain)")
+    l2sp: float = option(0.0, "L2-SP: + l2sp * sum ||w - w_pretrained||^2 over the fine-tuned backbone tensors (the head keeps --l2)")
     layer_order: str = option("forward", "which layers are 'the last k': in the order a forward pass runs them, or by "
                               "parameter definition (the course's rule)", choices=("forward", "definition"))
 
@@ -86,6 +88,8 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1"),
             (self.optimizer in ("adam", "sgd"), "optimizer", self.optimizer, "expected adam or sgd"),
             (self.layer_order in ("forward", "definition"), "layer_order", self.layer_order, "expected forward or definition"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "must be in [0, 1)"),
+            (math.isfinite(self.l2sp) and self.l2sp >= 0, "l2sp", self.l2sp, "must be zero or positive"),
         ]
         for ok, name, value, reason in checks:
             if not ok:
@@ -161,8 +165,12 @@ def fit(
     val: BatchSource,
     cfg: TrainConfig,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    pretrained: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train `model`'s trainable parameters; `net` maps a source's inputs to logits.
+
+    `pretrained` holds the pretrained values of the fine-tuned backbone tensors (by parameter name),
+    the anchors of the L2-SP term when ``cfg.l2sp`` > 0.
 
     `net` is either the whole model (images in) or the suffix of its chain after a cache (cached
     activations in); the modules are shared, so both paths train the same parameters. The batch
@@ -171,7 +179,10 @@ def fit(
     if len(train) == 0 or len(val) == 0:
         raise UserError("training and validation splits must both hold at least one image")
     optimizer = make_optimizer(list(trainable_parameters(model).values()), cfg)
-    objective = Objective(cfg.l2, len(train))
+    objective = Objective(cfg.l2, len(train), cfg.label_smoothing, cfg.l2sp)
+    named = trainable_parameters(model)
+    anchors: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+        [(named[n], w0) for n, w0 in (pretrained or {}).items() if n in named] if cfg.l2sp else None)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_train, n_classes = len(train), head.out_features
 
@@ -189,7 +200,7 @@ def fit(
         wrong = 0
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
             logits = net(x)
-            loss, xent = objective.loss(logits, y, head.weight)
+            loss, xent = objective.loss(logits, y, head.weight, anchors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -322,7 +333,7 @@ def fit_linear_probes(
         wrong = torch.zeros(n_heads, dtype=torch.long, device=device)
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg0.batch_size):
             logits = _stacked_logits(weight, bias, x)
-            loss, xent = stacked_loss(logits, y, weight, l2_scales)
+            loss, xent = stacked_loss(logits, y, weight, l2_scales, cfg0.label_smoothing)
             grads = torch.autograd.grad(loss.sum(), [weight, bias])
             optimizer.step(grads)
             b = len(y)

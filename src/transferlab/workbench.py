@@ -274,7 +274,11 @@ class Workbench:
                 raise ConfigError("augment", True, "needs the backbone to run on every image every epoch (--no-cache)")
             train = train.augmented(cfg.seed)
         frozen_before = frozen_digest(self.model)
-        result = fit(self.model, self.net(n_trainable_layers), head, train, setup.sources["val"], cfg, on_epoch)
+        # The L2-SP anchors: pretrained values of the fine-tuned backbone tensors (not the new head).
+        head_prefix = self.backbone.classifier_name + "."
+        pretrained = {n: self._pristine[n] for n, p in self.model.named_parameters()
+                      if p.requires_grad and not n.startswith(head_prefix)} if cfg.l2sp else None
+        result = fit(self.model, self.net(n_trainable_layers), head, train, setup.sources["val"], cfg, on_epoch, pretrained)
         if frozen_digest(self.model) != frozen_before:
             raise FrozenWeightsChanged("a frozen parameter or buffer changed during training")
         return result
