@@ -230,12 +230,12 @@ def _hash_matches(choice: dict, config: dict, backbone: Backbone, data_digest: s
         ledger = Ledger(src / "ledger.sqlite", readonly=True)
         try:
             start = ledger.choice(choice["backbone"], "LP") if choice["method"] == "LP-FT" else None
-            k = (choice["run"].get("metrics") or {})["n_trainable_layers"]
-            numerics = ledger.get_meta(f"numerics:{choice['backbone']}:{k}", ledger.get_meta("numerics"))
+            numerics = ledger.get_meta("numerics")
         finally:
             ledger.close()
         h = run_hash(choice["method"], choice["backbone"], backbone.weights_digest, data_digest or "", DataConfig(**config["data"]),
-                     TrainConfig.from_dict(choice["run"]["config"]), k, start, numerics)
+                     TrainConfig.from_dict(choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start,
+                     numerics)
     except Exception as e:  # an older or newer ledger layout: record that it could not be checked
         log.debug("cannot recompute the run hash: %s", e)
         return None

@@ -63,7 +63,7 @@ class SweepConfig:
     ft_layers: tuple[int, ...] = option((), "comma list: LP-then-FT trains the last k layers (see --layer-order)")
     ft_lrs: tuple[float, ...] = option((3e-5, 1e-4), "comma list of fine-tuning learning rates (the head's; see "
                                        "--ft-backbone-lr-mult)", flag="--ft-lr")
-    ft_augment: tuple[str, ...] = option(("none",), "comma list of fine-tuning augmentations: none, views:K, map "
+    ft_augment: tuple[str, ...] = option(("views:4",), "comma list of fine-tuning augmentations: none, views:K, map "
                                          "(see the probe's --ft-augment)")
     ft_l2sp: tuple[float, ...] = option((0.0,), "comma list of L2-SP strengths for fine-tuning: + A * sum ||w - w_pretrained||^2")
     ft_label_smoothing: tuple[float, ...] = option((0.0,), "comma list of label smoothings for fine-tuning (probes train without)",
@@ -395,7 +395,6 @@ class Sweep:
         # Where the cached inputs come from changes the numbers (the runtime runs the prefix up to that
         # block, eager PyTorch the rest): part of the run's identity.
         numerics = {**self.numerics, "cached_at": bench.cache_origin(k)} if self.numerics.get("cached") else self.numerics
-        self.ledger.set_meta(f"numerics:{bench.backbone.spec.name}:{k}", numerics)  # what export checks a hash with
         return run_hash(method, bench.backbone.spec.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k,
                         start, numerics)
 

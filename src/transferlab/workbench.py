@@ -113,7 +113,6 @@ class Workbench:
         self.skipped_files: dict[str, list[str]] = {}
         self.timings: dict[str, float] = {}
         self._setups: dict[int, Setup] = {}
-        self._origins: dict[int, str] = {}
         backbone.reset_classifier(new_head(backbone.feature_dim, self.n_classes, seed=0))
         backbone.model.to(self.placement.device, self.placement.dtype)
         if self.placement.device.type == "cuda":
@@ -252,11 +251,9 @@ class Workbench:
         fine-tuning cut it is derived from); None when uncached. Planned without extracting anything."""
         if not self.engine.use_cache:
             return None
-        if n_trainable_layers not in self._origins:
-            cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
-            base = self._shared_base(cut)
-            self._origins[n_trainable_layers] = self.backbone.chain()[cut.index if base is None else base][0]
-        return self._origins[n_trainable_layers]
+        cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
+        base = self._shared_base(cut)
+        return self.backbone.chain()[cut.index if base is None else base][0]
 
     def check_feature_augment(self, feature_augment: str, n_trainable_layers: int) -> None:
         """A ConfigError now if `feature_augment` cannot run for `n_trainable_layers` (rather than in every run)."""
