@@ -8,7 +8,7 @@ from transferlab.reporting.report import SUMMARY_KEYS
 from transferlab.workbench import Workbench
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
-        "--epochs", "6", "--patience", "3", "--ft-epochs", "6", "--ft-patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
+        "--epochs", "6", "--patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
         "--device", "cpu", "--workers", "0", "--no-progress"]
 
 

@@ -19,8 +19,7 @@ from transferlab.cli import main
 from transferlab.ledger import Ledger
 from transferlab.tasks import ProbeGroupTask
 
-FAST = ["--backbones", "efficientnet_lite0", "--epochs", "4", "--patience", "4", "--ft-epochs", "4", "--ft-patience", "4",
-        "--device", "cpu", "--workers", "0", "--no-progress"]
+FAST = ["--backbones", "efficientnet_lite0", "--epochs", "4", "--patience", "4", "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
 def sweep(data, out, *extra):

@@ -156,15 +156,12 @@ def sweep_choices(ledger) -> list[dict]:
             if h is None:
                 continue
             run = ledger.run(h)
-            metrics = run.get("metrics") or {}
-            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": metrics.get("val_xent"),
-                         "val_err": metrics.get("val_err"), "run": run})
+            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": (run.get("metrics") or {}).get("val_xent"), "run": run})
     return rows
 
 
-def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str, select: str = "val_xent") -> dict:
-    """The chosen run for (backbone, method); unspecified parts: the best under the sweep's `select`
-    criterion (lowest validation cross-entropy, ties: validation error; or the reverse)."""
+def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str) -> dict:
+    """The chosen run for (backbone, method); unspecified parts: the lowest validation cross-entropy."""
     if method is not None and method not in METHODS:
         raise ConfigError("method", method, "expected LP or LP-FT")
     fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
@@ -172,12 +169,8 @@ def pick_choice(choices: list[dict], backbone: str | None, method: str | None, w
         known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
         asked = "/".join(x for x in (backbone, method) if x) or "any"
         raise UserError(f"{where}: no chosen run for {asked} (chosen runs: {known})")
-    finite = [c for c in fits if c["val_xent"] is not None and c.get("val_err") is not None]
-    if not finite:
-        return fits[0]
-    from .training import selection_key
-
-    return min(finite, key=lambda c: selection_key(select, c["val_xent"], c["val_err"]))
+    finite = [c for c in fits if c["val_xent"] is not None]
+    return min(finite or fits, key=lambda c: (c["val_xent"] is None, c["val_xent"] or 0.0))
 
 
 def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> TrainedModel:
@@ -185,7 +178,7 @@ def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> Tra
 
     ledger = Ledger(src / "ledger.sqlite", readonly=True)
     try:
-        choice = pick_choice(sweep_choices(ledger), backbone_name, method, str(src), ledger.get_meta("select", "val_xent"))
+        choice = pick_choice(sweep_choices(ledger), backbone_name, method, str(src))
         config = ledger.get_meta("config", {})
         summary = ledger.get_meta("data_summary", {})
         fingerprint = ledger.get_meta("data_fingerprint")

@@ -32,7 +32,6 @@ from .utils import UserError, atomic_write_bytes, stable_hash
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # 3: the key names the runtime that ran the prefix, and the decoder
-AUGMENT_VERSION = 1  # of data.augmented_view (crop, aspect range, flip, per-image seed): change it with them
 
 
 class Chain(nn.Module):
@@ -116,7 +115,7 @@ class FeatureCache:
             runtime: PrefixRunner | None = None, augment: tuple[int, float] | None = None) -> str:
         """The cache key; `augment` = (seed, min_scale) for one augmented view of every image."""
         runtime = runtime or planned_runner("torch", placement)
-        extra = {} if augment is None else {"augment": {"seed": augment[0], "min_scale": augment[1], "version": AUGMENT_VERSION}}
+        extra = {} if augment is None else {"augment": {"seed": augment[0], "min_scale": augment[1]}}
         return stable_hash(
             {
                 **extra,

@@ -31,7 +31,7 @@ from .ledger import Ledger, Method, RunRow
 from .objective import describe_objective
 from .reporting.insight import sweep_predictions_path, write_test_predictions
 from .tasks import Task, make_tasks
-from .training import EpochRecord, FitResult, TrainConfig, parse_feature_augment, selection_key
+from .training import EpochRecord, FitResult, TrainConfig, selection_key
 from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
@@ -57,26 +57,22 @@ class SweepConfig:
     seeds: tuple[int, ...] = option((0, 1), "comma list of seeds")
     lpft: bool = option(False, "LP-then-FT from the chosen probe")
     # The fine-tuning grid: every combination of these lists is one run from the chosen probe.
+    ft_layers: tuple[int, ...] = option((3,), "comma list: LP-then-FT trains the last k layers (see --layer-order)")
     ft_blocks: tuple[int, ...] = option((), "comma list: LP-then-FT trains the last N blocks of the chain holding "
-                                        "parameters, the head counting as one (all their layers); with neither this nor "
-                                        "--ft-layers: 4")
-    ft_layers: tuple[int, ...] = option((), "comma list: LP-then-FT trains the last k layers (see --layer-order)")
-    ft_lrs: tuple[float, ...] = option((3e-5, 1e-4), "comma list of fine-tuning learning rates (the head's; see "
-                                       "--ft-backbone-lr-mult)", flag="--ft-lr")
-    ft_augment: tuple[str, ...] = option(("views:4",), "comma list of fine-tuning augmentations: none, views:K, map "
+                                        "parameters, the head counting as one (all their layers; replaces --ft-layers)")
+    ft_lrs: tuple[float, ...] = option((1e-5, 1e-4), "comma list of fine-tuning learning rates", flag="--ft-lr")
+    ft_augment: tuple[str, ...] = option(("none",), "comma list of fine-tuning augmentations: none, views:K, map "
                                          "(see the probe's --ft-augment)")
     ft_l2sp: tuple[float, ...] = option((0.0,), "comma list of L2-SP strengths for fine-tuning: + A * sum ||w - w_pretrained||^2")
     ft_label_smoothing: tuple[float, ...] = option((0.0,), "comma list of label smoothings for fine-tuning (probes train without)",
                                                    flag="--label-smoothing")
-    ft_epochs: int = option(10, "fine-tuning epochs")
-    ft_patience: int = option(5, "fine-tuning early-stopping patience")
-    ft_lr_schedule: str = option("cosine", "fine-tuning learning rate over the run: constant, or cosine decay to 0 "
+    ft_epochs: int | None = option(None, "fine-tuning epochs (none: --epochs)")
+    ft_patience: int | None = option(None, "fine-tuning early-stopping patience (none: --patience)")
+    ft_lr_schedule: str = option("constant", "fine-tuning learning rate over the run: constant, or cosine decay to 0 "
                                  "(--lr-schedule is the probes')", choices=("constant", "cosine"))
-    ft_warmup_epochs: int = option(1, "fine-tuning linear warmup epochs (--warmup-epochs is the probes')")
-    ft_backbone_lr_mult: float = option(0.3, "fine-tuned backbone layers learn at the fine-tuning lr times this "
-                                        "(the head at the lr)")
+    ft_warmup_epochs: int = option(0, "fine-tuning linear warmup epochs (--warmup-epochs is the probes')")
     ft_wise: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "after fine-tuning, the weight interpolations "
-                                        "(1-a)*probe + a*fine-tuned tried on validation (WiSE-FT; 1 alone: none)")
+                                        "(1-a)*probe + a*fine-tuned tried on validation (WiSE-FT; 1: none)")
     ft_train_bn: bool = option(False, "fine-tuned batch-norm layers use batch statistics")
     model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
     backbone_info: dict[str, dict] | None = option(None, "per backbone name, overrides of what the library says: "
@@ -85,8 +81,7 @@ class SweepConfig:
     GRID_FIELDS = ("lr", "l2", "seed")  # TrainConfig fields the grid sets
     # TrainConfig fields a sweep does not take from the command line: the probe's head has no batch norm,
     # and the fine-tuning grid sets the rest from its own lists.
-    NOT_SWEPT = GRID_FIELDS + ("train_bn", "feature_augment", "label_smoothing", "l2sp", "wise_alphas", "backbone_lr_mult")
-    DEFAULT_FT_BLOCKS = 4
+    NOT_SWEPT = GRID_FIELDS + ("train_bn", "feature_augment", "label_smoothing", "l2sp", "wise_alphas")
 
     def probe_configs(self) -> list[TrainConfig]:
         """The LP grid in a fixed order (seed, lr, l2): the order also breaks validation ties."""
@@ -95,16 +90,15 @@ class SweepConfig:
 
     def ft_units(self) -> list[tuple[str, int]]:
         """What fine-tuning trains, in grid order: ("blocks", N) for each --ft-blocks, else ("layers", k)."""
-        if not self.ft_blocks and not self.ft_layers:
-            return [("blocks", self.DEFAULT_FT_BLOCKS)]
-        return [("blocks", n) for n in self.ft_blocks] + [("layers", k) for k in self.ft_layers]
+        return [("blocks", n) for n in self.ft_blocks] if self.ft_blocks else [("layers", k) for k in self.ft_layers]
 
     def finetune_configs(self, probe: TrainConfig) -> list[TrainConfig]:
         """The fine-tuning grid from the chosen probe's config, in a fixed order (lr, augment, L2-SP,
         label smoothing; the outer loop over units is the caller's): the order also breaks validation ties."""
         base = dataclasses.replace(probe, train_bn=self.ft_train_bn, wise_alphas=tuple(self.ft_wise),
                                    lr_schedule=self.ft_lr_schedule, warmup_epochs=self.ft_warmup_epochs,
-                                   backbone_lr_mult=self.ft_backbone_lr_mult, epochs=self.ft_epochs, patience=self.ft_patience)
+                                   epochs=probe.epochs if self.ft_epochs is None else self.ft_epochs,
+                                   patience=probe.patience if self.ft_patience is None else self.ft_patience)
         return [dataclasses.replace(base, lr=lr, feature_augment=aug, l2sp=l2sp, label_smoothing=ls)
                 for lr in self.ft_lrs for aug in self.ft_augment for l2sp in self.ft_l2sp for ls in self.ft_label_smoothing]
 
@@ -115,7 +109,9 @@ class SweepConfig:
         for cfg in self.probe_configs():
             cfg.validate()
         if self.lpft:
-            self._validate_finetuning()
+            for name in ("ft_lrs", "ft_augment", "ft_l2sp", "ft_label_smoothing", "ft_wise"):
+                if not getattr(self, name):
+                    raise ConfigError(name, "", "needs at least one value")
             for cfg in self.finetune_configs(self.probe_configs()[0]):
                 cfg.validate()
         for name, info in (self.backbone_info or {}).items():
@@ -134,28 +130,10 @@ class SweepConfig:
             for lr in self.ft_lrs:
                 if not (math.isfinite(lr) and lr > 0):
                     raise ConfigError("ft_lrs", lr, "must be a positive number")
-
-
-
-    def _validate_finetuning(self) -> None:
-        """ConfigErrors naming the sweep's own --ft-* flags (before the runs' configs are checked)."""
-        for name in ("ft_lrs", "ft_augment", "ft_l2sp", "ft_label_smoothing", "ft_wise"):
-            if not getattr(self, name):
-                raise ConfigError(name, "", "needs at least one value")
-        checks: list[tuple[bool, str, object, str]] = [(self.ft_epochs >= 0, "ft_epochs", self.ft_epochs, "must be zero or positive"),
-                  (self.ft_patience >= 1, "ft_patience", self.ft_patience, "must be at least 1"),
-                  (0 <= self.ft_warmup_epochs <= self.ft_epochs, "ft_warmup_epochs", self.ft_warmup_epochs,
-                   "must be in [0, --ft-epochs]"),
-                  (math.isfinite(self.ft_backbone_lr_mult) and self.ft_backbone_lr_mult >= 0, "ft_backbone_lr_mult",
-                   self.ft_backbone_lr_mult, "must be zero or positive")]
-        checks += [(parse_feature_augment(a) is not None, "ft_augment", a, "expected none, map or views:K with K >= 1")
-                   for a in self.ft_augment]
-        checks += [(math.isfinite(a) and a >= 0, "ft_l2sp", a, "must be zero or positive") for a in self.ft_l2sp]
-        checks += [(0 <= e < 1, "ft_label_smoothing", e, "must be in [0, 1)") for e in self.ft_label_smoothing]
-        checks += [(0 <= a <= 1, "ft_wise", a, "every a must be in [0, 1]") for a in self.ft_wise]
-        for ok, name, value, reason in checks:
-            if not ok:
-                raise ConfigError(name, value, reason)
+            if self.ft_epochs is not None and self.ft_epochs < 0:
+                raise ConfigError("ft_epochs", self.ft_epochs, "must be zero or positive")
+            if self.ft_patience is not None and self.ft_patience < 1:
+                raise ConfigError("ft_patience", self.ft_patience, "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -349,7 +327,7 @@ class Sweep:
         self.ledger.set_meta("skipped_backbones", skipped)
         self.ledger.set_meta("data_summary", splits.summary())
         ft_terms = (cfg.ft_label_smoothing, cfg.ft_l2sp) if cfg.lpft else ((0.0,), (0.0,))
-        self.ledger.set_meta("objective", describe_objective(cfg.l2s, *ft_terms, smoothing_scope="fine-tuning: "))
+        self.ledger.set_meta("objective", describe_objective(cfg.l2s, *ft_terms))
         self.ledger.set_meta("select", cfg.train.select)
         self.ledger.set_meta("numerics", self.numerics)
         n_ft = len(cfg.ft_units()) * len(cfg.finetune_configs(cfg.probe_configs()[0])) if cfg.lpft else 0
@@ -366,13 +344,6 @@ class Sweep:
                 info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch}
                 self.ledger.set_meta(f"backbone_info:{name}", {**info, **(cfg.backbone_info or {}).get(name, {})})
                 self.ledger.set_meta(f"skipped_files:{name}", {})
-                if cfg.lpft:
-                    for k in dict.fromkeys(ft_ks.values()):
-                        for augment in cfg.ft_augment:
-                            try:  # refuse before any run, not inside each task
-                                bench.check_feature_augment(augment, k)
-                            except ConfigError as e:
-                                raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
                 probe_hash = self._phase(bench, "LP", self._probe_runs(bench))
                 if cfg.lpft and probe_hash is not None:
                     self._phase(bench, "LP-FT", self._finetune_runs(bench, probe_hash, ft_ks), start=probe_hash)
@@ -392,11 +363,8 @@ class Sweep:
 
     # -- what each phase runs ---------------------------------------------------------------------
     def _hash(self, bench: Workbench, method: Method, cfg: TrainConfig, k: int, start: str | None = None) -> str:
-        # Where the cached inputs come from changes the numbers (the runtime runs the prefix up to that
-        # block, eager PyTorch the rest): part of the run's identity.
-        numerics = {**self.numerics, "cached_at": bench.cache_origin(k)} if self.numerics.get("cached") else self.numerics
         return run_hash(method, bench.backbone.spec.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k,
-                        start, numerics)
+                        start, self.numerics)
 
     def _probe_runs(self, bench: Workbench) -> list[PlannedRun]:
         return [PlannedRun(self._hash(bench, "LP", c, 1), c, 1) for c in self.cfg.probe_configs()]
@@ -462,9 +430,7 @@ class Sweep:
         val_xent, val_err = result.val_metrics  # of the returned weights (after interpolation, if any)
         metrics = {"best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"], "val_xent": val_xent,
                    "val_err": val_err, "trainable_params": n_params, "n_trainable_layers": p.k, "unit": p.unit,
-                   "wise_alpha": result.wise_alpha, "wise": result.wise, "runtime": runtime,
-                   # the best epoch's own numbers (before interpolation), as the history and the curves show them
-                   "epoch_val_xent": result.best["val_xent"], "epoch_val_err": result.best["val_err"]}
+                   "wise_alpha": result.wise_alpha, "wise": result.wise, "runtime": runtime}
         self.ledger.finish(p.hash, result.status, metrics, list(result.history), {"train_loop_s": result.train_seconds})
 
     def _choose_and_test(self, bench: Workbench, method: Method, planned: list[PlannedRun]) -> str | None:

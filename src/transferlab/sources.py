@@ -13,14 +13,6 @@ from .devices import Placement
 from .utils import UserError
 
 
-def draw_seed(what: str, seed: int, n_pass: int) -> int:
-    """A generator seed for `what` ("pick" a view, "map" crops) in pass `n_pass` of a run seeded by `seed`:
-    a stream of its own, unrelated to the batch order's (seeded by `seed`) and to the views' crops."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{what}:{seed}:{n_pass}".encode()).digest()[:7], "little")
-
-
 def view_seed(seed: int, view: int) -> int:
     """The augmentation seed of pass (or cached view) number `view` of a run seeded by `seed`.
 
@@ -115,7 +107,7 @@ class ViewSource:
         return len(self.labels)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(draw_seed("pick", self.seed, self.passes))
+        gen = torch.Generator().manual_seed(view_seed(self.seed, self.passes))
         self.passes += 1
         which = torch.randint(len(self.views), (len(self),), generator=gen).to(self.views.device)
         order = order.to(self.views.device)
@@ -159,7 +151,7 @@ class MapAugmentSource:
         return len(self.plain)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(draw_seed("map", self.seed, self.passes))
+        gen = torch.Generator().manual_seed(view_seed(self.seed, self.passes))
         self.passes += 1
         for x, y in self.plain.batches(order, batch_size):
             yield crop_and_flip_maps(x, gen, self.min_scale), y

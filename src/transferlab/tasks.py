@@ -119,7 +119,7 @@ def make_tasks(bench: Workbench, executor: Executor, n_trainable_layers: int, cf
     """
     k, engine = n_trainable_layers, bench.engine
     inputs = bench.inputs(k)
-    if k == 1 and start_state is None and inputs is not None and all(c.feature_augment == "none" for c in cfgs):
+    if k == 1 and start_state is None and inputs is not None:
         train, val = executor.put(inputs["train"]), executor.put(inputs["val"])
         return [(members, ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name, train, val,
                                          [cfgs[i] for i in members], engine, executor.threads))

@@ -239,39 +239,19 @@ class Workbench:
         setup = self.setup(n_trainable_layers)
         key = (n_views, seed, min_scale)
         if key not in setup.views:
-            self.check_feature_augment(f"views:{n_views}", n_trainable_layers)
+            if not setup.cached:
+                raise ConfigError("feature_augment", f"views:{n_views}", f"needs the cached path ({setup.notice or 'drop --no-cache'})")
+            train = setup.sources["train"]
+            assert isinstance(train, TensorSource)
+            need = train.inputs[0].numel() * 4 * len(train) * n_views
+            if need > self.engine.cache_max_gb * 1e9:
+                raise ConfigError("feature_augment", f"views:{n_views}", f"would hold {need / 1e9:.1f} GB of views "
+                                  f"> --cache-max-gb {self.engine.cache_max_gb:g} (fewer views, or a larger budget)")
             start = time.perf_counter()
             items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale)) for v in range(n_views)]
             self.timings["inputs_views_s"] = self.timings.get("inputs_views_s", 0.0) + time.perf_counter() - start
             setup.views[key] = SplitInputs(torch.stack([it.inputs for it in items]), items[0].labels, items[0].bad_files, items[0].runtime)
         return setup.views[key]
-
-    def cache_origin(self, n_trainable_layers: int) -> str | None:
-        """The chain block whose input the frozen prefix computes for `n_trainable_layers` (the cut, or the shared
-        fine-tuning cut it is derived from); None when uncached. Planned without extracting anything."""
-        if not self.engine.use_cache:
-            return None
-        cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
-        base = self._shared_base(cut)
-        return self.backbone.chain()[cut.index if base is None else base][0]
-
-    def check_feature_augment(self, feature_augment: str, n_trainable_layers: int) -> None:
-        """A ConfigError now if `feature_augment` cannot run for `n_trainable_layers` (rather than in every run)."""
-        kind, n_views = parse_feature_augment(feature_augment) or ("none", 0)
-        if kind == "none":
-            return
-        setup = self.setup(n_trainable_layers)
-        if not setup.cached:
-            raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({setup.notice or 'drop --no-cache'})")
-        train = setup.sources["train"]
-        assert isinstance(train, TensorSource)
-        if kind == "map" and train.inputs.dim() != 4:
-            raise ConfigError("feature_augment", "map", f"needs cached spatial maps before global pooling; the input of "
-                              f"{setup.cut.name} is {tuple(train.inputs.shape[1:])} (train more layers, or use views:K)")
-        need = train.inputs[0].numel() * 4 * len(train) * n_views
-        if need > self.engine.cache_max_gb * 1e9:
-            raise ConfigError("feature_augment", feature_augment, f"would hold {need / 1e9:.1f} GB of views "
-                              f"> --cache-max-gb {self.engine.cache_max_gb:g} (fewer views, or a larger budget)")
 
     def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
         """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``)."""
@@ -286,8 +266,10 @@ class Workbench:
             views = self.views(n_trainable_layers, n_views, cfg.seed, cfg.augment_min_scale)
             return ViewSource(views.inputs, views.labels, self.placement, cfg.seed)
         if kind == "map":
-            self.check_feature_augment("map", n_trainable_layers)
-            assert isinstance(train, TensorSource)
+            if not isinstance(train, TensorSource) or train.inputs.dim() != 4:
+                shape = tuple(train.inputs.shape[1:]) if isinstance(train, TensorSource) else "images (uncached)"
+                raise ConfigError("feature_augment", "map", f"needs cached spatial maps before global pooling; the input of "
+                                  f"{setup.cut.name} is {shape} (train more layers, or use views:K)")
             return MapAugmentSource(SplitInputs(train.inputs, train.labels, []), self.placement, cfg.seed, cfg.augment_min_scale)
         return train
 
@@ -345,7 +327,7 @@ class Workbench:
         pretrained = {n: self._pristine[n] for n, p in self.model.named_parameters()
                       if p.requires_grad and not n.startswith(head_prefix)} if cfg.l2sp else None
         net = self.net(n_trainable_layers)
-        wise = start_state is not None and bool(cfg.wise_alphas) and tuple(cfg.wise_alphas) != (1.0,)  # (1,): no interpolation
+        wise = start_state is not None and bool(cfg.wise_alphas)
         # With interpolation, a = 0 is the start: early stopping picks the best trained epoch (>= 1).
         result = fit(self.model, net, head, train, setup.sources["val"], cfg, on_epoch, pretrained, first_candidate=int(wise))
         if wise and result.status == "done":

@@ -52,7 +52,7 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
                 "n_trainable_layers": m["n_trainable_layers"], "trainable_params": m["trainable_params"],
                 "best_epoch": m["best_epoch"], "val_xent": m["val_xent"], "val_err": m["val_err"],
                 "test_acc": run["test_acc"], "select": cfg.get("select", "val_xent"),
-                **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg, m),
+                **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg),
                 **_against_lp(ledger, out, name, method, run_hash),
             })
     return rows
@@ -66,13 +66,11 @@ def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:
             "ft_l2sp": cfg.get("l2sp", 0.0), "label_smoothing": cfg.get("label_smoothing", 0.0), "wise_alpha": metrics.get("wise_alpha")}
 
 
-def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict, chosen_metrics: dict | None = None) -> dict:
+def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict) -> dict:
     """Validation error of the chosen hyperparameters across the grid's seeds: mean and sample std."""
     same = {k: v for k, v in chosen_cfg.items() if k != "seed"}
-    layers = (chosen_metrics or {}).get("n_trainable_layers")
     errs = [r["metrics"]["val_err"] for r in ledger.runs(name, method)
-            if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same
-            and r["metrics"].get("n_trainable_layers") == layers]
+            if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same]
     return {"n_seeds": len(errs), "val_err_seed_mean": statistics.fmean(errs) if errs else None,
             "val_err_seed_std": statistics.stdev(errs) if len(errs) > 1 else None}
 
@@ -171,13 +169,11 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
         what = f"the last {n} {unit} ({ft['n_trainable_layers']} layers)" if unit == "blocks" else f"the last {n} layers"
         how = f"augmentation {ft['ft_augment']}, L2-SP {ft['ft_l2sp']:g}, label smoothing {ft['label_smoothing']:g}"
         wise = "" if ft["wise_alpha"] is None else f", weights interpolated with the probe's at a = {ft['wise_alpha']:g}"
-        if ft["wise_alpha"] == 0:
-            wise += ": validation chose the probe itself"
         lines.append(
             f"{name}: fine-tuning {what} from the best probe ({how}{wise}) {verdict} test accuracy "
             f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "
             f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f}, val err {lp['val_err']:.4f} &rarr; {ft['val_err']:.4f}, "
-            f"best FT epoch {ft['best_epoch']} before interpolation{why}).{noise}"
+            f"best FT epoch {ft['best_epoch']}{why}).{noise}"
         )
     return lines
 
