@@ -24,8 +24,7 @@ def _probe_flag_groups():
     from .training import TrainConfig
 
     return [("data", config_flags(DataConfig)), ("backbone", config_flags(ProbeConfig)),
-            # A probe run has no start state to interpolate with (WiSE-FT is the sweep's --ft-wise).
-            ("training", config_flags(TrainConfig, exclude=("wise_alphas",))), ("engine", config_flags(EngineConfig))]
+            ("training", config_flags(TrainConfig)), ("engine", config_flags(EngineConfig))]
 
 
 def _all_flags():

@@ -433,12 +433,9 @@ def build_transform(pre: Preprocessing):
     )
 
 
-DEFAULT_MIN_SCALE = 0.35  # smallest crop, as a fraction of the image's area
-
-
-def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator, min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
-    """A random resized crop (`min_scale`-100% of the area, aspect 3/4-4/3) and a coin-flip horizontal
-    mirror, drawn from `gen` alone, then resized to the input size and normalised like the evaluation view."""
+def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator) -> torch.Tensor:
+    """A random resized crop (35-100% of the area, aspect 3/4-4/3) and a coin-flip horizontal mirror,
+    drawn from `gen` alone, then resized to the input size and normalised like the evaluation view."""
     from torchvision.transforms import functional as TF
 
     w, h = img.size
@@ -448,7 +445,7 @@ def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator, m
 
     box = None
     for _ in range(10):
-        area = w * h * uniform(min_scale, 1.0)
+        area = w * h * uniform(0.35, 1.0)
         ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
         if 0 < cw <= w and 0 < ch <= h:
@@ -481,11 +478,11 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin: bool = False,
-                 augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE) -> torch.utils.data.DataLoader:
+                 augment_seed: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader of ``(image, label, index, ok)`` in split order (or `batch_sampler`'s order)."""
     # Augmentations draw from per-item generators (see ImageDataset); the workers are seeded anyway
     # so nothing else they might randomise escapes the seed (pytorch#7068).
-    dataset = ImageDataset(split, pre, augment_seed, min_scale)
+    dataset = ImageDataset(split, pre, augment_seed)
     kwargs: dict = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(0))
     if num_workers > 0:
@@ -503,9 +500,8 @@ class ImageDataset(torch.utils.data.Dataset):
     (augment_seed, index): the same numbers whatever the number or order of loader workers.
     """
 
-    def __init__(self, split: Split, pre: Preprocessing, augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
+    def __init__(self, split: Split, pre: Preprocessing, augment_seed: int | None = None):
         self.split = split
-        self.min_scale = min_scale
         self.pre = pre
         self.transform = build_transform(pre)
         self.augment_seed = augment_seed
@@ -520,7 +516,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 x = self.transform(img)
             else:
                 gen = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + i)
-                x = augmented_view(img, self.pre, gen, self.min_scale)
+                x = augmented_view(img, self.pre, gen)
             ok = True
         except BAD_IMAGE_ERRORS:
             x = torch.zeros(3, self.pre.input_size, self.pre.input_size)

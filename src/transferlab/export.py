@@ -227,7 +227,7 @@ def _hash_matches(choice: dict, config: dict, backbone: Backbone, data_digest: s
         finally:
             ledger.close()
         h = run_hash(choice["method"], choice["backbone"], backbone.weights_digest, data_digest or "", DataConfig(**config["data"]),
-                     TrainConfig.from_dict(choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start,
+                     TrainConfig(**choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start,
                      numerics)
     except Exception as e:  # an older or newer ledger layout: record that it could not be checked
         log.debug("cannot recompute the run hash: %s", e)
