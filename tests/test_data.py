@@ -90,3 +90,31 @@ def test_transform_resizes_crops_and_normalises(tmp_path):
     x = build_transform(PYTORCHCV_PRE)(img)
     assert tuple(x.shape) == (3, 224, 224)
     assert float(x.abs().max()) < 0.01
+
+
+def test_an_image_loader_with_workers_leaves_the_sigchld_handler_as_it_was(tiny_folder):
+    # Each in a fresh process: torch installs its SIGCHLD handler once per process, on the first
+    # multi-worker loader iterated in the main thread; the bare DataLoader shows that it does.
+    import subprocess
+    import sys
+
+    script = """
+import signal, sys, torch
+from transferlab.backbones.registry import PYTORCHCV_PRE
+from transferlab.data import ImageDataset, image_loader, load_splits
+train = load_splits(sys.argv[1]).train
+before = signal.getsignal(signal.SIGCHLD)
+if sys.argv[2] == "ours":
+    loader = image_loader(train, PYTORCHCV_PRE, 4, num_workers=2)
+else:
+    loader = torch.utils.data.DataLoader(ImageDataset(train, PYTORCHCV_PRE), batch_size=4, num_workers=2)
+print(sum(len(b[0]) for b in loader), signal.getsignal(signal.SIGCHLD) is before)
+"""
+
+    def images_and_unchanged(which):
+        out = subprocess.run([sys.executable, "-c", script, str(tiny_folder), which], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert images_and_unchanged("bare") == ["24", "False"]
+    assert images_and_unchanged("ours") == ["24", "True"]

@@ -53,7 +53,10 @@ def test_batched_loss_with_label_smoothing_equals_each_head_alone():
 def test_the_report_formula_shows_exactly_the_terms_in_use():
     assert describe_objective((0.0,)) == "loss = mean cross-entropy"
     text = describe_objective((0.0, 1.0), label_smoothing=0.1, l2sp=0.01)
-    assert "(labels smoothed by 0.1)" in text and "(l2 / n_train) * sum(W_head ** 2)" in text and "0.01 * sum over fine-tuned" in text
+    assert "(labels smoothed by 0.1)" in text and "(l2 / n_train) * sum(W_head ** 2)" in text and "(L2-SP, A in 0.01)" in text
+    # A grid's lists: only the nonzero values are terms in use.
+    text = describe_objective((1.0,), label_smoothing=(0.0, 0.1), l2sp=(0.0,))
+    assert "(labels smoothed by 0.1)" in text and "L2-SP" not in text
 
 
 def test_l2sp_keeps_fine_tuned_layers_near_their_pretrained_values(tiny_folder, resnet10_random):

@@ -143,7 +143,7 @@ def test_a_learning_rate_that_blows_up_is_diverged_not_fatal(two_class, tmp_path
 
 def test_same_command_twice_gives_identical_numbers(two_class, tmp_path):
     args = ["--lr", "1e-3,1e-2", "--l2", "0,1", "--seeds", "0,1", "--lpft", "--ft-lr", "1e-3",
-            "--epochs", "4", "--device", "cpu", "--no-progress"]  # default workers: seeded decoding in parallel
+            "--epochs", "4", "--ft-epochs", "4", "--device", "cpu", "--no-progress"]  # default workers: seeded decoding in parallel
     for name in ("a", "b"):
         assert main(["sweep", "--data", str(two_class), "--out", str(tmp_path / name), *args]) == 0
     assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
@@ -155,7 +155,7 @@ def test_same_command_twice_gives_identical_numbers(two_class, tmp_path):
 
 # -- real kills ------------------------------------------------------------------------------------
 KILL_GRID = ["--lr", "1e-3,1e-2", "--l2", "0,1", "--seeds", "0,1", "--lpft", "--ft-lr", "1e-4,1e-3",
-             "--epochs", "25", "--patience", "25", "--device", "cpu", "--workers", "0", "--no-progress"]
+             "--epochs", "25", "--patience", "25", "--ft-epochs", "25", "--ft-patience", "25", "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
 def _ledger_rows(path: Path) -> list[tuple[str, str]]:

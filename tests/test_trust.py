@@ -19,7 +19,8 @@ from transferlab.cli import main
 from transferlab.ledger import Ledger
 from transferlab.tasks import ProbeGroupTask
 
-FAST = ["--backbones", "efficientnet_lite0", "--epochs", "4", "--patience", "4", "--device", "cpu", "--workers", "0", "--no-progress"]
+FAST = ["--backbones", "efficientnet_lite0", "--epochs", "4", "--patience", "4", "--ft-epochs", "4", "--ft-patience", "4",
+        "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
 def sweep(data, out, *extra):
@@ -402,3 +403,36 @@ def test_atomic_write_fsyncs_file_and_folder_and_keeps_the_umask(tmp_path, monke
     assert umask_seen_meanwhile == [0o027, 0o027] and mode == 0o640
     assert synced == [False, True]  # the file, then its folder
     assert (tmp_path / "f.bin").read_bytes() == b"x" and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_fine_tuning_grid_is_one_run_per_combination_and_the_test_split_is_read_once(data, tmp_path):
+    out = tmp_path / "ftgrid"
+    grid = ["--lr", "1e-2", "--l2", "0", "--seeds", "0", "--lpft", "--ft-blocks", "2,3", "--ft-lr", "1e-3",
+            "--ft-augment", "none,views:2,map", "--ft-l2sp", "0,0.1", "--label-smoothing", "0,0.1", "--ft-epochs", "2",
+            "--select", "val_err"]
+    assert sweep(data, out, *grid) == 0
+    ledger = ledger_of(out)
+    ft_runs = ledger.runs("efficientnet_lite0", "LP-FT")
+    combos = {(r["metrics"]["unit"], r["config"]["lr"], r["config"]["feature_augment"], r["config"]["l2sp"],
+               r["config"]["label_smoothing"]) for r in ft_runs}
+    assert len(ft_runs) == len(combos) == 2 * 3 * 2 * 2
+    assert all(r["status"] == "done" and r["config"]["select"] == "val_err" and r["config"]["epochs"] == 2 for r in ft_runs)
+    assert all(r["metrics"]["wise_alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in ft_runs)
+    for method in ("LP", "LP-FT"):
+        assert ledger.test_evaluations("efficientnet_lite0", method) == 1
+    # The choice follows --select val_err (ties: val xent, then grid order) over the interpolated runs.
+    chosen = ledger.run(ledger.choice("efficientnet_lite0", "LP-FT"))
+    best = min((r["metrics"]["val_err"], r["metrics"]["val_xent"]) for r in ft_runs)
+    assert (chosen["metrics"]["val_err"], chosen["metrics"]["val_xent"]) == best
+    ledger.close()
+    ft = summary(out)[1]
+    assert ft["method"] == "LP-FT" and ft["select"] == "val_err"
+    assert (ft["ft_unit"], ft["ft_augment"], ft["ft_l2sp"], ft["label_smoothing"], ft["wise_alpha"]) == (
+        chosen["metrics"]["unit"], chosen["config"]["feature_augment"], chosen["config"]["l2sp"],
+        chosen["config"]["label_smoothing"], chosen["metrics"]["wise_alpha"])
+    assert "Selection criterion (--select val_err)" in (out / "report.html").read_text()
+    # A resume trains nothing and reads the test split no more.
+    assert sweep(data, out, *grid) == 0
+    ledger = ledger_of(out)
+    assert ledger.test_evaluations("efficientnet_lite0") == 2
+    assert len(ledger.runs("efficientnet_lite0", "LP-FT")) == 24

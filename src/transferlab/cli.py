@@ -24,7 +24,8 @@ def _probe_flag_groups():
     from .training import TrainConfig
 
     return [("data", config_flags(DataConfig)), ("backbone", config_flags(ProbeConfig)),
-            ("training", config_flags(TrainConfig)), ("engine", config_flags(EngineConfig))]
+            # A probe run has no start state to interpolate with (WiSE-FT is the sweep's --ft-wise).
+            ("training", config_flags(TrainConfig, exclude=("wise_alphas",))), ("engine", config_flags(EngineConfig))]
 
 
 def _all_flags():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -433,9 +435,12 @@ def build_transform(pre: Preprocessing):
     )
 
 
-def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator) -> torch.Tensor:
-    """A random resized crop (35-100% of the area, aspect 3/4-4/3) and a coin-flip horizontal mirror,
-    drawn from `gen` alone, then resized to the input size and normalised like the evaluation view."""
+DEFAULT_MIN_SCALE = 0.35  # smallest crop, as a fraction of the image's area
+
+
+def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator, min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
+    """A random resized crop (`min_scale`-100% of the area, aspect 3/4-4/3) and a coin-flip horizontal
+    mirror, drawn from `gen` alone, then resized to the input size and normalised like the evaluation view."""
     from torchvision.transforms import functional as TF
 
     w, h = img.size
@@ -445,7 +450,7 @@ def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator) -
 
     box = None
     for _ in range(10):
-        area = w * h * uniform(0.35, 1.0)
+        area = w * h * uniform(min_scale, 1.0)
         ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
         cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
         if 0 < cw <= w and 0 < ch <= h:
@@ -477,19 +482,48 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class ChildSignalSafeLoader:
+    """A DataLoader whose iteration leaves the process's SIGCHLD disposition as it found it.
+
+    The first multi-worker DataLoader iterated in the main thread installs a process-wide Python
+    SIGCHLD handler (torch's worker-failure check) and never removes it. From then on every child
+    exit (a decoding worker, a sweep worker, a subprocess) interrupts some thread of the process,
+    C++ runtime threads included; in our long-lived test process this ended in heap corruption
+    (segfaults inside malloc, 5 of 5 full test runs; none once the handler was removed). The loader
+    still notices dead workers without it, by its own periodic status checks.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGCHLD")
+        before = signal.getsignal(signal.SIGCHLD) if main else None
+        try:
+            yield from self.loader
+        finally:
+            # `before` is None for a handler set outside Python: nothing we could put back.
+            if before is not None and threading.current_thread() is threading.main_thread() \
+                    and signal.getsignal(signal.SIGCHLD) is not before:
+                signal.signal(signal.SIGCHLD, before)
+
+
 def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers: int, batch_sampler=None, pin: bool = False,
-                 augment_seed: int | None = None) -> torch.utils.data.DataLoader:
+                 augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE) -> ChildSignalSafeLoader:
     """A DataLoader of ``(image, label, index, ok)`` in split order (or `batch_sampler`'s order)."""
     # Augmentations draw from per-item generators (see ImageDataset); the workers are seeded anyway
     # so nothing else they might randomise escapes the seed (pytorch#7068).
-    dataset = ImageDataset(split, pre, augment_seed)
+    dataset = ImageDataset(split, pre, augment_seed, min_scale)
     kwargs: dict = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(0))
     if num_workers > 0:
         kwargs.update(persistent_workers=False, prefetch_factor=4)
     if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
+        return ChildSignalSafeLoader(torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs))
+    return ChildSignalSafeLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs))
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -500,8 +534,9 @@ class ImageDataset(torch.utils.data.Dataset):
     (augment_seed, index): the same numbers whatever the number or order of loader workers.
     """
 
-    def __init__(self, split: Split, pre: Preprocessing, augment_seed: int | None = None):
+    def __init__(self, split: Split, pre: Preprocessing, augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
         self.split = split
+        self.min_scale = min_scale
         self.pre = pre
         self.transform = build_transform(pre)
         self.augment_seed = augment_seed
@@ -516,7 +551,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 x = self.transform(img)
             else:
                 gen = torch.Generator().manual_seed(self.augment_seed * 1_000_003 + i)
-                x = augmented_view(img, self.pre, gen)
+                x = augmented_view(img, self.pre, gen, self.min_scale)
             ok = True
         except BAD_IMAGE_ERRORS:
             x = torch.zeros(3, self.pre.input_size, self.pre.input_size)

@@ -156,12 +156,15 @@ def sweep_choices(ledger) -> list[dict]:
             if h is None:
                 continue
             run = ledger.run(h)
-            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": (run.get("metrics") or {}).get("val_xent"), "run": run})
+            metrics = run.get("metrics") or {}
+            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": metrics.get("val_xent"),
+                         "val_err": metrics.get("val_err"), "run": run})
     return rows
 
 
-def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str) -> dict:
-    """The chosen run for (backbone, method); unspecified parts: the lowest validation cross-entropy."""
+def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str, select: str = "val_xent") -> dict:
+    """The chosen run for (backbone, method); unspecified parts: the best under the sweep's `select`
+    criterion (lowest validation cross-entropy, ties: validation error; or the reverse)."""
     if method is not None and method not in METHODS:
         raise ConfigError("method", method, "expected LP or LP-FT")
     fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
@@ -169,8 +172,12 @@ def pick_choice(choices: list[dict], backbone: str | None, method: str | None, w
         known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
         asked = "/".join(x for x in (backbone, method) if x) or "any"
         raise UserError(f"{where}: no chosen run for {asked} (chosen runs: {known})")
-    finite = [c for c in fits if c["val_xent"] is not None]
-    return min(finite or fits, key=lambda c: (c["val_xent"] is None, c["val_xent"] or 0.0))
+    finite = [c for c in fits if c["val_xent"] is not None and c.get("val_err") is not None]
+    if not finite:
+        return fits[0]
+    from .training import selection_key
+
+    return min(finite, key=lambda c: selection_key(select, c["val_xent"], c["val_err"]))
 
 
 def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> TrainedModel:
@@ -178,7 +185,7 @@ def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> Tra
 
     ledger = Ledger(src / "ledger.sqlite", readonly=True)
     try:
-        choice = pick_choice(sweep_choices(ledger), backbone_name, method, str(src))
+        choice = pick_choice(sweep_choices(ledger), backbone_name, method, str(src), ledger.get_meta("select", "val_xent"))
         config = ledger.get_meta("config", {})
         summary = ledger.get_meta("data_summary", {})
         fingerprint = ledger.get_meta("data_fingerprint")
@@ -223,12 +230,12 @@ def _hash_matches(choice: dict, config: dict, backbone: Backbone, data_digest: s
         ledger = Ledger(src / "ledger.sqlite", readonly=True)
         try:
             start = ledger.choice(choice["backbone"], "LP") if choice["method"] == "LP-FT" else None
-            numerics = ledger.get_meta("numerics")
+            k = (choice["run"].get("metrics") or {})["n_trainable_layers"]
+            numerics = ledger.get_meta(f"numerics:{choice['backbone']}:{k}", ledger.get_meta("numerics"))
         finally:
             ledger.close()
         h = run_hash(choice["method"], choice["backbone"], backbone.weights_digest, data_digest or "", DataConfig(**config["data"]),
-                     TrainConfig(**choice["run"]["config"]), (choice["run"].get("metrics") or {})["n_trainable_layers"], start,
-                     numerics)
+                     TrainConfig.from_dict(choice["run"]["config"]), k, start, numerics)
     except Exception as e:  # an older or newer ledger layout: record that it could not be checked
         log.debug("cannot recompute the run hash: %s", e)
         return None

@@ -32,6 +32,7 @@ from .utils import UserError, atomic_write_bytes, stable_hash
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # 3: the key names the runtime that ran the prefix, and the decoder
+AUGMENT_VERSION = 1  # of data.augmented_view (crop, aspect range, flip, per-image seed): change it with them
 
 
 class Chain(nn.Module):
@@ -57,8 +58,12 @@ def extract(
     num_workers: int | None = None,
     progress: bool = True,
     runner: PrefixRunner | None = None,
+    augment: tuple[int, float] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Run `prefix` (eval mode) once over every image of `split`, with `runner` (default: eager PyTorch).
+
+    With `augment` = (seed, min_scale) each image is a seeded random resized crop and flip
+    (``data.augmented_view``) instead of the evaluation view.
 
     Returns the float32 outputs on CPU, in split order, and the indices of files that failed to
     decode (their rows are zeros). On CUDA the pass uses pinned memory, channels_last and bf16
@@ -68,16 +73,18 @@ def extract(
     prefix.eval()
     runner = runner or eager_runner(prefix, placement, (1, 3, pre.input_size, pre.input_size))
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda")
+    seed, min_scale = augment if augment is not None else (None, 1.0)
+    loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda", augment_seed=seed, min_scale=min_scale)
     out: torch.Tensor | None = None
     bad: list[int] = []
-    bar = tqdm(total=len(split), desc=f"extract {split.name} ({runner.name})", unit="img", disable=not progress, leave=False)
+    what = split.name if augment is None else f"{split.name} view"
+    bar = tqdm(total=len(split), desc=f"extract {what} ({runner.name})", unit="img", disable=not progress, leave=False)
     for x, _y, idx, ok in loader:
         try:
             y = runner(x)
         except RuntimeFellBack:
             bar.close()
-            return extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner)
+            return extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner, augment)
         if out is None:
             out = torch.empty((len(split),) + tuple(y.shape[1:]), dtype=torch.float32)
         out[idx] = y
@@ -106,10 +113,13 @@ class FeatureCache:
         self.directory = Path(directory) if directory is not None else None
 
     def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, placement: Placement,
-            runtime: PrefixRunner | None = None) -> str:
+            runtime: PrefixRunner | None = None, augment: tuple[int, float] | None = None) -> str:
+        """The cache key; `augment` = (seed, min_scale) for one augmented view of every image."""
         runtime = runtime or planned_runner("torch", placement)
+        extra = {} if augment is None else {"augment": {"seed": augment[0], "min_scale": augment[1], "version": AUGMENT_VERSION}}
         return stable_hash(
             {
+                **extra,
                 "format": CACHE_FORMAT,
                 "backbone": backbone.spec.name,
                 "weights": backbone.weights_digest,
@@ -204,16 +214,18 @@ def cached_split_inputs(
     progress: bool = True,
     runtime: str = "torch",
     prepare_runner: Callable[[], PrefixRunner] | None = None,
+    augment: tuple[int, float] | None = None,
 ) -> tuple[SplitInputs, list[str], bool]:
     """The prefix's outputs for `split`, from the cache or computed once (by `runtime`) and stored.
 
     `prepare_runner` builds the runner on a cache miss (callers keep one per cut, so the splits
     share an exported session); a cache hit prepares nothing. Returns (inputs, skipped files,
-    whether it was a cache hit); ``inputs.runtime`` says what computed them.
+    whether it was a cache hit); ``inputs.runtime`` says what computed them. With `augment` =
+    (seed, min_scale) the images are one seeded augmented view each (cached under their own key).
     """
     pre = backbone.spec.preprocessing
     runner = planned_runner(runtime, placement)
-    key = cache.key(backbone, cut_name, split, pre, placement, runner)
+    key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)
     item = cache.load(split, key)
     hit = item is not None
     if item is None:
@@ -223,12 +235,12 @@ def cached_split_inputs(
             runner = prepare_prefix_runner(prefix, shape, runtime, placement, cache.directory, key)
         else:
             runner = prepare_runner()
-        key = cache.key(backbone, cut_name, split, pre, placement, runner)  # eager PyTorch if the runtime fell back
+        key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)  # eager PyTorch if the runtime fell back
         item = cache.load(split, key)
         hit = item is not None
     if item is None:
-        inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner)
-        key = cache.key(backbone, cut_name, split, pre, placement, runner)  # it may have fallen back midway
+        inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner, augment)
+        key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)  # it may have fallen back midway
         labels = torch.tensor(split.labels, dtype=torch.int64)
         item = SplitInputs(inputs, labels, [split.files[i] for i in bad_index])
         cache.save(split, key, item)

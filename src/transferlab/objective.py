@@ -75,11 +75,16 @@ def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return data_term + penalty, xent
 
 
-def describe_objective(l2s: tuple[float, ...] = (1.0,), label_smoothing: float = 0.0, l2sp: float = 0.0) -> str:
-    """The formula the report prints: exactly the terms runs with these settings use."""
-    text = "loss = mean cross-entropy" + (f" (labels smoothed by {label_smoothing:g})" if label_smoothing else "")
+def describe_objective(l2s: tuple[float, ...] = (1.0,), label_smoothing: float | tuple[float, ...] = 0.0,
+                       l2sp: float | tuple[float, ...] = 0.0, smoothing_scope: str = "") -> str:
+    """The formula the report prints: exactly the terms runs with these settings use (a tuple: the
+    values a grid tries; a term whose values are all 0 is left out). `smoothing_scope` says which runs
+    smooth labels (a sweep's probes never do)."""
+    smooth = tuple(v for v in (label_smoothing if isinstance(label_smoothing, tuple) else (label_smoothing,)) if v)
+    sp = tuple(v for v in (l2sp if isinstance(l2sp, tuple) else (l2sp,)) if v)
+    text = "loss = mean cross-entropy" + (f" ({smoothing_scope}labels smoothed by {' or '.join(f'{v:g}' for v in smooth)})" if smooth else "")
     if any(l2 > 0 for l2 in l2s):
         text += f" + (l2 / n_train) * sum(W_head ** 2)   (the head bias is not penalised; l2 in {', '.join(f'{v:g}' for v in l2s)})"
-    if l2sp:
-        text += f"\n     + {l2sp:g} * sum over fine-tuned backbone tensors of ||w - w_pretrained||^2   (L2-SP)"
+    if sp:
+        text += f"\n     + A * sum over fine-tuned backbone tensors of ||w - w_pretrained||^2   (L2-SP, A in {', '.join(f'{v:g}' for v in sp)})"
     return text

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, ImageDataset, Preprocessing, Split, describe_bad_image
+from .data import IMAGE_EXTENSIONS, ChildSignalSafeLoader, ImageDataset, Preprocessing, Split, describe_bad_image
 from .utils import ConfigError, UserError
 
 ImageLike = str | os.PathLike | Image.Image
@@ -113,7 +113,8 @@ class Classifier:
 
             plain = all(not isinstance(x, Image.Image) for x in dataset.items)
             num_workers = default_num_workers() if plain and len(dataset) > batch_size else 0
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = ChildSignalSafeLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                                   num_workers=num_workers))
         probs: list[torch.Tensor] = []
         kept: list[int] = []
         bad: list[int] = []

@@ -31,7 +31,7 @@ from .ledger import Ledger, Method, RunRow
 from .objective import describe_objective
 from .reporting.insight import sweep_predictions_path, write_test_predictions
 from .tasks import Task, make_tasks
-from .training import EpochRecord, FitResult, TrainConfig
+from .training import EpochRecord, FitResult, TrainConfig, parse_feature_augment, selection_key
 from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
@@ -56,10 +56,27 @@ class SweepConfig:
     l2s: tuple[float, ...] = option((0.0, 1e-2, 1.0), "comma list of L2 strengths", flag="--l2")
     seeds: tuple[int, ...] = option((0, 1), "comma list of seeds")
     lpft: bool = option(False, "LP-then-FT from the chosen probe")
-    ft_layers: int = option(3, "LP-then-FT trains the last k layers (see --layer-order)")
-    ft_blocks: int | None = option(None, "LP-then-FT trains the last N blocks of the chain holding parameters, the head "
-                                   "counting as one (all their layers; overrides --ft-layers)")
-    ft_lrs: tuple[float, ...] = option((1e-5, 1e-4), "comma list of fine-tuning learning rates", flag="--ft-lr")
+    # The fine-tuning grid: every combination of these lists is one run from the chosen probe.
+    ft_blocks: tuple[int, ...] = option((), "comma list: LP-then-FT trains the last N blocks of the chain holding "
+                                        "parameters, the head counting as one (all their layers); with neither this nor "
+                                        "--ft-layers: 4")
+    ft_layers: tuple[int, ...] = option((), "comma list: LP-then-FT trains the last k layers (see --layer-order)")
+    ft_lrs: tuple[float, ...] = option((3e-5, 1e-4), "comma list of fine-tuning learning rates (the head's; see "
+                                       "--ft-backbone-lr-mult)", flag="--ft-lr")
+    ft_augment: tuple[str, ...] = option(("none",), "comma list of fine-tuning augmentations: none, views:K, map "
+                                         "(see the probe's --ft-augment)")
+    ft_l2sp: tuple[float, ...] = option((0.0,), "comma list of L2-SP strengths for fine-tuning: + A * sum ||w - w_pretrained||^2")
+    ft_label_smoothing: tuple[float, ...] = option((0.0,), "comma list of label smoothings for fine-tuning (probes train without)",
+                                                   flag="--label-smoothing")
+    ft_epochs: int = option(10, "fine-tuning epochs")
+    ft_patience: int = option(5, "fine-tuning early-stopping patience")
+    ft_lr_schedule: str = option("cosine", "fine-tuning learning rate over the run: constant, or cosine decay to 0 "
+                                 "(--lr-schedule is the probes')", choices=("constant", "cosine"))
+    ft_warmup_epochs: int = option(1, "fine-tuning linear warmup epochs (--warmup-epochs is the probes')")
+    ft_backbone_lr_mult: float = option(0.3, "fine-tuned backbone layers learn at the fine-tuning lr times this "
+                                        "(the head at the lr)")
+    ft_wise: tuple[float, ...] = option((0.0, 0.25, 0.5, 0.75, 1.0), "after fine-tuning, the weight interpolations "
+                                        "(1-a)*probe + a*fine-tuned tried on validation (WiSE-FT; 1 alone: none)")
     ft_train_bn: bool = option(False, "fine-tuned batch-norm layers use batch statistics")
     model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
     backbone_info: dict[str, dict] | None = option(None, "per backbone name, overrides of what the library says: "
@@ -67,13 +84,29 @@ class SweepConfig:
 
     GRID_FIELDS = ("lr", "l2", "seed")  # TrainConfig fields the grid sets
     # TrainConfig fields a sweep does not take from the command line: the probe's head has no batch norm,
-    # fine-tuning has --ft-train-bn.
-    NOT_SWEPT = GRID_FIELDS + ("train_bn",)
+    # and the fine-tuning grid sets the rest from its own lists.
+    NOT_SWEPT = GRID_FIELDS + ("train_bn", "feature_augment", "label_smoothing", "l2sp", "wise_alphas", "backbone_lr_mult")
+    DEFAULT_FT_BLOCKS = 4
 
     def probe_configs(self) -> list[TrainConfig]:
         """The LP grid in a fixed order (seed, lr, l2): the order also breaks validation ties."""
         return [dataclasses.replace(self.train, lr=lr, l2=l2, seed=seed)
                 for seed in self.seeds for lr in self.lrs for l2 in self.l2s]
+
+    def ft_units(self) -> list[tuple[str, int]]:
+        """What fine-tuning trains, in grid order: ("blocks", N) for each --ft-blocks, else ("layers", k)."""
+        if not self.ft_blocks and not self.ft_layers:
+            return [("blocks", self.DEFAULT_FT_BLOCKS)]
+        return [("blocks", n) for n in self.ft_blocks] + [("layers", k) for k in self.ft_layers]
+
+    def finetune_configs(self, probe: TrainConfig) -> list[TrainConfig]:
+        """The fine-tuning grid from the chosen probe's config, in a fixed order (lr, augment, L2-SP,
+        label smoothing; the outer loop over units is the caller's): the order also breaks validation ties."""
+        base = dataclasses.replace(probe, train_bn=self.ft_train_bn, wise_alphas=tuple(self.ft_wise),
+                                   lr_schedule=self.ft_lr_schedule, warmup_epochs=self.ft_warmup_epochs,
+                                   backbone_lr_mult=self.ft_backbone_lr_mult, epochs=self.ft_epochs, patience=self.ft_patience)
+        return [dataclasses.replace(base, lr=lr, feature_augment=aug, l2sp=l2sp, label_smoothing=ls)
+                for lr in self.ft_lrs for aug in self.ft_augment for l2sp in self.ft_l2sp for ls in self.ft_label_smoothing]
 
     def validate(self) -> None:
         for name in ("lrs", "l2s", "seeds", "backbones", "sources"):
@@ -81,6 +114,10 @@ class SweepConfig:
                 raise ConfigError(name, "", "needs at least one value")
         for cfg in self.probe_configs():
             cfg.validate()
+        if self.lpft:
+            self._validate_finetuning()
+            for cfg in self.finetune_configs(self.probe_configs()[0]):
+                cfg.validate()
         for name, info in (self.backbone_info or {}).items():
             if not isinstance(info, dict) or set(info) - {"source", "source_top1"}:
                 raise ConfigError("backbone_info", name, "expected a mapping with keys source and/or source_top1")
@@ -88,13 +125,37 @@ class SweepConfig:
             if top1 is not None and not (isinstance(top1, (int, float)) and 0 <= top1 <= 100):
                 raise ConfigError("backbone_info", name, f"source_top1 {top1!r} must be a percentage")
         if self.lpft:
-            if self.ft_blocks is not None and self.train.layer_order != "forward":
-                raise ConfigError("ft_blocks", self.ft_blocks, "counts blocks in forward order (drop --layer-order definition)")
-            if self.ft_layers < 1:
-                raise ConfigError("ft_layers", self.ft_layers, "must be at least 1")
+            if self.ft_blocks and self.train.layer_order != "forward":
+                raise ConfigError("ft_blocks", ",".join(map(str, self.ft_blocks)), "counts blocks in forward order "
+                                  "(drop --layer-order definition)")
+            for unit, n in self.ft_units():
+                if n < 1:
+                    raise ConfigError(f"ft_{unit}", n, "must be at least 1")
             for lr in self.ft_lrs:
                 if not (math.isfinite(lr) and lr > 0):
                     raise ConfigError("ft_lrs", lr, "must be a positive number")
+
+
+
+    def _validate_finetuning(self) -> None:
+        """ConfigErrors naming the sweep's own --ft-* flags (before the runs' configs are checked)."""
+        for name in ("ft_lrs", "ft_augment", "ft_l2sp", "ft_label_smoothing", "ft_wise"):
+            if not getattr(self, name):
+                raise ConfigError(name, "", "needs at least one value")
+        checks: list[tuple[bool, str, object, str]] = [(self.ft_epochs >= 0, "ft_epochs", self.ft_epochs, "must be zero or positive"),
+                  (self.ft_patience >= 1, "ft_patience", self.ft_patience, "must be at least 1"),
+                  (0 <= self.ft_warmup_epochs <= self.ft_epochs, "ft_warmup_epochs", self.ft_warmup_epochs,
+                   "must be in [0, --ft-epochs]"),
+                  (math.isfinite(self.ft_backbone_lr_mult) and self.ft_backbone_lr_mult >= 0, "ft_backbone_lr_mult",
+                   self.ft_backbone_lr_mult, "must be zero or positive")]
+        checks += [(parse_feature_augment(a) is not None, "ft_augment", a, "expected none, map or views:K with K >= 1")
+                   for a in self.ft_augment]
+        checks += [(math.isfinite(a) and a >= 0, "ft_l2sp", a, "must be zero or positive") for a in self.ft_l2sp]
+        checks += [(0 <= e < 1, "ft_label_smoothing", e, "must be in [0, 1)") for e in self.ft_label_smoothing]
+        checks += [(0 <= a <= 1, "ft_wise", a, "every a must be in [0, 1]") for a in self.ft_wise]
+        for ok, name, value, reason in checks:
+            if not ok:
+                raise ConfigError(name, value, reason)
 
 
 @dataclass(frozen=True)
@@ -174,13 +235,14 @@ def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: st
     )
 
 
-def choose(rows: list[RunRow], order: list[str]) -> RunRow | None:
-    """Among the runs whose hash is in `order`, the finished, non-diverged one with the lowest val xent
-    (ties: val err, then position in `order`)."""
+def choose(rows: list[RunRow], order: list[str], select: str = "val_xent") -> RunRow | None:
+    """Among the runs whose hash is in `order`, the finished, non-diverged one that is best under `select`
+    (val_xent: lowest val xent, ties by val err; val_err: the reverse), then by position in `order`."""
     done = [r for r in rows if r["hash"] in order and r["status"] == "done" and (r["metrics"] or {}).get("val_xent") is not None]
     if not done:
         return None
-    return min(done, key=lambda r: (r["metrics"]["val_xent"], r["metrics"]["val_err"], order.index(r["hash"])))  # type: ignore[index]
+    return min(done, key=lambda r: (*selection_key(select, r["metrics"]["val_xent"], r["metrics"]["val_err"]),  # type: ignore[index]
+                                    order.index(r["hash"])))
 
 
 def claim_folder(ledger: Ledger, out: Path, data: DataConfig, splits: ImageSplits, force: bool) -> str:
@@ -212,20 +274,27 @@ def check_ft_capacity(cfg: SweepConfig, names: list[str]) -> None:
     """A ConfigError when --ft-layers / --ft-blocks reach beyond a backbone."""
     for name in names:
         backbone = load_backbone(name, pretrained=False)
-        if cfg.ft_blocks is not None:
-            layers_of_last_blocks(backbone, cfg.ft_blocks)
-            continue
         n_layers = len(layer_names(backbone.model))
-        if cfg.ft_layers > n_layers:
-            raise ConfigError("ft_layers", cfg.ft_layers, f"{name} has only {n_layers} layers")
+        for unit, n in cfg.ft_units():
+            if unit == "blocks":
+                layers_of_last_blocks(backbone, n)
+            elif n > n_layers:
+                raise ConfigError("ft_layers", n, f"{name} has only {n_layers} layers")
+
+
+def ft_layer_counts(cfg: SweepConfig, backbone) -> dict[str, int]:
+    """{unit text ("blocks:2", "layers:3"): number of trainable layers} of the fine-tuning grid on `backbone`."""
+    return {f"{unit}:{n}": (layers_of_last_blocks(backbone, n) if unit == "blocks" else n) for unit, n in cfg.ft_units()}
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a phase: its ledger hash and its training config."""
+    """One run of a phase: its ledger hash, its training config and how many layers it trains."""
 
     hash: str
     cfg: TrainConfig
+    k: int
+    unit: str = "layers:1"  # what the grid said: "layers:k" or "blocks:N"
 
 
 class Sweep:
@@ -279,23 +348,34 @@ class Sweep:
         self.ledger.set_meta("backbones", names)
         self.ledger.set_meta("skipped_backbones", skipped)
         self.ledger.set_meta("data_summary", splits.summary())
-        self.ledger.set_meta("objective", describe_objective(cfg.l2s, cfg.train.label_smoothing, cfg.train.l2sp))
+        ft_terms = (cfg.ft_label_smoothing, cfg.ft_l2sp) if cfg.lpft else ((0.0,), (0.0,))
+        self.ledger.set_meta("objective", describe_objective(cfg.l2s, *ft_terms, smoothing_scope="fine-tuning: "))
+        self.ledger.set_meta("select", cfg.train.select)
         self.ledger.set_meta("numerics", self.numerics)
-        n_runs = len(names) * (len(cfg.probe_configs()) + (len(cfg.ft_lrs) if cfg.lpft else 0))
+        n_ft = len(cfg.ft_units()) * len(cfg.finetune_configs(cfg.probe_configs()[0])) if cfg.lpft else 0
+        n_runs = len(names) * (len(cfg.probe_configs()) + n_ft)
         self.bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress)
         try:
             for name in names:
                 backbone = load_backbone(name, cfg.model_dir)
-                k_ft = cfg.ft_layers if cfg.ft_blocks is None else layers_of_last_blocks(backbone, cfg.ft_blocks)
+                ft_ks = ft_layer_counts(cfg, backbone)
+                # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
                 bench = Workbench(backbone, splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
-                                  share_cut_layers=k_ft if cfg.lpft else None, layer_order=cfg.train.layer_order)
+                                  share_cut_layers=max(ft_ks.values()) if cfg.lpft else None, layer_order=cfg.train.layer_order)
                 spec = bench.backbone.spec
                 info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch}
                 self.ledger.set_meta(f"backbone_info:{name}", {**info, **(cfg.backbone_info or {}).get(name, {})})
                 self.ledger.set_meta(f"skipped_files:{name}", {})
-                probe_hash = self._phase(bench, "LP", 1, self._probe_runs(bench))
+                if cfg.lpft:
+                    for k in dict.fromkeys(ft_ks.values()):
+                        for augment in cfg.ft_augment:
+                            try:  # refuse before any run, not inside each task
+                                bench.check_feature_augment(augment, k)
+                            except ConfigError as e:
+                                raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
+                probe_hash = self._phase(bench, "LP", self._probe_runs(bench))
                 if cfg.lpft and probe_hash is not None:
-                    self._phase(bench, "LP-FT", k_ft, self._finetune_runs(bench, probe_hash, k_ft), start=probe_hash)
+                    self._phase(bench, "LP-FT", self._finetune_runs(bench, probe_hash, ft_ks), start=probe_hash)
                 else:
                     self.ledger.unchoose(name, "LP-FT")
                 if bench.skipped_files:
@@ -312,31 +392,39 @@ class Sweep:
 
     # -- what each phase runs ---------------------------------------------------------------------
     def _hash(self, bench: Workbench, method: Method, cfg: TrainConfig, k: int, start: str | None = None) -> str:
+        # Where the cached inputs come from changes the numbers (the runtime runs the prefix up to that
+        # block, eager PyTorch the rest): part of the run's identity.
+        numerics = {**self.numerics, "cached_at": bench.cache_origin(k)} if self.numerics.get("cached") else self.numerics
+        self.ledger.set_meta(f"numerics:{bench.backbone.spec.name}:{k}", numerics)  # what export checks a hash with
         return run_hash(method, bench.backbone.spec.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k,
-                        start, self.numerics)
+                        start, numerics)
 
     def _probe_runs(self, bench: Workbench) -> list[PlannedRun]:
-        return [PlannedRun(self._hash(bench, "LP", c, 1), c) for c in self.cfg.probe_configs()]
+        return [PlannedRun(self._hash(bench, "LP", c, 1), c, 1) for c in self.cfg.probe_configs()]
 
-    def _finetune_runs(self, bench: Workbench, probe_hash: str, k: int) -> list[PlannedRun]:
+    def _finetune_runs(self, bench: Workbench, probe_hash: str, ft_ks: dict[str, int]) -> list[PlannedRun]:
         probe = self.ledger.run(probe_hash)
         assert probe is not None
-        probe_cfg = TrainConfig(**probe["config"])
-        cfgs = [dataclasses.replace(probe_cfg, lr=lr, train_bn=self.cfg.ft_train_bn) for lr in self.cfg.ft_lrs]
-        return [PlannedRun(self._hash(bench, "LP-FT", c, k, probe_hash), c) for c in cfgs]
+        cfgs = self.cfg.finetune_configs(TrainConfig.from_dict(probe["config"]))
+        planned: dict[str, PlannedRun] = {}  # blocks:N and layers:k may name the same layers: one run
+        for unit, k in ft_ks.items():
+            for c in cfgs:
+                h = self._hash(bench, "LP-FT", c, k, probe_hash)
+                planned.setdefault(h, PlannedRun(h, c, k, unit))
+        return list(planned.values())
 
     # -- one path for every phase -----------------------------------------------------------------
-    def _phase(self, bench: Workbench, method: Method, k: int, planned: list[PlannedRun], start: str | None = None) -> str | None:
+    def _phase(self, bench: Workbench, method: Method, planned: list[PlannedRun], start: str | None = None) -> str | None:
         """Execute the unfinished runs of `planned`, then choose on validation and test once; the chosen hash."""
-        assert self.bar is not None
+        assert self.bar is not None and self.executor is not None
         todo = [p for p in planned if not self.ledger.is_finished(p.hash)]
         self.bar.update(len(planned) - len(todo))
-        if todo:
-            start_state = None if start is None else _load_params(self.out, start)
-            assert self.executor is not None
-            units = make_tasks(bench, self.executor, k, [p.cfg for p in todo], start_state, self.cfg.data.on_bad_image)
-            self._execute(bench, method, k, [([todo[i] for i in members], task) for members, task in units])
-        return self._choose_and_test(bench, method, k, planned)
+        start_state = None if start is None or not todo else _load_params(self.out, start)
+        for k in dict.fromkeys(p.k for p in todo):  # one cut at a time, in grid order
+            runs = [p for p in todo if p.k == k]
+            units = make_tasks(bench, self.executor, k, [p.cfg for p in runs], start_state, self.cfg.data.on_bad_image)
+            self._execute(bench, method, k, [([runs[i] for i in members], task) for members, task in units])
+        return self._choose_and_test(bench, method, planned)
 
     def _execute(self, bench: Workbench, method: Method, k: int, units: list[tuple[list[PlannedRun], Task]]) -> None:
         """Run every unit; each of its runs ends done, diverged or failed (error stored), and the sweep goes on.
@@ -367,17 +455,20 @@ class Sweep:
                 log.warning("%s %s: %d run(s) failed (%s); re-run the same command to retry them", name, method, len(runs), error)
             else:
                 for p, result in zip(runs, results):
-                    self._record(p.hash, result, n_params, k, runtime)
+                    self._record(p, result, n_params, runtime)
             self.bar.update(len(runs))
 
-    def _record(self, h: str, result: FitResult, n_params: int, k: int, runtime: dict | None) -> None:
-        _save_params(self.out, h, result.best_state)  # parameters first: a 'done' row always has its file
-        best = result.best
-        metrics = {"best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"], "val_xent": best["val_xent"],
-                   "val_err": best["val_err"], "trainable_params": n_params, "n_trainable_layers": k, "runtime": runtime}
-        self.ledger.finish(h, result.status, metrics, list(result.history), {"train_loop_s": result.train_seconds})
+    def _record(self, p: PlannedRun, result: FitResult, n_params: int, runtime: dict | None) -> None:
+        _save_params(self.out, p.hash, result.best_state)  # parameters first: a 'done' row always has its file
+        val_xent, val_err = result.val_metrics  # of the returned weights (after interpolation, if any)
+        metrics = {"best_epoch": result.best_epoch, "epochs_run": result.history[-1]["epoch"], "val_xent": val_xent,
+                   "val_err": val_err, "trainable_params": n_params, "n_trainable_layers": p.k, "unit": p.unit,
+                   "wise_alpha": result.wise_alpha, "wise": result.wise, "runtime": runtime,
+                   # the best epoch's own numbers (before interpolation), as the history and the curves show them
+                   "epoch_val_xent": result.best["val_xent"], "epoch_val_err": result.best["val_err"]}
+        self.ledger.finish(p.hash, result.status, metrics, list(result.history), {"train_loop_s": result.train_seconds})
 
-    def _choose_and_test(self, bench: Workbench, method: Method, k: int, planned: list[PlannedRun]) -> str | None:
+    def _choose_and_test(self, bench: Workbench, method: Method, planned: list[PlannedRun]) -> str | None:
         name = bench.backbone.spec.name
         hashes = [p.hash for p in planned]
         if not all(self.ledger.is_finished(h) for h in hashes):
@@ -385,13 +476,14 @@ class Sweep:
                         name, method)
             self.ledger.unchoose(name, method)
             return None
-        chosen = choose(self.ledger.runs(name, method), hashes)
+        chosen = choose(self.ledger.runs(name, method), hashes, self.cfg.train.select)
         if chosen is None:
             log.warning("%s %s: every run diverged; nothing to test", name, method)
             self.ledger.unchoose(name, method)
             return None
         h = chosen["hash"]
         self.ledger.choose(name, method, h)
+        k = next(p.k for p in planned if p.hash == h)
         if chosen["test_acc"] is None and bench.splits.test is not None:
             bench.load_trained(k, _load_params(self.out, h))
             test = bench.evaluate_test(k)

@@ -10,7 +10,7 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,7 +20,7 @@ from .devices import Placement
 from .executors import Executor, InProcessExecutor
 from .heads import new_head
 from .sources import SplitInputs, TensorSource
-from .training import EpochRecord, FitResult, TrainConfig, fit_linear_probes, probe_groups
+from .training import EpochRecord, FitResult, TrainConfig, fit_linear_probes, parse_feature_augment, probe_groups
 from .workbench import EngineConfig, FrozenWeightsChanged, Workbench
 
 OnEpoch = Callable[[EpochRecord], None]
@@ -94,6 +94,7 @@ class TrainTask:
     cfg: TrainConfig
     start_state: dict[str, torch.Tensor] | None
     threads: int
+    views: dict[tuple[int, int, float], SplitInputs] | None = None  # cached augmented train views (--ft-augment views:K)
 
     def __call__(self, on_epoch: OnEpoch | None = None) -> list[FitResult]:
         torch.set_num_threads(self.threads)
@@ -104,7 +105,7 @@ class TrainTask:
                           layer_order=self.cfg.layer_order)
         inputs = fetch(self.inputs)
         if inputs is not None:
-            bench.adopt_inputs(self.n_trainable_layers, inputs)
+            bench.adopt_inputs(self.n_trainable_layers, inputs, fetch(self.views))
         return [bench.run(self.cfg, self.n_trainable_layers, start_state=fetch(self.start_state), on_epoch=on_epoch)]
 
 
@@ -118,7 +119,7 @@ def make_tasks(bench: Workbench, executor: Executor, n_trainable_layers: int, cf
     """
     k, engine = n_trainable_layers, bench.engine
     inputs = bench.inputs(k)
-    if k == 1 and start_state is None and inputs is not None:
+    if k == 1 and start_state is None and inputs is not None and all(c.feature_augment == "none" for c in cfgs):
         train, val = executor.put(inputs["train"]), executor.put(inputs["val"])
         return [(members, ProbeGroupTask(bench.backbone.feature_dim, bench.n_classes, bench.backbone.classifier_name, train, val,
                                          [cfgs[i] for i in members], engine, executor.threads))
@@ -129,8 +130,18 @@ def make_tasks(bench: Workbench, executor: Executor, n_trainable_layers: int, cf
     backbone, splits = executor.put(pristine), executor.put(bench.splits)
     shipped = None if inputs is None else executor.put(inputs)
     start = None if start_state is None else executor.put(start_state)
-    return [([i], TrainTask(backbone, splits, engine, on_bad_image, k, shipped, cfg, start, executor.threads))
-            for i, cfg in enumerate(cfgs)]
+    views: dict[tuple[int, int, float], Any] = {}  # each set of views is computed (or loaded) once, shipped once
+    tasks: list[tuple[list[int], Task]] = []
+    for i, cfg in enumerate(cfgs):
+        kind, n_views = parse_feature_augment(cfg.feature_augment) or ("none", 0)
+        mine = None
+        if kind == "views" and inputs is not None:
+            key = (n_views, cfg.seed, cfg.augment_min_scale)
+            if key not in views:
+                views[key] = executor.put({key: bench.views(k, *key)})
+            mine = views[key]
+        tasks.append(([i], TrainTask(backbone, splits, engine, on_bad_image, k, shipped, cfg, start, executor.threads, mine)))
+    return tasks
 
 
 def train_probes(bench: Workbench, cfgs: list[TrainConfig], on_epoch: OnEpoch | None = None) -> list[FitResult]:

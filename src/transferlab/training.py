@@ -1,9 +1,11 @@
-"""One training run: minibatch Adam (or SGD) with early stopping on validation cross-entropy.
+"""One training run: minibatch Adam (or SGD) with early stopping on a validation criterion.
 
 The loss is the :class:`~transferlab.objective.Objective`. Epoch 0 evaluates the untrained model on
-validation before any update. After every epoch the validation cross-entropy decides: a strict
-improvement keeps a copy of the trainable state in memory; `patience` epochs without one stop
-training; the best state is restored at the end.
+validation before any update. After every epoch the selection criterion (``--select``: validation
+cross-entropy, ties broken by validation error, or the reverse) decides: a strict improvement keeps a
+copy of the trainable state in memory; `patience` epochs without one stop training; the best state is
+restored at the end. A run that started from another run's state (LP-then-FT) can then be
+interpolated in weight space with its start (WiSE-FT, :func:`wise_interpolate`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,20 @@ class TrainConfig:
     augment: bool = option(False, "random resized crops and flips of training images (runs the backbone every epoch)")
     label_smoothing: float = option(0.0, "cross-entropy against labels smoothed by this much (0: plain)")
     l2sp: float = option(0.0, "L2-SP: + l2sp * sum ||w - w_pretrained||^2 over the fine-tuned backbone tensors (the head keeps --l2)")
+    feature_augment: str = option("none", "augmentation on the cached path: none, views:K (K seeded crop+flip views of "
+                                  "every training image cached through the frozen part, one drawn per image each "
+                                  "epoch) or map (random crops and flips of cached spatial maps)", flag="--ft-augment")
+    augment_min_scale: float = option(0.35, "smallest random crop, as a fraction of the image (or map) area")
+    backbone_lr_mult: float = option(1.0, "trainable backbone layers learn at lr times this (the head at lr)",
+                                     flag="--ft-backbone-lr-mult")
+    lr_schedule: str = option("constant", "learning rate over the run: constant, or cosine decay to 0 over --epochs",
+                              choices=("constant", "cosine"))
+    warmup_epochs: int = option(0, "linear learning-rate warmup from 0 over this many epochs")
+    select: str = option("val_xent", "what early stopping (and a sweep's choices) minimise: val_xent or val_err, "
+                         "ties broken by the other", choices=("val_xent", "val_err"))
+    wise_alphas: tuple[float, ...] = option((), "after a run that starts from another run (LP-then-FT): weight "
+                                            "interpolations (1-a)*start + a*trained to try on validation (WiSE-FT)",
+                                            flag="--wise")
     layer_order: str = option("forward", "which layers are 'the last k': in the order a forward pass runs them, or by "
                               "parameter definition (the course's rule)", choices=("forward", "definition"))
 
@@ -90,14 +106,59 @@ class TrainConfig:
             (self.layer_order in ("forward", "definition"), "layer_order", self.layer_order, "expected forward or definition"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "must be in [0, 1)"),
             (math.isfinite(self.l2sp) and self.l2sp >= 0, "l2sp", self.l2sp, "must be zero or positive"),
+            (parse_feature_augment(self.feature_augment) is not None, "feature_augment", self.feature_augment,
+             "expected none, map or views:K with K >= 1"),
+            (0.0 < self.augment_min_scale <= 1.0, "augment_min_scale", self.augment_min_scale, "must be in (0, 1]"),
+            (math.isfinite(self.backbone_lr_mult) and self.backbone_lr_mult >= 0, "backbone_lr_mult",
+             self.backbone_lr_mult, "must be zero or positive"),
+            (self.lr_schedule in ("constant", "cosine"), "lr_schedule", self.lr_schedule, "expected constant or cosine"),
+            (0 <= self.warmup_epochs <= max(self.epochs, 0), "warmup_epochs", self.warmup_epochs, "must be in [0, epochs]"),
+            (self.select in ("val_xent", "val_err"), "select", self.select, "expected val_xent or val_err"),
+            (not (self.augment and self.feature_augment != "none"), "feature_augment", self.feature_augment,
+             "cannot be combined with --augment (which already shows new views every epoch)"),
+            (all(0.0 <= a <= 1.0 for a in self.wise_alphas), "wise_alphas", ",".join(map(str, self.wise_alphas)),
+             "every a must be in [0, 1]"),
         ]
         for ok, name, value, reason in checks:
             if not ok:
                 raise ConfigError(name, value, reason)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from its ``dataclasses.asdict`` form read back from JSON (lists become tuples again)."""
+        fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fixed)
+
     def schedule(self) -> tuple:
         """Everything but lr, l2 and patience: runs that share it see identical minibatches."""
         return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ("lr", "l2", "patience"))
+
+
+def parse_feature_augment(text: str) -> tuple[str, int] | None:
+    """("none", 0), ("map", 0) or ("views", K) from a --ft-augment value; None if it is not one."""
+    if text in ("none", "map"):
+        return text, 0
+    kind, _, k = text.partition(":")
+    if kind == "views" and k.isdigit() and int(k) >= 1:
+        return "views", int(k)
+    return None
+
+
+def selection_key(select: str, val_xent: float, val_err: float) -> tuple[float, float]:
+    """What is minimised to choose an epoch, a configuration or an interpolation: the criterion, then the other."""
+    return (val_err, val_xent) if select == "val_err" else (val_xent, val_err)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The multiplier of every learning rate at optimiser step `step` (0-based): linear warmup over
+    ``warmup_epochs``, then constant or a cosine decay reaching 0 at the end of ``epochs``."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    total = max(cfg.epochs * steps_per_epoch - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
 
 
 def probe_groups(configs: list[TrainConfig]) -> list[list[int]]:
@@ -119,18 +180,36 @@ class FitResult:
     history: list[EpochRecord]
     best_epoch: int
     status: RunStatus
-    best_state: dict[str, torch.Tensor] = field(repr=False)
+    best_state: dict[str, torch.Tensor] = field(repr=False)  # what the run returns (after interpolation, if any)
     train_seconds: float = 0.0
+    start_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the trainable state at epoch 0
+    wise_alpha: float | None = None  # the chosen interpolation weight (None: not interpolated)
+    wise: list[dict] = field(default_factory=list)  # {alpha, val_xent, val_err} of every interpolation tried
 
     @property
     def best(self) -> EpochRecord:
         return self.history[self.best_epoch]
 
+    @property
+    def val_metrics(self) -> tuple[float, float]:
+        """(val_xent, val_err) of the returned state: the interpolation chosen, else the best epoch."""
+        if self.wise_alpha is not None:
+            row = next(r for r in self.wise if r["alpha"] == self.wise_alpha)
+            return row["val_xent"], row["val_err"]
+        return self.best["val_xent"], self.best["val_err"]
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+
+def make_optimizer(model: nn.Module, head: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over `model`'s trainable parameters: the head at ``cfg.lr``, the backbone's at
+    ``cfg.lr * cfg.backbone_lr_mult``. Each group remembers its ``base_lr`` for the schedule."""
+    head_ids = {id(p) for p in head.parameters()}
+    params = list(trainable_parameters(model).values())
+    groups = [{"params": [p for p in params if id(p) in head_ids], "base_lr": cfg.lr},
+              {"params": [p for p in params if id(p) not in head_ids], "base_lr": cfg.lr * cfg.backbone_lr_mult}]
+    groups = [dict(g, lr=g["base_lr"]) for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)
 
 
 @torch.no_grad()
@@ -166,8 +245,12 @@ def fit(
     cfg: TrainConfig,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     pretrained: dict[str, torch.Tensor] | None = None,
+    first_candidate: int = 0,
 ) -> FitResult:
     """Train `model`'s trainable parameters; `net` maps a source's inputs to logits.
+
+    The best epoch is chosen among epochs >= `first_candidate` (when any ran): 1 makes a run that
+    will be interpolated with its start (WiSE-FT) return a trained state, the start being a = 0.
 
     `pretrained` holds the pretrained values of the fine-tuned backbone tensors (by parameter name),
     the anchors of the L2-SP term when ``cfg.l2sp`` > 0.
@@ -178,7 +261,7 @@ def fit(
     """
     if len(train) == 0 or len(val) == 0:
         raise UserError("training and validation splits must both hold at least one image")
-    optimizer = make_optimizer(list(trainable_parameters(model).values()), cfg)
+    optimizer = make_optimizer(model, head, cfg)
     objective = Objective(cfg.l2, len(train), cfg.label_smoothing, cfg.l2sp)
     named = trainable_parameters(model)
     anchors: list[tuple[torch.Tensor, torch.Tensor]] | None = (
@@ -188,9 +271,11 @@ def fit(
 
     set_train_mode(model, False)
     history = [_epoch_zero(*evaluate(net, val))]
-    best_epoch, best_xent, best_state = 0, history[0]["val_xent"], trainable_state(model)
+    start_state = trainable_state(model)
+    best_epoch, best_key, best_state = 0, selection_key(cfg.select, history[0]["val_xent"], history[0]["val_err"]), start_state
     status: RunStatus = "done"
-    since_best = 0
+    since_best = step = 0
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     if on_epoch:
         on_epoch(history[-1])
     start = time.perf_counter()
@@ -199,11 +284,15 @@ def fit(
         loss_sum = xent_sum = 0.0
         wrong = 0
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
+            factor = lr_factor(cfg, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
             logits = net(x)
             loss, xent = objective.loss(logits, y, head.weight, anchors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
             b = len(y)
             loss_sum += loss.item() * b
             xent_sum += xent.item() * b
@@ -218,8 +307,9 @@ def fit(
         if has_diverged(xent_sum / n_train, val_xent, n_classes):
             status = "diverged"
             break
-        if val_xent < best_xent:
-            best_epoch, best_xent, best_state, since_best = epoch, val_xent, trainable_state(model), 0
+        key = selection_key(cfg.select, val_xent, val_err)
+        if key < best_key or epoch == first_candidate:
+            best_epoch, best_key, best_state, since_best = epoch, key, trainable_state(model), 0
         else:
             since_best += 1
             if since_best >= cfg.patience:
@@ -227,7 +317,38 @@ def fit(
     train_seconds = time.perf_counter() - start
     load_state_strict(model, best_state)
     set_train_mode(model, False)
-    return FitResult(history, best_epoch, status, best_state, train_seconds)
+    return FitResult(history, best_epoch, status, best_state, train_seconds, start_state)
+
+
+def interpolate_states(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * start + alpha * trained`` for every floating tensor (exactly `start` at 0 and
+    `trained` at 1: ``torch.lerp``); integer buffers (batch counters) are taken from `trained`."""
+    return {k: torch.lerp(start[k], v, alpha) if v.is_floating_point() else v.clone() for k, v in trained.items()}
+
+
+@torch.no_grad()
+def wise_interpolate(model: nn.Module, net: nn.Module, val: BatchSource, result: FitResult, alphas: tuple[float, ...],
+                     select: str) -> FitResult:
+    """WiSE-FT (Wortsman et al. 2022): the interpolation between a run's start and its best state
+    that validates best under `select` (ties: the first of `alphas`), loaded into `model`.
+
+    Only the trainable tensors move (the frozen ones are the same in both states); ``alpha = 0`` is
+    exactly the start (e.g. the probe), ``alpha = 1`` exactly the trained run.
+    """
+    assert result.start_state is not None
+    table, chosen = [], None
+    for alpha in alphas:
+        state = interpolate_states(result.start_state, result.best_state, alpha)
+        load_state_strict(model, state)
+        set_train_mode(model, False)
+        val_xent, val_err = evaluate(net, val)
+        table.append({"alpha": alpha, "val_xent": val_xent, "val_err": val_err})
+        key = selection_key(select, val_xent, val_err)
+        if chosen is None or key < chosen[0]:
+            chosen = (key, alpha, state)
+    assert chosen is not None
+    load_state_strict(model, chosen[2])
+    return dataclasses.replace(result, best_state=chosen[2], wise_alpha=chosen[1], wise=table)
 
 
 class _StackedOptimizer:
@@ -320,7 +441,8 @@ def fit_linear_probes(
 
     vx, ve = val_metrics()
     histories = [[_epoch_zero(vx[g], ve[g])] for g in range(n_heads)]
-    best_epoch, best_xent = [0] * n_heads, list(vx)
+    best_epoch, best_key = [0] * n_heads, [selection_key(cfg0.select, vx[g], ve[g]) for g in range(n_heads)]
+    step, steps_per_epoch = 0, math.ceil(n_train / cfg0.batch_size)
     best_state = [snapshot(g) for g in range(n_heads)]
     since_best, active = [0] * n_heads, [True] * n_heads
     status: list[RunStatus] = ["done"] * n_heads
@@ -332,10 +454,13 @@ def fit_linear_probes(
         xent_sum = torch.zeros(n_heads, device=device)
         wrong = torch.zeros(n_heads, dtype=torch.long, device=device)
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg0.batch_size):
+            factor = lr_factor(cfg0, step, steps_per_epoch)
+            optimizer.lrs = lrs if factor == 1.0 else lrs * factor
             logits = _stacked_logits(weight, bias, x)
             loss, xent = stacked_loss(logits, y, weight, l2_scales, cfg0.label_smoothing)
             grads = torch.autograd.grad(loss.sum(), [weight, bias])
             optimizer.step(grads)
+            step += 1
             b = len(y)
             loss_sum += loss.detach() * b
             xent_sum += xent.detach() * b
@@ -349,8 +474,8 @@ def fit_linear_probes(
                                             val_xent=vx[g], val_err=ve[g]))
             if has_diverged(tx[g], vx[g], n_classes):
                 status[g], active[g] = "diverged", False
-            elif vx[g] < best_xent[g]:
-                best_epoch[g], best_xent[g], best_state[g], since_best[g] = epoch, vx[g], snapshot(g), 0
+            elif selection_key(cfg0.select, vx[g], ve[g]) < best_key[g]:
+                best_epoch[g], best_key[g], best_state[g], since_best[g] = epoch, selection_key(cfg0.select, vx[g], ve[g]), snapshot(g), 0
             else:
                 since_best[g] += 1
                 active[g] = since_best[g] < cfgs[g].patience

@@ -8,6 +8,7 @@ each start from the pristine pretrained weights and a head initialised from the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -31,8 +32,8 @@ from .features import (
 from .freezing import Cut, FreezePlan, frozen_digest, layer_of, load_state_strict, plan_cut, set_train_mode, trainable_state_keys
 from .heads import new_head
 from .runtimes import RUNTIMES, PrefixRunner, onnx_export_key, prepare_prefix_runner
-from .sources import BatchSource, ImageSource, SplitInputs, TensorSource
-from .training import EpochRecord, FitResult, TrainConfig, fit, predict_proba
+from .sources import BatchSource, ImageSource, MapAugmentSource, SplitInputs, TensorSource, ViewSource, view_seed
+from .training import EpochRecord, FitResult, TrainConfig, fit, parse_feature_augment, predict_proba, wise_interpolate
 from .utils import ConfigError, UserError, option
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Setup:
     notice: str  # why caching was turned off, if it was
     base: int | None = None  # cached at this earlier (fine-tuning) block instead, then run up to the cut
     sources: dict[str, BatchSource] = field(default_factory=dict)
+    views: dict[tuple[int, int, float], SplitInputs] = field(default_factory=dict)  # (K, seed, min_scale) -> (K, N, ...) train views
     runner: PrefixRunner | None = None  # what runs the frozen prefix on a cache miss (prepared once, shared by the splits)
     runtime: dict | None = None  # what computed the cached inputs (PrefixRunner.describe())
 
@@ -111,6 +113,7 @@ class Workbench:
         self.skipped_files: dict[str, list[str]] = {}
         self.timings: dict[str, float] = {}
         self._setups: dict[int, Setup] = {}
+        self._origins: dict[int, str] = {}
         backbone.reset_classifier(new_head(backbone.feature_dim, self.n_classes, seed=0))
         backbone.model.to(self.placement.device, self.placement.dtype)
         if self.placement.device.type == "cuda":
@@ -174,43 +177,7 @@ class Workbench:
         start = time.perf_counter()
         source: BatchSource
         if setup.cached:
-            chain, base = self.backbone.chain(), setup.base
-            at = setup.cut.index if base is None else base
-            prefix, cut_name = Chain(chain[:at]), chain[at][0]
-
-            def prepare_runner() -> PrefixRunner:
-                if setup.runner is None:
-                    pre = self.backbone.spec.preprocessing
-                    shape = (1, 3, pre.input_size, pre.input_size)
-                    key = onnx_export_key(self.backbone.spec.name, self.backbone.weights_digest, cut_name, shape)
-                    setup.runner = prepare_prefix_runner(prefix, shape, self.engine.runtime, self.placement, self.cache.directory, key)
-                return setup.runner
-
-            def load(runtime: str) -> tuple[SplitInputs, list[str]]:
-                item, skipped, _hit = cached_split_inputs(
-                    self.backbone, prefix, cut_name, split, self.cache, self.placement, self.on_bad_image,
-                    num_workers=self.engine.num_workers, progress=self.engine.progress, runtime=runtime,
-                    prepare_runner=prepare_runner,
-                )
-                return item, skipped
-
-            # Later splits look for what the first one was computed by, so one setup's splits share a runtime.
-            item, skipped = load(setup.runtime["name"] if setup.runtime else self.engine.runtime)
-            if not self._same_runtime(setup, item.runtime):
-                # The runtime failed on this split and fell back: compute it the way the others were.
-                log.warning("%s: recomputing split %s with %s, as the other splits were", cut_name, split.name, setup.runtime)
-                setup.runner = None
-                item, skipped = load(setup.runtime["name"] if setup.runtime else "torch")
-                if not self._same_runtime(setup, item.runtime):
-                    raise UserError(f"split {split.name} cannot be computed by {(setup.runtime or {}).get('name')} as the other "
-                                    f"splits were ({(item.runtime or {}).get('notice')}); pass --runtime torch, or remove {self.cache.directory}")
-            setup.runtime = setup.runtime or item.runtime
-            if base is not None:
-                derived = run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, self.placement)
-                item = SplitInputs(derived, item.labels, item.bad_files)
-            if skipped:
-                self.skipped_files[split.name] = skipped
-            source = TensorSource(item, self.placement)
+            source = TensorSource(self._cached_item(split, setup), self.placement)
         else:
             pre = self.backbone.spec.preprocessing
             bad = find_bad_images(split, pre, self.engine.num_workers, self.engine.progress)
@@ -222,6 +189,110 @@ class Workbench:
         key = f"inputs_{split.name}_s"
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
         return source
+
+    def _cached_item(self, split: Split, setup: Setup, augment: tuple[int, float] | None = None) -> SplitInputs:
+        """The inputs at `setup`'s cut for `split` (one augmented view each with `augment` = (seed, min_scale)),
+        from the cache or computed once by the frozen prefix."""
+        chain, base = self.backbone.chain(), setup.base
+        at = setup.cut.index if base is None else base
+        prefix, cut_name = Chain(chain[:at]), chain[at][0]
+
+        def prepare_runner() -> PrefixRunner:
+            if setup.runner is None:
+                pre = self.backbone.spec.preprocessing
+                shape = (1, 3, pre.input_size, pre.input_size)
+                key = onnx_export_key(self.backbone.spec.name, self.backbone.weights_digest, cut_name, shape)
+                setup.runner = prepare_prefix_runner(prefix, shape, self.engine.runtime, self.placement, self.cache.directory, key)
+            return setup.runner
+
+        def load(runtime: str) -> tuple[SplitInputs, list[str]]:
+            item, skipped, _hit = cached_split_inputs(
+                self.backbone, prefix, cut_name, split, self.cache, self.placement, self.on_bad_image,
+                num_workers=self.engine.num_workers, progress=self.engine.progress, runtime=runtime,
+                prepare_runner=prepare_runner, augment=augment,
+            )
+            return item, skipped
+
+        # Later splits look for what the first one was computed by, so one setup's splits share a runtime.
+        item, skipped = load(setup.runtime["name"] if setup.runtime else self.engine.runtime)
+        if not self._same_runtime(setup, item.runtime):
+            # The runtime failed on this split and fell back: compute it the way the others were.
+            log.warning("%s: recomputing split %s with %s, as the other splits were", cut_name, split.name, setup.runtime)
+            setup.runner = None
+            item, skipped = load(setup.runtime["name"] if setup.runtime else "torch")
+            if not self._same_runtime(setup, item.runtime):
+                raise UserError(f"split {split.name} cannot be computed by {(setup.runtime or {}).get('name')} as the other "
+                                f"splits were ({(item.runtime or {}).get('notice')}); pass --runtime torch, or remove {self.cache.directory}")
+        setup.runtime = setup.runtime or item.runtime
+        if base is not None:
+            derived = run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, self.placement)
+            item = SplitInputs(derived, item.labels, item.bad_files)
+        if skipped:
+            self.skipped_files[split.name] = skipped
+        return item
+
+    def views(self, n_trainable_layers: int, n_views: int, seed: int, min_scale: float) -> SplitInputs:
+        """`n_views` seeded augmented views of every training image at the cut, stacked (K, N, ...).
+
+        View v is cached on its own (keyed by its seed and `min_scale`), so views:2 reuses views:4's
+        first two files; it equals pass v of the uncached ``--augment`` path with the same seed.
+        """
+        setup = self.setup(n_trainable_layers)
+        key = (n_views, seed, min_scale)
+        if key not in setup.views:
+            self.check_feature_augment(f"views:{n_views}", n_trainable_layers)
+            start = time.perf_counter()
+            items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale)) for v in range(n_views)]
+            self.timings["inputs_views_s"] = self.timings.get("inputs_views_s", 0.0) + time.perf_counter() - start
+            setup.views[key] = SplitInputs(torch.stack([it.inputs for it in items]), items[0].labels, items[0].bad_files, items[0].runtime)
+        return setup.views[key]
+
+    def cache_origin(self, n_trainable_layers: int) -> str | None:
+        """The chain block whose input the frozen prefix computes for `n_trainable_layers` (the cut, or the shared
+        fine-tuning cut it is derived from); None when uncached. Planned without extracting anything."""
+        if not self.engine.use_cache:
+            return None
+        if n_trainable_layers not in self._origins:
+            cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
+            base = self._shared_base(cut)
+            self._origins[n_trainable_layers] = self.backbone.chain()[cut.index if base is None else base][0]
+        return self._origins[n_trainable_layers]
+
+    def check_feature_augment(self, feature_augment: str, n_trainable_layers: int) -> None:
+        """A ConfigError now if `feature_augment` cannot run for `n_trainable_layers` (rather than in every run)."""
+        kind, n_views = parse_feature_augment(feature_augment) or ("none", 0)
+        if kind == "none":
+            return
+        setup = self.setup(n_trainable_layers)
+        if not setup.cached:
+            raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({setup.notice or 'drop --no-cache'})")
+        train = setup.sources["train"]
+        assert isinstance(train, TensorSource)
+        if kind == "map" and train.inputs.dim() != 4:
+            raise ConfigError("feature_augment", "map", f"needs cached spatial maps before global pooling; the input of "
+                              f"{setup.cut.name} is {tuple(train.inputs.shape[1:])} (train more layers, or use views:K)")
+        need = train.inputs[0].numel() * 4 * len(train) * n_views
+        if need > self.engine.cache_max_gb * 1e9:
+            raise ConfigError("feature_augment", feature_augment, f"would hold {need / 1e9:.1f} GB of views "
+                              f"> --cache-max-gb {self.engine.cache_max_gb:g} (fewer views, or a larger budget)")
+
+    def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
+        """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``)."""
+        setup = self.setup(n_trainable_layers)
+        train = setup.sources["train"]
+        kind, n_views = parse_feature_augment(cfg.feature_augment) or ("none", 0)
+        if cfg.augment:
+            if not isinstance(train, ImageSource):
+                raise ConfigError("augment", True, "needs the backbone to run on every image every epoch (--no-cache)")
+            return train.augmented(cfg.seed, cfg.augment_min_scale)
+        if kind == "views":
+            views = self.views(n_trainable_layers, n_views, cfg.seed, cfg.augment_min_scale)
+            return ViewSource(views.inputs, views.labels, self.placement, cfg.seed)
+        if kind == "map":
+            self.check_feature_augment("map", n_trainable_layers)
+            assert isinstance(train, TensorSource)
+            return MapAugmentSource(SplitInputs(train.inputs, train.labels, []), self.placement, cfg.seed, cfg.augment_min_scale)
+        return train
 
     def inputs(self, n_trainable_layers: int) -> dict[str, SplitInputs] | None:
         """The cached train/val inputs for `n_trainable_layers` on CPU (to ship to workers); None when uncached."""
@@ -235,11 +306,13 @@ class Workbench:
             out[name] = SplitInputs(src.inputs.float().cpu(), src.labels.cpu(), [])
         return out
 
-    def adopt_inputs(self, n_trainable_layers: int, inputs: dict[str, SplitInputs]) -> None:
-        """Use inputs cached elsewhere (by a coordinating process) for `n_trainable_layers`: no extraction here."""
+    def adopt_inputs(self, n_trainable_layers: int, inputs: dict[str, SplitInputs],
+                     views: dict[tuple[int, int, float], SplitInputs] | None = None) -> None:
+        """Use inputs (and augmented train views) cached elsewhere, by a coordinating process, for
+        `n_trainable_layers`: no extraction here."""
         cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
         sources: dict[str, BatchSource] = {name: TensorSource(item, self.placement) for name, item in inputs.items()}
-        self._setups[n_trainable_layers] = Setup(cut, True, "", sources=sources)
+        self._setups[n_trainable_layers] = Setup(cut, True, "", sources=sources, views=dict(views or {}))
 
     def net(self, n_trainable_layers: int) -> torch.nn.Module:
         """What maps this workbench's inputs to logits: the chain after the cut, or the whole chain."""
@@ -268,20 +341,21 @@ class Workbench:
         head = self.reset(cfg.seed, n_trainable_layers)
         if start_state is not None:
             load_state_strict(self.model, {k: v.to(self.placement.device) for k, v in start_state.items()})
-        train = setup.sources["train"]
-        if cfg.augment:
-            if not isinstance(train, ImageSource):
-                raise ConfigError("augment", True, "needs the backbone to run on every image every epoch (--no-cache)")
-            train = train.augmented(cfg.seed)
+        train = self.train_source(cfg, n_trainable_layers)
         frozen_before = frozen_digest(self.model)
         # The L2-SP anchors: pretrained values of the fine-tuned backbone tensors (not the new head).
         head_prefix = self.backbone.classifier_name + "."
         pretrained = {n: self._pristine[n] for n, p in self.model.named_parameters()
                       if p.requires_grad and not n.startswith(head_prefix)} if cfg.l2sp else None
-        result = fit(self.model, self.net(n_trainable_layers), head, train, setup.sources["val"], cfg, on_epoch, pretrained)
+        net = self.net(n_trainable_layers)
+        wise = start_state is not None and bool(cfg.wise_alphas) and tuple(cfg.wise_alphas) != (1.0,)  # (1,): no interpolation
+        # With interpolation, a = 0 is the start: early stopping picks the best trained epoch (>= 1).
+        result = fit(self.model, net, head, train, setup.sources["val"], cfg, on_epoch, pretrained, first_candidate=int(wise))
+        if wise and result.status == "done":
+            result = wise_interpolate(self.model, net, setup.sources["val"], result, cfg.wise_alphas, cfg.select)
         if frozen_digest(self.model) != frozen_before:
             raise FrozenWeightsChanged("a frozen parameter or buffer changed during training")
-        return result
+        return dataclasses.replace(result, start_state=None)  # the start is the caller's already
 
     def load_trained(self, n_trainable_layers: int, state: dict) -> None:
         """Put a run's trained state (e.g. a FitResult's best_state) into the model for evaluation."""

@@ -16,7 +16,9 @@ from . import figures
 
 SUMMARY_KEYS = (
     "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
-    "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc",
+    "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc", "select",
+    # LP-FT rows: what the fine-tuning grid chose (unit "blocks:N" / "layers:k"; wise_alpha 1 = not interpolated)
+    "ft_unit", "ft_augment", "ft_l2sp", "label_smoothing", "wise_alpha",
     # the chosen hyperparameters over every seed of the grid (validation only: the test split is read once)
     "n_seeds", "val_err_seed_mean", "val_err_seed_std",
     # LP-FT rows: LP-FT against LP on the same test images (reporting/compare.py)
@@ -49,17 +51,28 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
                 "method": method, "lr": cfg["lr"], "l2": cfg["l2"], "seed": cfg["seed"],
                 "n_trainable_layers": m["n_trainable_layers"], "trainable_params": m["trainable_params"],
                 "best_epoch": m["best_epoch"], "val_xent": m["val_xent"], "val_err": m["val_err"],
-                "test_acc": run["test_acc"], **_over_seeds(ledger, name, method, cfg),
+                "test_acc": run["test_acc"], "select": cfg.get("select", "val_xent"),
+                **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg, m),
                 **_against_lp(ledger, out, name, method, run_hash),
             })
     return rows
 
 
-def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict) -> dict:
+def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:
+    """What the fine-tuning grid chose (None for probes)."""
+    if method != "LP-FT":
+        return {"ft_unit": None, "ft_augment": None, "ft_l2sp": None, "label_smoothing": cfg.get("label_smoothing"), "wise_alpha": None}
+    return {"ft_unit": metrics.get("unit", f"layers:{metrics['n_trainable_layers']}"), "ft_augment": cfg.get("feature_augment", "none"),
+            "ft_l2sp": cfg.get("l2sp", 0.0), "label_smoothing": cfg.get("label_smoothing", 0.0), "wise_alpha": metrics.get("wise_alpha")}
+
+
+def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict, chosen_metrics: dict | None = None) -> dict:
     """Validation error of the chosen hyperparameters across the grid's seeds: mean and sample std."""
     same = {k: v for k, v in chosen_cfg.items() if k != "seed"}
+    layers = (chosen_metrics or {}).get("n_trainable_layers")
     errs = [r["metrics"]["val_err"] for r in ledger.runs(name, method)
-            if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same]
+            if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same
+            and r["metrics"].get("n_trainable_layers") == layers]
     return {"n_seeds": len(errs), "val_err_seed_mean": statistics.fmean(errs) if errs else None,
             "val_err_seed_std": statistics.stdev(errs) if len(errs) > 1 else None}
 
@@ -154,10 +167,17 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
             real = ft["ci_low"] > 0 or ft["ci_high"] < 0
             noise = (f" Paired on the same test images: 95% bootstrap interval [{100 * ft['ci_low']:+.1f}, {100 * ft['ci_high']:+.1f}] "
                      f"points, McNemar p = {ft['p_mcnemar']:.3g}: {'more than' if real else 'within'} noise.")
+        unit, n = (ft["ft_unit"] or f"layers:{ft['n_trainable_layers']}").split(":")
+        what = f"the last {n} {unit} ({ft['n_trainable_layers']} layers)" if unit == "blocks" else f"the last {n} layers"
+        how = f"augmentation {ft['ft_augment']}, L2-SP {ft['ft_l2sp']:g}, label smoothing {ft['label_smoothing']:g}"
+        wise = "" if ft["wise_alpha"] is None else f", weights interpolated with the probe's at a = {ft['wise_alpha']:g}"
+        if ft["wise_alpha"] == 0:
+            wise += ": validation chose the probe itself"
         lines.append(
-            f"{name}: fine-tuning the last {ft['n_trainable_layers']} layers from the best probe {verdict} test accuracy "
+            f"{name}: fine-tuning {what} from the best probe ({how}{wise}) {verdict} test accuracy "
             f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "
-            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f} at FT epoch {ft['best_epoch']}{why}).{noise}"
+            f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f}, val err {lp['val_err']:.4f} &rarr; {ft['val_err']:.4f}, "
+            f"best FT epoch {ft['best_epoch']} before interpolation{why}).{noise}"
         )
     return lines
 
@@ -192,8 +212,13 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]], 
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r[k], '.4g'))}</td>" for k in SUMMARY_KEYS) + "</tr>")
     parts.append("</table>")
-    parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>Adam, minibatches; early stopping on validation "
-                 "cross-entropy, the best epoch's weights restored; the test split is evaluated once, for each chosen configuration.</p>")
+    select = ledger.get_meta("select", "val_xent")
+    criterion = {"val_xent": "validation cross-entropy (ties: validation error)",
+                 "val_err": "validation error (ties: validation cross-entropy)"}.get(select, select)
+    parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>Adam, minibatches. "
+                 f"Selection criterion (--select {html.escape(select)}): {criterion}. It chose the early-stopping epoch (whose "
+                 "weights are restored), the configuration of each grid and the weight interpolation after fine-tuning; "
+                 "the test split is evaluated once, for each chosen configuration.</p>")
     parts.append(f"<h2>Data</h2><p>{html.escape(str(data.get('root', '')))}: {data.get('n_classes', '?')} classes</p>"
                  "<table><tr><th>split</th><th>source</th><th>images</th><th>per class (min–max)</th></tr>")
     for split in ("train", "val", "test"):
