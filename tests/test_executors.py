@@ -9,7 +9,8 @@ from transferlab.cli import main
 from transferlab.tasks import ProbeGroupTask
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,1e-2,3e-2", "--l2", "0,1e-2,1", "--seeds", "0,1",
-        "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-augment", "none", "--epochs", "5", "--ft-epochs", "5", "--device", "cpu", "--workers", "0", "--no-progress"]
+        "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-augment", "none,views:2", "--epochs", "5", "--ft-epochs", "5",
+        "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
 def run_sweep(data, out, *extra):

@@ -73,18 +73,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 def build_configs(values: dict[str, Any]) -> tuple[SweepConfig, ExecutorConfig]:
     """The sweep's configs, built by field name from resolved flag values."""
     fields = field_values(SWEEP_FLAGS, values)
-    cfg, executor = build_config(SweepConfig, fields), build_config(ExecutorConfig, fields)
-    check_executor(cfg, executor)
-    return cfg, executor
-
-
-def check_executor(cfg: SweepConfig, executor: ExecutorConfig) -> None:
-    """Known limits of an executor for a sweep, as one-line errors before anything runs."""
-    if cfg.lpft and executor.kind == "local" and executor.jobs > 1 and any(a.startswith("views") for a in cfg.ft_augment):
-        # Shipping cached views to local worker processes corrupted the coordinator's memory in our tests
-        # (a segfault in malloc later); until that is understood, refuse rather than risk a week of results.
-        raise ConfigError("jobs", executor.jobs, "cannot be combined with --ft-augment views:K yet; use --jobs 1, "
-                          "--executor ray, or --ft-augment none/map")
+    return build_config(SweepConfig, fields), build_config(ExecutorConfig, fields)
 
 
 def reproduce_command(argv: list[str] | None) -> str:
