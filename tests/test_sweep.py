@@ -137,12 +137,16 @@ def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
 
 
 def test_lpft_extracts_once_and_derives_probe_features(tiny_folder, tmp_path):
-    """With --lpft the backbone runs once per image (at the FT cut); probe features are derived from it."""
+    """With --lpft the backbone runs once per image (at the FT cut), and once per augmented view of a
+    training image; probe features are derived from the plain pass."""
     shared, plain = tmp_path / "shared", tmp_path / "plain"
-    assert sweep(tiny_folder, shared) == 0
+    assert sweep(tiny_folder, shared, "--ft-augment", "none,views:2") == 0
     no_ft = [a for a in GRID if a not in ("--lpft",)]
     assert main(["sweep", "--data", str(tiny_folder), "--out", str(plain), *no_ft]) == 0
-    assert sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir() if p.is_file()) == ["test", "train", "val"]
+    # One file per split at the FT cut, plus one per view of train: fine-tuning starts from the one chosen
+    # probe, whose seed seeds the views, so 2 views (shared by the none and views:2 runs' plain pass).
+    cached = sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir() if p.is_file())
+    assert cached == ["test"] + ["train"] * (1 + 2) + ["val"]
     assert len(list((shared / "cache" / "onnx").glob("*.onnx"))) == 1  # one frozen prefix exported: the FT cut's
     lp_shared = json.loads((shared / "summary.json").read_text())[0]
     lp_plain = json.loads((plain / "summary.json").read_text())[0]
