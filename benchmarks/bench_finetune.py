@@ -1,11 +1,12 @@
-"""Does LP-then-FT beat the linear probe, by more than noise? One sweep with the default fine-tuning grid.
+"""Does LP-then-FT beat the linear probe, by more than noise? One sweep with the default fine-tuning grid
+plus ``--ft-augment views:4``.
 
     python benchmarks/bench_finetune.py --data ../shared/data/birds100 [--backbone efficientnet_lite0]
         [--out DIR] [-- extra sweep flags, e.g. --ft-blocks 8,11 --ft-lr 1e-4]
 
 Runs ``transferlab sweep --lpft`` from an empty cache (a fresh temporary folder unless --out is
-given): the default probe grid, then the default fine-tuning grid from the chosen probe (README,
-"Fine-tuning"). Every choice is made on validation; the test split is read once per method. Prints
+given): the default probe grid, then the default fine-tuning grid with 4 cached augmented views per
+training image, from the chosen probe (README, "Fine-tuning"). Every choice is made on validation; the test split is read once per method. Prints
 one JSON line: both test accuracies, the paired difference with its 95% bootstrap interval and
 McNemar's p, the minutes the whole sweep took, the chosen fine-tuning configuration, and every
 fine-tuning run's validation numbers (what was tried).
@@ -36,7 +37,7 @@ def main(argv=None) -> dict:
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_finetune_"))
-    flags = ["sweep", "--data", args.data, "--out", str(out), "--backbones", args.backbone, "--lpft",
+    flags = ["sweep", "--data", args.data, "--out", str(out), "--backbones", args.backbone, "--lpft", "--ft-augment", "views:4",
              *([] if args.progress else ["--no-progress"]), *extra]
     t0 = time.perf_counter()
     try:

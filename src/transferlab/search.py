@@ -63,7 +63,7 @@ class SweepConfig:
     ft_layers: tuple[int, ...] = option((), "comma list: LP-then-FT trains the last k layers (see --layer-order)")
     ft_lrs: tuple[float, ...] = option((3e-5, 1e-4), "comma list of fine-tuning learning rates (the head's; see "
                                        "--ft-backbone-lr-mult)", flag="--ft-lr")
-    ft_augment: tuple[str, ...] = option(("views:4",), "comma list of fine-tuning augmentations: none, views:K, map "
+    ft_augment: tuple[str, ...] = option(("none",), "comma list of fine-tuning augmentations: none, views:K, map "
                                          "(see the probe's --ft-augment)")
     ft_l2sp: tuple[float, ...] = option((0.0,), "comma list of L2-SP strengths for fine-tuning: + A * sum ||w - w_pretrained||^2")
     ft_label_smoothing: tuple[float, ...] = option((0.0,), "comma list of label smoothings for fine-tuning (probes train without)",

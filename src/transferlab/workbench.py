@@ -265,7 +265,8 @@ class Workbench:
             return
         setup = self.setup(n_trainable_layers)
         if not setup.cached:
-            raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({setup.notice or 'drop --no-cache'})")
+            raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({setup.notice or 'drop --no-cache'}; "
+                              "or --ft-augment none)")
         train = setup.sources["train"]
         assert isinstance(train, TensorSource)
         if kind == "map" and train.inputs.dim() != 4:
@@ -274,7 +275,7 @@ class Workbench:
         need = train.inputs[0].numel() * 4 * len(train) * n_views
         if need > self.engine.cache_max_gb * 1e9:
             raise ConfigError("feature_augment", feature_augment, f"would hold {need / 1e9:.1f} GB of views "
-                              f"> --cache-max-gb {self.engine.cache_max_gb:g} (fewer views, or a larger budget)")
+                              f"> --cache-max-gb {self.engine.cache_max_gb:g} (fewer views, a larger budget, or --ft-augment none)")
 
     def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
         """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``)."""
