@@ -282,6 +282,15 @@ def check_ft_capacity(cfg: SweepConfig, names: list[str]) -> None:
                 raise ConfigError("ft_layers", n, f"{name} has only {n_layers} layers")
 
 
+def check_ft_augment_path(cfg: SweepConfig) -> None:
+    """A ConfigError, before anything runs, for feature augmentation with no cache to augment."""
+    if cfg.engine.use_cache:
+        return  # whether a cut's cache fits, or holds spatial maps, is known once a backbone is set up
+    for augment in cfg.ft_augment:
+        if augment != "none":
+            raise ConfigError("ft_augment", augment, "needs the cached path (drop --no-cache; or --ft-augment none)")
+
+
 def ft_layer_counts(cfg: SweepConfig, backbone) -> dict[str, int]:
     """{unit text ("blocks:2", "layers:3"): number of trainable layers} of the fine-tuning grid on `backbone`."""
     return {f"{unit}:{n}": (layers_of_last_blocks(backbone, n) if unit == "blocks" else n) for unit, n in cfg.ft_units()}
@@ -335,6 +344,7 @@ class Sweep:
         names, skipped = resolve_backbones(cfg)
         if cfg.lpft:
             check_ft_capacity(cfg, names)
+            check_ft_augment_path(cfg)
         self.numerics = numerics_identity(cfg.engine)
         self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
         self.data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force)
