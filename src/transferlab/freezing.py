@@ -134,19 +134,22 @@ def plan_cut(backbone: Backbone, n_trainable_layers: int, order: str = "forward"
 
 
 def set_train_mode(model: nn.Module, training: bool, train_bn: bool = True) -> None:
-    """Eval mode everywhere, except (when `training`) modules that own a trainable parameter.
+    """Eval mode everywhere, except (when `training` and `train_bn`) trainable normalisation layers.
 
-    Parameter-free modules (dropout, pooling) also stay in eval mode: the frozen part of the network
-    is then a fixed function of the image, which is what makes feature caching exact. With
-    ``train_bn=False`` trainable batch-norm layers learn their affine parameters but keep normalising
-    with (and keep) their pretrained running statistics.
+    ``Module.train()`` is recursive, so switching on a module that owns a trainable parameter would
+    also switch on its parameter-free children: dropout and stochastic depth inside a fine-tuned block
+    would then draw from the unseeded global RNG, and two runs of one config would differ. Nothing
+    stochastic runs in training here: the only layers whose training behaviour differs are
+    normalisation layers with running statistics, and those switch to batch statistics only with
+    ``train_bn`` (otherwise trainable batch-norm layers learn their affine parameters but keep
+    normalising with, and keep, their pretrained running statistics). The frozen part of the network
+    is therefore a fixed function of the image, which is what makes feature caching exact.
     """
     model.eval()
-    if training:
+    if training and train_bn:
         for module in model.modules():
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                if train_bn or not isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.train()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.training = True  # this module alone, not recursively
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
