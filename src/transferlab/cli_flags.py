@@ -16,7 +16,7 @@ from typing import Any
 
 from .utils import ConfigError, UserError, build_config
 
-__all__ = ["Flag", "add_flags", "build_config", "config_flags", "field_values", "flag_text"]
+__all__ = ["Flag", "add_flags", "build_config", "config_flags", "field_values", "flag_text", "help_text"]
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,22 @@ def add_flags(group: argparse._ActionsContainer, flags: list[Flag], suppress: bo
             kw["action"] = "store_true"
             kw["help"] = fl.help
         else:
-            shown = ",".join(map(str, fl.default)) if fl.kind == "list" else fl.default
-            kw["help"] = f"{fl.help} (default: {shown})" if fl.help else None
+            kw["help"] = help_text(fl)
             if fl.choices:
                 kw["choices"] = fl.choices
             kw["metavar"] = "LIST" if fl.kind == "list" else None
         kw["default"] = argparse.SUPPRESS if suppress else (False if fl.kind == "bool" else None)
         group.add_argument(fl.flag, **kw)
+
+
+def help_text(fl: Flag) -> str | None:
+    """`fl`'s help with its default appended, unless there is none to show or the help already says it."""
+    if not fl.help:
+        return None
+    shown = ",".join(map(str, fl.default)) if fl.kind == "list" else fl.default
+    if shown in (None, "") or "default" in fl.help:
+        return fl.help
+    return f"{fl.help} (default: {shown})"
 
 
 def field_values(flags: list[Flag], given: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from typing import Any
 
@@ -59,11 +60,23 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
         with contextlib.redirect_stdout(sys.stderr):
             return get_model(spec.arch, pretrained=True, root=model_dir)
     except Exception as e:  # network errors, zip errors, hash mismatch after download
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        reason = download_failure(e)
         raise UserError(
             f"no pretrained weights for backbone '{spec.name}': expected file {file_name} in {model_dir} "
             f"({problem or 'unreadable'}; download failed: {reason}); put the official file there or pass --model-dir"
         ) from None
+
+
+def download_failure(error: BaseException, limit: int = 160) -> str:
+    """A short, whole-word account of why a download failed: the host that could not be reached, if any,
+    else the first line of the error, cut at a word boundary."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    host = re.search(r"host='([^']+)'", text)
+    if host:
+        return f"{type(error).__name__}: cannot reach {host.group(1)}"
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def blocks(model: Any) -> list[tuple[str, nn.Module]]:
