@@ -450,7 +450,7 @@ def to_rgb(img: Image.Image, min_size: int | None = None) -> Image.Image:
         info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps the EXIF orientation
         top = None
         if img.mode in HIGH_DEPTH_MODES:
-            top = 65535.0 if img.mode.startswith("I;16") or (img.getextrema()[1] or 0) > 255 else 255.0
+            top = 65535.0 if img.mode.startswith("I;16") or float(np.asarray(img).max()) > 255 else 255.0
             img = img.convert("F")  # PIL cannot reduce 16-bit modes; float also averages without rounding
         if min_size is not None and img.format != "JPEG":
             factor = min(img.size) // (2 * min_size)
