@@ -15,7 +15,7 @@ from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
 from .data import DataConfig
 from .objective import Objective
 from .training import EpochRecord, FitResult, TrainConfig
-from .utils import UserError, atomic_write_bytes, build_config, check_writable_dir, option, stable_hash, write_json
+from .utils import UserError, atomic_write_bytes, build_config, check_writable_dir, created_dirs_removed_on_failure, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
 __all__ = ["DataConfig", "EngineConfig", "ProbeConfig", "Workbench", "probe", "run_probe"]
@@ -81,11 +81,36 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
     }
 
 
-def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
-    """Train one probe (or last-k-layers fine-tune) and write run.json, head.safetensors and curves.png.
+# Everything a probe writes into OUT (its cache/ aside). A re-run replaces the whole set, so a folder never
+# shows one run's record beside another run's test predictions or insight (a run without a test split,
+# or a diverged one, writes fewer of them).
+RUN_OUTPUTS = ("run.json", "head.safetensors", "curves.png", "test_predictions.json", "insight.html", "insight")
 
-    Returns the run record (also in ``out/run.json``).
+
+def clear_run_outputs(out: Path) -> None:
+    """Remove the outputs of an earlier run from `out` (run.json first: a half-cleared folder is no run)."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
+    """Train one probe (or last-k-layers fine-tune) and write run.json, head.safetensors and curves.png
+    (and with a test split test_predictions.json, insight.html, insight/). An earlier run's outputs in
+    `out` are kept until this run has its results, then all replaced (:data:`RUN_OUTPUTS`).
+
+    Returns the run record (also in ``out/run.json``). A failure leaves no new, empty `out` behind.
     """
+    with created_dirs_removed_on_failure():
+        return _run_probe(cfg, out)
+
+
+def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     from safetensors.torch import save
 
     from .reporting.figures import plot_curves
@@ -110,6 +135,8 @@ def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     bar.close()
     t_fit = time.perf_counter()
     test = bench.evaluate_test(cfg.n_trainable_layers) if result.status == "done" else None
+    # Only now, with this run's results in hand, does the folder stop showing the previous run's.
+    clear_run_outputs(out)
     if test is not None:  # the per-image predictions of that one evaluation, for the per-class insight
         from .reporting.insight import insight_page, write_test_predictions
 
