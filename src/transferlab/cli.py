@@ -125,6 +125,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _holds_results(folder: Path) -> bool:
+    """Whether an output folder that a failed command created holds anything worth keeping: any file
+    but a sweep's bookkeeping (its folder lock, and a ledger that records no run)."""
+    for path in folder.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if path.name == ".lock" or path.name == "ledger.sqlite" and _ledger_is_empty(path):
+            continue
+        return True
+    return False
+
+
+def _ledger_is_empty(path: Path) -> bool:
+    import sqlite3
+
+    from .ledger import Ledger
+
+    try:
+        ledger = Ledger(path, readonly=True)
+    except sqlite3.Error:
+        return False
+    try:
+        return not ledger.runs()
+    except sqlite3.Error:
+        return False
+    finally:
+        ledger.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description="Transfer-learning experiments on small image sets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -176,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     func = args.func
     del args.func
     args.argv = argv_seen
+    from .utils import created_dirs_removed_on_failure
+
     try:
-        return func(args)
+        with created_dirs_removed_on_failure(_holds_results):  # a failed command leaves no empty --out behind
+            return func(args)
     except ConfigError as e:
         from .cli_flags import flag_text
 
