@@ -57,12 +57,19 @@ def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path)
     again, _, hit = get(splits.val)
     assert hit and torch.equal(again.inputs, first.inputs)
 
-    # A modified image file (new mtime) invalidates the entry.
+    # The key follows the files' contents: a new mtime alone keeps the entry, new contents invalidate it.
     path = splits.val.files[0]
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     _, _, hit = get(splits.val)
+    assert hit
+    original = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(open(splits.val.files[1], "rb").read())
+    _, _, hit = get(splits.val)
     assert not hit
+    with open(path, "wb") as f:
+        f.write(original)
 
     # Different weights: a different key.
     other = copy.deepcopy(bb)

@@ -7,6 +7,7 @@ present. Files are found recursively; hidden files and files without an image ex
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -21,6 +22,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .utils import ConfigError, UserError, option
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
@@ -95,6 +98,8 @@ class ImageSplits:
     val: Split
     test: Split | None
     ignored_files: tuple[str, ...] = field(default=(), repr=False)
+    # Files a labels CSV lists that do not exist, skipped under on_bad_image="skip": {split name: files}.
+    missing_files: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict:
         n = len(self.classes)
@@ -103,11 +108,17 @@ class ImageSplits:
             if split is not None:
                 out[split.name] = {"source": split.source, "n": len(split), "per_class": split.counts(n)}
         out["ignored_files"] = len(self.ignored_files)
+        if self.missing_files:
+            out["missing_files"] = sum(len(files) for files in self.missing_files.values())
         return out
 
-    def fingerprint(self) -> dict[str, list]:
-        """{split name: [path, size, mtime_ns, label] per file} for train, val and test."""
-        return {s.name: split_fingerprint(s) for s in (self.train, self.val, self.test) if s is not None}
+    def fingerprint(self, memo_dir: str | os.PathLike | None = None) -> dict[str, list]:
+        """{split name: [path, size, content digest, label] per file} for train, val and test.
+
+        Digests are remembered in `memo_dir` (pass the feature-cache folder; default: the user cache
+        folder) while a file is untouched; see :mod:`transferlab.digests`.
+        """
+        return {s.name: split_fingerprint(s, memo_dir) for s in (self.train, self.val, self.test) if s is not None}
 
 
 @dataclass(frozen=True)
@@ -120,28 +131,34 @@ class DataConfig:
     valid_frac: float = option(0.2, "fraction of train carved out as validation when there is no val folder")
     split_seed: int = option(0, "seed of the carved validation split and of --max-per-class")
     max_per_class: int | None = option(None, "cap train (+ carved val) images per class")
-    on_bad_image: str = option("error", "undecodable image files: list them and stop, or skip them", choices=ON_BAD_IMAGE)
+    on_bad_image: str = option("error", "undecodable image files (and files a labels CSV lists that do not exist): "
+                              "list them and stop, or skip them", choices=ON_BAD_IMAGE)
 
     def load(self) -> ImageSplits:
         if self.on_bad_image not in ON_BAD_IMAGE:
             raise ConfigError("on_bad_image", self.on_bad_image, "expected error or skip")
-        return load_splits(self.data, self.val_split, self.test_split, self.valid_frac, self.split_seed, self.max_per_class)
+        return load_splits(self.data, self.val_split, self.test_split, self.valid_frac, self.split_seed, self.max_per_class,
+                           self.on_bad_image)
 
 
-def split_fingerprint(split: Split) -> list:
-    """[path, size, mtime_ns, label] per file: what a cached result computed from `split` depends on."""
-    rows = []
-    for path, label in zip(split.files, split.labels):
-        try:
-            st = os.stat(path)
-            rows.append([path, st.st_size, st.st_mtime_ns, label])
-        except OSError:
-            rows.append([path, -1, -1, label])
-    return rows
+def split_fingerprint(split: Split, memo_dir: str | os.PathLike | None = None) -> list:
+    """[path, size, content digest, label] per file ([path, -1, "", label] for one that cannot be read):
+    what a cached result computed from `split` depends on. Digests are BLAKE2b of the bytes
+    (:func:`transferlab.digests.file_digests`, remembered in `memo_dir` while a file is untouched)."""
+    from .digests import file_digests
+
+    return [[path, size, digest, label]
+            for path, label, (size, digest) in zip(split.files, split.labels, file_digests(split.files, memo_dir))]
 
 
 def describe_data_change(old: dict[str, list], new: dict[str, list]) -> str:
-    """'3 files added, 1 modified under test/' from two {split: fingerprint} maps ('' if equal)."""
+    """'3 files added, 1 modified in split test' from two {split: fingerprint} maps ('' if equal)."""
+    def by_mtime(fingerprint: dict[str, list]) -> bool:  # made before content digests: [path, size, mtime_ns, label]
+        return any(not isinstance(row[2], str) for rows in fingerprint.values() for row in rows or [])
+
+    if by_mtime(old) != by_mtime(new):
+        return ("the recorded fingerprint is of file sizes and modification times (an older transferlab), "
+                "which cannot tell whether the contents are the same")
     parts = []
     for name in dict.fromkeys(list(old) + list(new)):
         before = {row[0]: row[1:] for row in old.get(name) or []}
@@ -238,15 +255,17 @@ def load_splits(
     valid_frac: float = 0.2,
     split_seed: int = 0,
     max_per_class: int | None = None,
+    on_bad_image: str = "error",
 ) -> ImageSplits:
     """Find the images under `root` and build train / val / test splits.
 
     If `val_split` exists (and is not also the test split) it is the validation set; otherwise a
     stratified `valid_frac` of each class is carved out of train with `split_seed`. `max_per_class`
-    caps the images taken from train (before carving), chosen with the same seed.
+    caps the images taken from train (before carving), chosen with the same seed. `on_bad_image`
+    applies to the files a labels CSV lists that do not exist (see :func:`load_csv_splits`).
     """
     if str(root).lower().endswith(".csv"):  # a labels file instead of a folder tree
-        return load_csv_splits(root, val_split, test_split, valid_frac, split_seed, max_per_class)
+        return load_csv_splits(root, val_split, test_split, valid_frac, split_seed, max_per_class, on_bad_image)
     root = Path(root)
     if not root.is_dir():
         raise ConfigError("data", root, "no such folder")
@@ -296,6 +315,7 @@ def load_csv_splits(
     valid_frac: float = 0.2,
     split_seed: int = 0,
     max_per_class: int | None = None,
+    on_bad_image: str = "error",
 ) -> ImageSplits:
     """Splits from a labels file with columns ``path,label`` and optionally ``split``.
 
@@ -304,6 +324,10 @@ def load_csv_splits(
     val rows are the validation set, else a stratified `valid_frac` of train is carved with
     `split_seed` (same permutation as :func:`load_splits` on the same files); test is optional; every
     split must hold every train class. Errors name the CSV line and column.
+
+    Rows whose file does not exist: with `on_bad_image` "error", one UserError listing all of them
+    (with their lines); with "skip", they are dropped before splitting (as if not listed), logged,
+    and returned in ``ImageSplits.missing_files``.
     """
     import csv
 
@@ -318,6 +342,7 @@ def load_csv_splits(
     allowed = {"train", val_split, test_split}
     rows: dict[str, list[tuple[str, str, int]]] = {}  # split value -> (file, label, line)
     seen: dict[str, int] = {}
+    missing: list[tuple[int, str, str]] = []  # (line, split value, file)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -344,18 +369,25 @@ def load_csv_splits(
                     raise UserError(f"{where}, column split: unknown split value '{split}' (expected one of "
                                     f"{', '.join(sorted(allowed))})")
                 full = os.path.normpath(os.path.join(base, file))
-                if not os.path.isfile(full):
-                    raise UserError(f"{where}, column path: no such file {full}")
                 if Path(full).suffix.lower() not in IMAGE_EXTENSIONS:
                     raise UserError(f"{where}, column path: {file} is not an image file ({', '.join(sorted(IMAGE_EXTENSIONS))})")
                 if full in seen:
                     raise UserError(f"{where}, column path: {file} is listed again (first on line {seen[full]})")
                 seen[full] = line
+                if not os.path.isfile(full):
+                    missing.append((line, split, full))
+                    continue
                 rows.setdefault(split, []).append((full, label, line))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not a UTF-8 text file ({e.reason})") from None
     except csv.Error as e:
         raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    if missing:
+        listing = "; ".join(f"line {line}, column path: no such file {file}" for line, _split, file in missing)
+        if on_bad_image == "error":
+            raise UserError(f"{path}: {len(missing)} listed file(s) do not exist: {listing} "
+                            "(fix the paths, or pass --on-bad-image skip)")
+        log.warning("%s: skipping %d listed file(s) that do not exist: %s", path, len(missing), listing)
     train_rows = rows.get("train", [])
     if not train_rows:
         raise UserError(f"{path}: no train rows (column split: rows with 'train', or no split column)")
@@ -388,7 +420,12 @@ def load_csv_splits(
         val = csv_split("val", val_split)
     else:
         val = Split("val", tuple(va_files), tuple(va_labels), f"carved from {path.name} [train] ({valid_frac:g}, seed {split_seed})")
-    return ImageSplits(str(path.resolve()), classes, train, val, test, ())
+    split_name = {val_split: "val", test_split: "test", "train": "train"}  # the names' precedence in the rules above
+    missing_files: dict[str, tuple[str, ...]] = {}
+    for _line, value, file in missing:
+        name = split_name[value]
+        missing_files[name] = missing_files.get(name, ()) + (file,)
+    return ImageSplits(str(path.resolve()), classes, train, val, test, (), missing_files)
 
 
 # Modes PIL cannot reduce or convert to RGB faithfully: they are box-reduced in float and scaled to 8 bits.

@@ -31,7 +31,7 @@ from .utils import UserError, atomic_write_bytes, stable_hash
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 3: the key names the runtime that ran the prefix, and the decoder
+CACHE_FORMAT = 4  # 3: the key names the runtime that ran the prefix, and the decoder; 4: files by content digest
 AUGMENT_VERSION = 1  # of data.augmented_view (crop, aspect range, flip, per-image seed): change it with them
 
 
@@ -103,14 +103,20 @@ class FeatureCache:
     """On-disk cache of a backbone prefix's outputs, one safetensors file per (split, key).
 
     The key covers everything that changes the numbers: backbone name and weights digest, where the
-    chain is cut, the decoder and preprocessing, the image list with sizes, modification times and
+    chain is cut, the decoder and preprocessing, the image list with sizes, content digests and
     labels, the runtime that ran the prefix (name, version, precision) and the device type. A file
-    whose checksum does not match is reported, deleted and recomputed.
-    ``directory=None`` keeps nothing on disk.
+    whose checksum does not match is reported, deleted and recomputed. The images' digests are
+    remembered in ``directory/digests/`` while a file is untouched (``transferlab.digests``).
+    ``directory=None`` keeps no features on disk (digests: in the user cache folder).
     """
 
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory is not None else None
+
+    @property
+    def digest_memo_dir(self) -> Path | None:
+        """Where the image files' content digests are remembered (None: the user cache folder)."""
+        return self.directory / "digests" if self.directory is not None else None
 
     def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, placement: Placement,
             runtime: PrefixRunner | None = None, augment: tuple[int, float] | None = None) -> str:
@@ -126,7 +132,7 @@ class FeatureCache:
                 "cut": cut,
                 "decoder": DECODER,
                 "preprocessing": dataclasses.asdict(pre),
-                "files": split_fingerprint(split),
+                "files": split_fingerprint(split, self.digest_memo_dir),
                 "runtime": [runtime.name, runtime.version],
                 "precision": runtime.precision,
                 "device": placement.device.type,
