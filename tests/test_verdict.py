@@ -1,0 +1,72 @@
+"""The verdict's numbers against hand computations and the libraries' references."""
+
+import numpy as np
+import pytest
+
+from transferlab.reporting.compare import paired_comparison
+from transferlab.reporting.verdict import (
+    ModelPredictions,
+    comparison_sentence,
+    limit_warnings,
+    rank,
+    resolution_sentence,
+    verdict_numbers,
+    wilson_interval,
+)
+
+
+def test_wilson_interval_matches_the_formula_and_scipy():
+    # 98 of 100 by hand: centre (0.98 + z^2/200) / (1 + z^2/100), half-width z sqrt(0.98*0.02/100 + z^2/40000) / (1 + z^2/100)
+    low, high = wilson_interval(98, 100)
+    assert (low, high) == pytest.approx((0.929988, 0.994498), abs=1e-6)
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 20), (7, 20), (20, 20), (2999, 3000)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_rank_follows_the_selection_metric_then_the_other_then_position():
+    rows = [{"val_xent": 0.5, "val_err": 0.1}, {"val_xent": 0.4, "val_err": 0.2}, {"val_xent": 0.4, "val_err": 0.1},
+            {"val_xent": 0.4, "val_err": 0.1}]
+    assert rank(rows, "val_xent") == [2, 3, 1, 0]
+    assert rank(rows, "val_err") == [2, 3, 0, 1]
+
+
+def test_every_model_is_compared_with_the_best_on_the_same_images():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    files = tuple(f"f{i}" for i in range(10))
+    best = ModelPredictions(files, labels, labels.copy())                        # 10 of 10
+    worse = ModelPredictions(files, labels, np.where(np.arange(10) < 3, 1 - labels, labels))  # 7 of 10
+    rows = [{"val_xent": 0.9, "val_err": 0.3}, {"val_xent": 0.1, "val_err": 0.0}]
+    numbers = verdict_numbers(rows, [worse, best], "val_xent")
+    assert [n["rank"] for n in numbers] == [2, 1]
+    assert numbers[1]["diff_vs_best"] is None and numbers[1]["p_vs_best"] is None
+    ref = paired_comparison(labels, best.predicted, worse.predicted)
+    assert numbers[0]["diff_vs_best"] == pytest.approx(-0.3)
+    assert (numbers[0]["ci_low_vs_best"], numbers[0]["ci_high_vs_best"], numbers[0]["p_vs_best"]) == (ref.ci_low, ref.ci_high, ref.p_mcnemar)
+    assert numbers[0]["p_vs_best"] == pytest.approx(2 * 0.5**3)  # McNemar: 3 discordant images, all one way
+    assert (numbers[0]["test_acc_ci_low"], numbers[0]["test_acc_ci_high"]) == wilson_interval(7, 10)
+    # Other images: no paired test.
+    other = ModelPredictions(tuple(f"g{i}" for i in range(10)), labels, labels)
+    assert verdict_numbers(rows, [other, best], "val_xent")[0]["p_vs_best"] is None
+
+
+def test_sentences_say_whether_a_difference_is_real():
+    best = {"backbone": "lite2", "method": "LP"}
+    tied = {"backbone": "lite0", "method": "LP", "diff_vs_best": -0.01, "ci_low_vs_best": -0.03, "ci_high_vs_best": 0.01, "p_vs_best": 1.0}
+    assert comparison_sentence(tied, best) == ("lite2 LP and lite0 LP cannot be told apart on this test set "
+                                               "(-1.0 pt, 95% CI [-3.0, +1.0], McNemar p = 1).")
+    worse = dict(tied, ci_high_vs_best=-0.005, p_vs_best=0.012)
+    assert comparison_sentence(worse, best).startswith("lite2 LP is better than lite0 LP on this test set (-1.0 pt")
+    assert resolution_sentence(300) == "300 test images: one image = 0.33 points."
+
+
+def test_limits_are_flagged_at_the_epoch_cap_the_grid_edges_and_a_kept_probe():
+    grids = {"--lr": [1e-4, 1e-3, 1e-2], "--l2": [0.0, 0.01, 1.0], "--seeds": [0]}
+    assert limit_warnings(12, 100, "--epochs", {"--lr": 1e-3, "--l2": 0.01}, grids) == []
+    warnings = limit_warnings(100, 100, "--epochs", {"--lr": 1e-2, "--l2": 0.0}, grids, wise_alpha=0.0)
+    assert warnings == ["best epoch 100 of 100: not converged, raise --epochs",
+                        "--lr 0.01 is at the top of its grid: extend the grid",
+                        "interpolation a = 0: fine-tuning did not help; the probe stands"]
+    assert limit_warnings(3, 100, "--epochs", {"--lr": 1e-4}, grids) == ["--lr 0.0001 is at the bottom of its grid: extend the grid"]
