@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,38 @@ class EngineConfig:
     progress: bool = option(True, "no progress bars", flag="--no-progress", invert=True)
     runtime: str = option("auto", "what runs the frozen layers: auto (OpenVINO, else ONNX Runtime, else PyTorch on CPU; "
                           "PyTorch on CUDA), torch, compile, onnxruntime, openvino", choices=RUNTIMES)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """A ConfigError naming the field for a value that cannot work (checked on construction)."""
+        if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                             or self.num_workers < 0):
+            raise ConfigError("num_workers", self.num_workers, "must be 0 (decode in this process) or a positive number of workers")
+        if isinstance(self.cache_max_gb, bool) or not isinstance(self.cache_max_gb, (int, float)) \
+                or not math.isfinite(self.cache_max_gb) or self.cache_max_gb < 0:
+            raise ConfigError("cache_max_gb", self.cache_max_gb, "must be a finite number of GB, 0 or more "
+                              "(0 keeps no activation cache in memory; --no-cache turns the cache off)")
+
+
+def size_text(n_bytes: float) -> str:
+    """`n_bytes` in kB, MB or GB with 3 significant digits, rounded up: a size said to exceed a limit does."""
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0)) if n_bytes >= s or s == 1.0)
+    x = n_bytes / scale
+    if unit == "B":
+        return f"{math.ceil(x)} B"
+    digits = 2 - math.floor(math.log10(x))  # decimals that leave 3 significant digits
+    step = 10.0 ** -digits
+    return f"{math.ceil(x / step) * step:.{max(0, digits)}f} {unit}"
+
+
+def _over_budget(need: float, max_gb: float, what: str = "") -> str:
+    """'31.3 MB{what} > --cache-max-gb 0.02 (20 MB)': both sides in one unit, the need rounded up."""
+    shown = size_text(need)
+    unit = shown.split()[1]
+    scale = {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1.0}[unit]
+    return f"{shown}{what} > --cache-max-gb {max_gb:g} ({max_gb * 1e9 / scale:g} {unit})"
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -110,7 +143,8 @@ class Workbench:
         # so each image still goes through the backbone once.
         self.share_cut_layers = share_cut_layers
         self.n_classes = len(splits.classes)
-        self.skipped_files: dict[str, list[str]] = {}
+        # Skipped files per split: listed but missing (skipped when the splits were made), then undecodable.
+        self.skipped_files: dict[str, list[str]] = {name: list(files) for name, files in splits.missing_files.items()}
         self.timings: dict[str, float] = {}
         self._setups: dict[int, Setup] = {}
         self._origins: dict[int, str] = {}
@@ -144,8 +178,8 @@ class Workbench:
             need = estimate_cache_bytes(Chain(chain[: cut.index]), self.backbone.spec.preprocessing, self._n_images(), self.placement)
             if need > self.engine.cache_max_gb * 1e9:
                 cached = False
-                notice = (f"cache for the input of {cut.name} would take {need / 1e9:.1f} GB "
-                          f"> --cache-max-gb {self.engine.cache_max_gb:g}; running the full model every epoch")
+                notice = (f"cache for the input of {cut.name} would take {_over_budget(need, self.engine.cache_max_gb)}; "
+                          "running the full model every epoch")
                 log.warning(notice)
         setup = Setup(cut, cached, notice, self._shared_base(cut) if cached else None)
         for split in (self.splits.train, self.splits.val):
@@ -183,7 +217,7 @@ class Workbench:
             bad = find_bad_images(split, pre, self.engine.num_workers, self.engine.progress)
             keep = bad_image_policy(split, bad, self.on_bad_image)
             if bad:
-                self.skipped_files[split.name] = bad
+                self._record_skipped(split.name, bad)
                 split = split.subset(keep)
             source = ImageSource(split, pre, self.placement, self.engine.num_workers)
         key = f"inputs_{split.name}_s"
@@ -228,8 +262,14 @@ class Workbench:
             derived = run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, self.placement)
             item = SplitInputs(derived, item.labels, item.bad_files)
         if skipped:
-            self.skipped_files[split.name] = skipped
+            self._record_skipped(split.name, skipped)
         return item
+
+    def _record_skipped(self, split_name: str, files: list[str]) -> None:
+        """Add undecodable `files` to the split's skipped files (after its missing ones; each file once)."""
+        known = self.skipped_files.setdefault(split_name, [])
+        seen = set(known)
+        known += [f for f in files if f not in seen]
 
     def views(self, n_trainable_layers: int, n_views: int, seed: int, min_scale: float) -> SplitInputs:
         """`n_views` seeded augmented views of every training image at the cut, stacked (K, N, ...).
@@ -274,8 +314,8 @@ class Workbench:
                               f"{setup.cut.name} is {tuple(train.inputs.shape[1:])} (train more layers, or use views:K)")
         need = train.inputs[0].numel() * 4 * len(train) * n_views
         if need > self.engine.cache_max_gb * 1e9:
-            raise ConfigError("feature_augment", feature_augment, f"would hold {need / 1e9:.1f} GB of views "
-                              f"> --cache-max-gb {self.engine.cache_max_gb:g} (fewer views, a larger budget, or --ft-augment none)")
+            raise ConfigError("feature_augment", feature_augment, f"would hold {_over_budget(need, self.engine.cache_max_gb, ' of views')}; "
+                              "fewer views, a larger budget, or --ft-augment none")
 
     def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
         """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``)."""
