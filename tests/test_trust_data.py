@@ -219,3 +219,82 @@ def test_a_digest_is_remembered_until_the_ctime_changes_and_a_bad_memo_is_rebuil
     monkeypatch.setattr(digests, "_process_memo", {})
     assert digests.file_digests(paths, memo) == [expected[1], expected[0], expected[2], (-1, "")]
     assert len(reads) == 11  # ... and rebuilt
+
+
+# -- item 10: bad flags and bad labels files, each in one line naming the flag or the lines -------------
+PROBE = ["--device", "cpu", "--workers", "0", "--no-progress", "--epochs", "2"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("transferlab:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--workers", "-1"), ("--cache-max-gb", "-1"), ("--cache-max-gb", "nan"),
+                                         ("--cache-max-gb", "inf")])
+def test_a_negative_worker_count_or_cache_budget_exits_2_naming_the_flag(tiny_folder, tmp_path, capsys, flag, value):
+    from transferlab.cli import main
+
+    out = tmp_path / "out"
+    code = main(["probe", "--data", str(tiny_folder), "--out", str(out), *PROBE, flag, value])
+    line = _one_error_line(capsys)
+    assert code == 2 and line.startswith(f"transferlab: error: {flag} {value}"), line
+    assert not out.exists()
+
+
+def test_the_views_refusal_states_sizes_that_are_true(tiny_folder, resnet10_random):
+    import copy
+    import re
+
+    from transferlab.data import load_splits
+    from transferlab.utils import ConfigError
+    from transferlab.workbench import EngineConfig, Workbench
+
+    splits = load_splits(tiny_folder)
+    n_views, budget_gb = 4, 1e-4  # the probe cache (512 floats x 42 images = 86 kB) fits, 4 views of train do not
+    engine = EngineConfig(device="cpu", cache_max_gb=budget_gb, progress=False, num_workers=0, runtime="torch")
+    bench = Workbench(copy.deepcopy(resnet10_random), splits, engine, None)
+    need = resnet10_random.feature_dim * 4 * len(splits.train) * n_views  # float32 views of every train image
+    with pytest.raises(ConfigError) as raised:
+        bench.check_feature_augment(f"views:{n_views}", 1)
+    units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    m = re.search(r"would hold ([\d.]+) (B|kB|MB|GB) of views > --cache-max-gb ([\d.e-]+) \(([\d.e-]+) (B|kB|MB|GB)\)",
+                  raised.value.reason)
+    assert m, raised.value.reason
+    shown_need, shown_limit = float(m[1]) * units[m[2]], float(m[4]) * units[m[5]]
+    assert need <= shown_need <= need * 1.01  # rounded up, 3 significant digits
+    assert float(m[3]) == budget_gb and shown_limit == pytest.approx(budget_gb * 1e9)
+    assert shown_need > shown_limit
+
+
+def _csv_with_missing_rows(root):
+    rows = ["path,label,split"]
+    for split in ("train", "val", "test"):
+        rows += [f"{f.relative_to(root).as_posix()},{f.parent.name},{split}" for f in sorted((root / split).rglob("*.png"))]
+    missing = {3: "train/a/gone_1.png", 7: "train/b/gone_2.png", len(rows) + 1: "test/c/gone_3.png"}  # line -> file
+    for line, file in sorted(missing.items()):
+        rows.insert(line - 1, f"{file},{file.split('/')[1]},{file.split('/')[0]}")
+    path = root / "labels.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path, {line: str(root / file) for line, file in missing.items()}
+
+
+def test_a_labels_csv_lists_every_missing_file_with_its_line_or_skips_and_records_them(tiny_folder, tmp_path, capsys):
+    import json
+
+    from transferlab.cli import main
+
+    csv_path, missing = _csv_with_missing_rows(tiny_folder)
+    assert main(["probe", "--data", str(csv_path), "--out", str(tmp_path / "o"), *PROBE]) == 2
+    line = _one_error_line(capsys)
+    assert "3 listed file(s) do not exist" in line and "--on-bad-image skip" in line
+    for number, file in missing.items():
+        assert f"line {number}, column path: no such file {file}" in line
+    out = tmp_path / "o2"
+    assert main(["probe", "--data", str(csv_path), "--out", str(out), *PROBE, "--on-bad-image", "skip"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["skipped_files"] == {"train": [missing[3], missing[7]], "test": [missing[max(missing)]]}
+    assert record["data"]["missing_files"] == 3
+    assert (record["data"]["train"]["n"], record["data"]["val"]["n"], record["data"]["test"]["n"]) == (24, 9, 9)
