@@ -18,14 +18,18 @@ def _exif(orientation: int) -> bytes:
     return exif.tobytes()
 
 
-@pytest.mark.parametrize("kind", ["rgb-exif", "palette-transparency", "16bit-exif", "16bit-large", "grey-large"])
+@pytest.mark.parametrize("kind", ["rgb-exif", "palette-transparency", "16bit-exif", "16bit-large", "grey-large", "jpeg-large"])
 def test_to_rgb_of_an_opened_png_equals_load_rgb_pixel_for_pixel(tmp_path, kind):
-    """`to_rgb(Image.open(p), m)` is what `load_rgb(p, m)` gives, for every step after decoding."""
+    """`to_rgb(Image.open(p), m)` is what `load_rgb(p, m)` gives, for every step after decoding (and for a
+    JPEG not yet loaded, its reduced-scale decoding too)."""
     from transferlab.data import to_rgb
 
     rng = np.random.default_rng(0)
     path = tmp_path / f"{kind}.png"
-    if kind == "rgb-exif":
+    if kind == "jpeg-large":
+        path = tmp_path / "large.jpg"
+        Image.fromarray(rng.integers(0, 255, (130, 170, 3), dtype=np.uint8)).save(path, exif=_exif(6))
+    elif kind == "rgb-exif":
         Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(path, exif=_exif(6))
     elif kind == "palette-transparency":
         img = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).convert("P")

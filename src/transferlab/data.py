@@ -99,7 +99,7 @@ class ImageSplits:
     test: Split | None
     ignored_files: tuple[str, ...] = field(default=(), repr=False)
     # Files a labels CSV lists that do not exist, skipped under on_bad_image="skip": {split name: files}.
-    missing_files: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    missing_files: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> dict:
         n = len(self.classes)

@@ -49,11 +49,9 @@ def _stat_key(st: os.stat_result) -> bytes:
 
 def _hash_file(path: str) -> bytes:
     h = _new_hash()
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])  # releases the GIL for large chunks: threads hash in parallel
+        while chunk := f.read(1 << 20):
+            h.update(chunk)  # releases the GIL for large chunks: threads hash in parallel
     return h.digest()
 
 
@@ -171,8 +169,11 @@ def file_digests(paths: Sequence[str], memo_dir: str | os.PathLike | None = None
     if to_read:
         n = workers if workers is not None else min(8, os.cpu_count() or 1)
         if n > 1 and len(to_read) > 1:
-            with ThreadPoolExecutor(n) as pool:
-                results = list(pool.map(read, to_read))
+            def read_share(share: list[int]) -> list[tuple[int, bytes | None]]:
+                return [read(i) for i in share]
+
+            with ThreadPoolExecutor(n) as pool:  # one share per thread: no per-file task overhead
+                results = [r for share in pool.map(read_share, [to_read[k::n] for k in range(n)]) for r in share]
         else:
             results = [read(i) for i in to_read]
         for i, digest in results:
