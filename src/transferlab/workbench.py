@@ -64,8 +64,7 @@ class EngineConfig:
             raise ConfigError("num_workers", self.num_workers, "must be 0 (decode in this process) or a positive number of workers")
         if isinstance(self.cache_max_gb, bool) or not isinstance(self.cache_max_gb, (int, float)) \
                 or not math.isfinite(self.cache_max_gb) or self.cache_max_gb < 0:
-            raise ConfigError("cache_max_gb", self.cache_max_gb, "must be a finite number of GB, 0 or more "
-                              "(0 keeps no activation cache in memory; --no-cache turns the cache off)")
+            raise ConfigError("cache_max_gb", self.cache_max_gb, "must be a finite number of GB, 0 or more")
 
 
 def size_text(n_bytes: float) -> str:
