@@ -184,6 +184,17 @@ def test_a_sweep_rerun_after_a_swap_with_size_and_mtime_kept_says_the_images_cha
     assert "images changed" in err and "2 files modified in split test" in err and "--force" in err
 
 
+def test_a_fingerprint_recorded_from_sizes_and_mtimes_is_not_reported_as_modified_files():
+    """A sweep folder from before content digests: its rows hold mtimes, which say nothing about contents."""
+    from transferlab.data import describe_data_change
+
+    old = {"test": [["/d/test/a/x.png", 10, 1700000000000000000, 0]]}
+    new = {"test": [["/d/test/a/x.png", 10, "0" * 32, 0]]}
+    said = describe_data_change(old, new)
+    assert "modification times" in said and "modified" not in said
+    assert describe_data_change(new, new) == ""
+    assert describe_data_change(new, {"test": [["/d/test/a/x.png", 10, "1" * 32, 0]]}) == "1 file modified in split test"
+
 def test_a_digest_is_remembered_until_the_ctime_changes_and_a_bad_memo_is_rebuilt(tmp_path, monkeypatch):
     import time
 
