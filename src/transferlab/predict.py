@@ -1,8 +1,10 @@
 """Classify images with a trained model: ``load_classifier(MODEL_DIR or RUN_DIR).predict(images)``.
 
 Images go through the training code path: :func:`transferlab.data.load_rgb` (with the same reduced-scale
-JPEG decoding) and :func:`transferlab.data.build_transform`, via :class:`transferlab.data.ImageDataset`.
-On CPU the numbers are those of training's test evaluation (fp32, same preprocessing).
+JPEG decoding) and :func:`transferlab.data.build_transform`, via :class:`transferlab.data.ImageDataset`;
+PIL images through :func:`transferlab.data.to_rgb` (what load_rgb does after opening the file) and the
+same transform. On CPU the numbers are those of training's test evaluation (fp32, same preprocessing).
+Evaluation on a data folder (:func:`run_split`) rebuilds the splits with the run's own split settings.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, ChildSignalSafeLoader, ImageDataset, Preprocessing, Split, describe_bad_image
+from .data import BAD_IMAGE_ERRORS, IMAGE_EXTENSIONS, ChildSignalSafeLoader, DataConfig, ImageDataset, Preprocessing, Split, describe_bad_image, to_rgb
 from .utils import ConfigError, UserError
 
 ImageLike = str | os.PathLike | Image.Image
@@ -44,7 +46,9 @@ class Prediction:
 
 
 class _Items(torch.utils.data.Dataset):
-    """Paths go through ImageDataset (load_rgb + build_transform); PIL images through the same transform."""
+    """Paths go through ImageDataset (load_rgb + build_transform); PIL images through to_rgb and the same
+    transform: everything load_rgb does after opening a file, so an image opened from a path predicts
+    as the path does (a JPEG not yet loaded is decoded at reduced scale too)."""
 
     def __init__(self, items: Sequence[ImageLike], pre: Preprocessing):
         self.items = list(items)
@@ -57,9 +61,26 @@ class _Items(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         if isinstance(item, Image.Image):
-            return self.files.transform(item if item.mode == "RGB" else item.convert("RGB")), i, True
+            pre = self.files.pre
+            try:
+                return self.files.transform(to_rgb(item, min_size=pre.resize_size)), i, True
+            except BAD_IMAGE_ERRORS:  # a lazily opened image whose file does not decode
+                return torch.zeros(3, pre.input_size, pre.input_size), i, False
         x, _label, _i, ok = self.files[i]
         return x, i, ok
+
+    def describe_bad(self, i: int) -> str:
+        """'NAME (reason)' of item `i`, which did not decode."""
+        item = self.items[i]
+        if isinstance(item, Image.Image):
+            try:
+                to_rgb(item)
+            except BAD_IMAGE_ERRORS as e:
+                reason = f"{type(e).__name__}: {e}".splitlines()[0][:120]
+                return f"{_name(item, i)} ({reason})"
+            return f"{_name(item, i)} (decoded on retry)"
+        path = self.files.split.files[i]
+        return f"{path} ({describe_bad_image(path)})"
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
@@ -101,6 +122,8 @@ class Classifier:
                       num_workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, list[int]]:
         """(probabilities (n_kept, n_classes) float64, indices of `images` kept).
 
+        Paths and PIL images take the same steps (:func:`transferlab.data.to_rgb`): a PIL image opened
+        from a path gives the path's numbers (a JPEG not yet loaded is decoded at reduced scale in place).
         Undecodable files: 'error' raises one UserError listing all of them; 'skip' leaves them out.
         """
         if on_bad_image not in ("error", "skip"):
@@ -129,7 +152,7 @@ class Classifier:
                 bar.update(len(idx))
         bar.close()
         if bad and on_bad_image == "error":
-            listing = "; ".join(f"{dataset.files.split.files[i]} ({describe_bad_image(dataset.files.split.files[i])})" for i in bad)
+            listing = "; ".join(dataset.describe_bad(i) for i in bad)
             raise UserError(f"{len(bad)} image(s) cannot be decoded: {listing} (fix or remove them, or pass --on-bad-image skip)")
         out = torch.cat(probs).numpy() if probs else np.zeros((0, len(self.classes)))
         return out, kept
@@ -172,8 +195,11 @@ def _from_model_dir(path: Path, device: str) -> Classifier:
         preprocessing = Preprocessing(pre["input_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]), tuple(pre["std"]),
                                       pre.get("resize"), pre.get("squash", False))
         name = config["backbone"]
-    except (ValueError, KeyError, TypeError) as e:
+        architecture_files = config.get("files", {}).get("architecture")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path / CONFIG_FILE}: not a transferlab model config ({type(e).__name__}: {e})") from None
+    if architecture_files is not None:  # the zoo builds the architecture from files in MODEL_DIR (hf: its config)
+        name = f"{config['zoo']}:{path / architecture_files}"
     backbone = load_backbone(name, pretrained=False)
     backbone.reset_classifier(new_head(backbone.feature_dim, len(classes), seed=0))
     state = load_file(str(path / MODEL_FILE), device="cpu")
@@ -182,6 +208,31 @@ def _from_model_dir(path: Path, device: str) -> Classifier:
     except RuntimeError as e:
         raise UserError(f"{path / MODEL_FILE}: does not fit {name} with {len(classes)} classes ({str(e).splitlines()[0][:200]})") from None
     return Classifier(backbone.model.eval(), classes, preprocessing, config, device)
+
+
+SPLIT_SETTINGS = ("val_split", "test_split", "valid_frac", "split_seed", "max_per_class")
+
+
+def run_data_config(config: dict, data: str, where: str) -> DataConfig:
+    """The run's own split settings (its DataConfig, recorded in config.json's ``provenance.data.config``)
+    applied to the images at `data`: the same split names, seed, validation fraction and per-class cap."""
+    recorded = ((config.get("provenance") or {}).get("data") or {}).get("config")
+    missing = [k for k in SPLIT_SETTINGS if not isinstance(recorded, dict) or k not in recorded]
+    if missing:
+        raise UserError(f"--model {where}: its record lacks the run's split settings ({', '.join(missing)}), so --data cannot "
+                        "rebuild the run's splits; re-export the run with this transferlab, or predict the files as IMAGE_OR_DIR")
+    assert isinstance(recorded, dict)
+    return DataConfig(data=os.fspath(data), **{k: recorded[k] for k in SPLIT_SETTINGS})
+
+
+def run_split(clf: Classifier, data: str, split: str, where: str) -> tuple[list[str], list[str]]:
+    """(files, class names) of split `split` (train, val or test) of `data`, built by the run's own split rules."""
+    cfg = run_data_config(clf.config, data, where)
+    splits = cfg.load()
+    chosen = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    if chosen is None:
+        raise UserError(f"--data {data}: has no {split} split (the run took its test split from '{cfg.test_split}')")
+    return list(chosen.files), [splits.classes[i] for i in chosen.labels]
 
 
 def load_classifier(path: str | os.PathLike, device: str = "auto", backbone: str | None = None,

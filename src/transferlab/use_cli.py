@@ -31,7 +31,7 @@ def add_use_parsers(sub) -> None:
     p.add_argument("--backbone", default=None, help="sweep folder: the backbone of the chosen run")
     p.add_argument("--method", default=None, choices=("LP", "LP-FT"), help="sweep folder: LP or LP-FT chosen run")
     p.add_argument("--data", default=None,
-                   help="evaluation mode: a data folder or labels.csv; predicts --split and reports accuracy")
+                   help="evaluation mode: a data folder or labels.csv, split by the run's own settings; predicts --split, reports accuracy")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="evaluation mode: which split (default test)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
@@ -56,18 +56,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _evaluation_items(args) -> tuple[list[str], list[str]]:
-    from .data import load_splits
-
-    splits = load_splits(args.data)
-    split = {"train": splits.train, "val": splits.val, "test": splits.test}[args.split]
-    if split is None:
-        raise UserError(f"--data {args.data}: has no {args.split} split")
-    return list(split.files), [splits.classes[i] for i in split.labels]
-
-
 def cmd_predict(args) -> int:
-    from .predict import find_images, load_classifier
+    from .predict import find_images, load_classifier, run_split
 
     if args.out is not None and not args.out.endswith((".csv", ".jsonl")):
         raise UserError(f"--out {args.out}: expected a .csv or .jsonl file name")
@@ -76,11 +66,11 @@ def cmd_predict(args) -> int:
     if bool(args.images) == bool(args.data):
         raise UserError("predict: give IMAGE_OR_DIR arguments or --data (evaluation mode), not both or neither")
     labels = None
-    if args.data:
-        files, labels = _evaluation_items(args)
-    else:
+    if not args.data:
         files = find_images(args.images)
     clf = load_classifier(args.model, args.device, args.backbone, args.method)
+    if args.data:  # the split as the run built it: its split names, seed, validation fraction, per-class cap
+        files, labels = run_split(clf, args.data, args.split, args.model)
     if labels is not None:
         unknown = sorted(set(labels) - set(clf.classes))
         if unknown:
