@@ -8,7 +8,9 @@ strictly: every trained tensor must name a tensor of the model, with the same sh
 
 - ``model.safetensors``: the state dict of the zoo's own model class (timm / pytorchcv) with a
   ``Linear(feature_dim, n_classes)`` classifier, so it loads without transferlab (README).
-- ``config.json``: architecture and zoo, class names in label order, preprocessing, provenance.
+- ``config.json``: architecture and zoo, class names in label order, preprocessing (every step from
+  file to tensor, :func:`preprocessing_recipe`), provenance (with the run's split settings).
+- ``hf/`` (hf: models): the model's config and image processor config, so the folder is enough on its own.
 - ``model.onnx``: input ``image`` (N, 3, H, W) float32, preprocessed as in the config; outputs
   ``logits`` and ``probabilities`` (softmax of the logits), both (N, n_classes); the batch is dynamic.
 """
@@ -19,6 +21,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,17 @@ from .data import Preprocessing
 from .freezing import load_state_strict
 from .heads import new_head
 from .ledger import METHODS
-from .utils import ConfigError, UserError, atomic_write_bytes, check_writable_dir, file_digest, stable_hash, write_json
+from .utils import (
+    ConfigError,
+    UserError,
+    atomic_write_bytes,
+    check_writable_dir,
+    created_dirs_removed_on_failure,
+    file_digest,
+    fsync_dir,
+    stable_hash,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +52,9 @@ FORMATS = ("safetensors", "onnx", "both")
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ONNX_FILE = "model.onnx"
+ARCHITECTURE_DIR = "hf"  # hf: the model's config.json and preprocessor_config.json
+# Every file an export may write; a re-export replaces them all (config.json last).
+MODEL_OUTPUTS = (MODEL_FILE, ONNX_FILE, ARCHITECTURE_DIR, CONFIG_FILE)
 # 18 is the lowest opset torch's (dynamo) ONNX exporter implements; >= 17 is what LayerNorm-era runtimes need.
 ONNX_OPSET = 18
 CONFIG_FORMAT = 1
@@ -261,6 +278,73 @@ def load_trained(src: str | os.PathLike, backbone: str | None = None, method: st
 
 
 # -- writing the model folder -----------------------------------------------------------------------
+# How a client without transferlab rebuilds the network (model.safetensors is its state dict).
+LOAD_HINTS = {
+    "timm": "timm.create_model(architecture, num_classes=num_classes).load_state_dict(load_file('model.safetensors'))",
+    "pytorchcv": "pytorchcv.model_provider.get_model(architecture, num_classes=num_classes).load_state_dict(...)",
+    "torchvision": "torchvision.models.get_model(architecture, weights=None) with the Linear at `classifier` replaced by "
+                   "Linear(feature_dim, num_classes), then load_state_dict(...)",
+    "hf": "encoder = transformers.AutoModel.from_config(AutoConfig.from_pretrained('hf/'), add_pooling_layer=False) (for a "
+          "config with a vision_config: the vision tower's model from that config); encoder.load_state_dict of the "
+          "'encoder.'-prefixed tensors; logits = head(features), head = Linear(feature_dim, num_classes) from 'head.weight' / "
+          "'head.bias', features = the encoder's pooler_output when it has one, else last_hidden_state[:, 0]",
+}
+
+# What a client that cannot follow a step exactly gets: max |probability difference| from predict over images
+# and classes, measured with exported efficientnet_lite0 (bicubic) linear probes of birds10 and hymenoptera.
+CLIENT_DIFFERENCES = {
+    "opencv_bicubic": "cv2.resize(INTER_CUBIC) in place of Pillow's bicubic (OpenCV's kernel has a = -0.75, Pillow's -0.5, "
+                      "and OpenCV does not antialias): max |prob diff| 0.067 on birds10 test (100 photos of 227 px, enlarged; "
+                      "top-1 unchanged), 0.161 on hymenoptera (397 photos, mostly shrunk; top-1 changed on 1)",
+    "no_draft": "decoding JPEGs at full size (no Image.draft) and resizing from there: max |prob diff| 0.0041 on hymenoptera "
+                "(8 of 397 photos large enough to be decoded at reduced scale; top-1 unchanged); 0 on birds10 (none large enough)",
+}
+
+
+def preprocessing_recipe(pre: Preprocessing) -> dict:
+    """config.json's ``preprocessing``: the fields, and every step from file to tensor, as predict does them
+    (:func:`transferlab.data.load_rgb`, :func:`transferlab.data.build_transform`), with this model's numbers."""
+    r, s = pre.resize_size, pre.input_size
+    if pre.squash:
+        mode = "squash"
+        geometry = [f"resize to {s}x{s} (width x height; aspect ratio not kept, no crop) with Pillow's {pre.interpolation} filter: "
+                    f"Image.resize(({s}, {s}), Image.Resampling.{pre.interpolation.upper()}), as "
+                    f"torchvision.transforms.Resize(({s}, {s})) does on a PIL image"]
+    else:
+        mode = "short_side_then_center_crop"
+        geometry = [
+            f"resize so the short side is {r} and the long side int({r} * long / short), with Pillow's {pre.interpolation} filter: "
+            f"Image.resize(size, Image.Resampling.{pre.interpolation.upper()}), as torchvision.transforms.Resize({r}) does on a PIL image",
+            f"center crop {s}x{s}: top = int(round((height - {s}) / 2)), left = int(round((width - {s}) / 2)) "
+            "(torchvision.transforms.CenterCrop)",
+        ]
+    steps = [
+        f"open the file with Pillow; a JPEG: img.draft('RGB', ({r}, {r})) before decoding, so libjpeg decodes it at 1/s scale, "
+        f"s the largest of 8, 4, 2, 1 with s <= min(width // {r}, height // {r}) (size rounded up: ceil(width / s) x ceil(height / s))",
+        "img.load(); a 16-bit or 32-bit grey image (mode I;16*, I, F) is converted to mode F for the next step",
+        f"not a JPEG and min(width, height) // {2 * r} >= 2 (and not mode P or 1): img.reduce(min(width, height) // {2 * r}) "
+        "(box average over that integer factor)",
+        "16-bit grey (I;16*): uint8(clip(v / 65535 * 255 + 0.5, 0, 255)) per pixel, mode L (Pillow's own convert would clip, "
+        "not scale); 32-bit grey (I, F): the same with 65535 if the image's maximum is > 255, else 255 in place of 65535",
+        "a palette image with transparency is converted to RGBA",
+        "apply the EXIF orientation (PIL.ImageOps.exif_transpose)",
+        "img.convert('RGB'): alpha dropped (not composited onto a background), grey repeated, CMYK converted by Pillow",
+        *geometry,
+        "Pillow's resampling is antialiased (the filter widens with the downscale factor); libraries that do not antialias "
+        "(OpenCV's cv2.resize, torch's interpolate without antialias=True) differ most on large images",
+        f"to float32 in [0, 1] (value / 255), RGB order, then (x - mean) / std per channel; layout (N, 3, {s}, {s})",
+    ]
+    return {
+        **dataclasses.asdict(pre),
+        "resize_size": r,
+        "resize_mode": mode,  # short_side_then_center_crop | squash
+        "library": "Pillow (PIL) for decoding and resizing, through torchvision.transforms on PIL images",
+        "jpeg_draft": [r, r],  # img.draft('RGB', jpeg_draft) before a JPEG is decoded
+        "steps": steps,
+        "client_differences": CLIENT_DIFFERENCES,
+    }
+
+
 def model_config(trained: TrainedModel) -> dict:
     """config.json: everything needed to rebuild, feed and trace the model."""
     from . import __version__
@@ -271,22 +355,14 @@ def model_config(trained: TrainedModel) -> dict:
         "format": "transferlab-model",
         "format_version": CONFIG_FORMAT,
         "architecture": spec.arch,  # the zoo's own model name
-        "zoo": spec.zoo,  # timm | pytorchcv
-        "backbone": trained.base_name,  # transferlab catalogue name
+        "zoo": spec.zoo,  # timm | pytorchcv | torchvision | hf
+        "backbone": trained.base_name,  # transferlab's name (hf: the original folder; predict builds from files.architecture)
         "classifier": trained.backbone.classifier_name,
         "feature_dim": trained.backbone.feature_dim,
         "num_classes": len(trained.classes),
         "classes": list(trained.classes),  # in label order: output column i is classes[i]
-        "preprocessing": {
-            **dataclasses.asdict(pre),
-            "resize_size": pre.resize_size,
-            "steps": (
-                "decode to 8-bit RGB (alpha dropped; JPEGs decoded at reduced scale, never below resize_size; "
-                "the EXIF orientation applied); "
-                "resize the short side to resize_size with `interpolation`; center crop input_size x input_size; "
-                "scale to [0, 1]; normalise (x - mean) / std per channel; layout (N, 3, H, W) float32"
-            ),
-        },
+        "preprocessing": preprocessing_recipe(pre),
+        "load": LOAD_HINTS.get(spec.zoo, ""),
         "outputs": {
             "safetensors": "model(x) returns logits (N, num_classes); probabilities = softmax(logits, dim=1)",
             "onnx": {"input": "image", "outputs": ["logits", "probabilities"], "probabilities": "softmax of logits over classes",
@@ -308,13 +384,18 @@ class _WithProbabilities(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
-    """Write `model` as ONNX with a dynamic batch axis (torch's dynamo exporter; needs onnx + onnxscript)."""
+def require_onnx() -> None:
+    """Raise a UserError unless the onnx extra (onnx + onnxscript, for torch's exporter) is importable."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise UserError("--format onnx needs the onnx extra: pip install 'transferlab[onnx]'") from None
+
+
+def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
+    """Write `model` as ONNX with a dynamic batch axis (torch's dynamo exporter; needs onnx + onnxscript)."""
+    require_onnx()
     wrapped = _WithProbabilities(model).eval()
     example = torch.zeros(2, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1)
@@ -331,23 +412,60 @@ def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
 
 def export_model(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "safetensors",
                  backbone: str | None = None, method: str | None = None) -> dict:
-    """Write MODEL_DIR (`out`): model.safetensors and config.json, and model.onnx with fmt onnx|both.
+    """Write MODEL_DIR (`out`): model.safetensors and config.json, model.onnx with fmt onnx|both, and
+    for a zoo that builds its architecture from files (hf:) those files in ``hf/``.
 
-    Returns the config (also in ``out/config.json``).
+    Everything is written into a hidden staging folder first and moved in at the end, so a failed
+    export leaves `out` as it was (or absent); files of an earlier export the new one does not write
+    are removed. Returns the config (also in ``out/config.json``).
     """
     if fmt not in FORMATS:
         raise ConfigError("format", fmt, f"expected one of {', '.join(FORMATS)}")
-    trained = load_trained(src, backbone, method)
-    out = check_writable_dir(out)
+    if fmt in ("onnx", "both"):
+        require_onnx()  # before anything is read or written
+    with created_dirs_removed_on_failure():
+        trained = load_trained(src, backbone, method)
+        out = check_writable_dir(out)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+        try:
+            config = _write_model_folder(trained, staging, fmt)
+            _move_into(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return config
+
+
+def _write_model_folder(trained: TrainedModel, folder: Path, fmt: str) -> dict:
     from safetensors.torch import save
 
     # clone: safetensors refuses tensors sharing memory, and a state dict may hold views
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     config = model_config(trained)
-    atomic_write_bytes(out / MODEL_FILE, save(tensors, metadata={"format": "pt", "architecture": config["architecture"]}))
+    atomic_write_bytes(folder / MODEL_FILE, save(tensors, metadata={"format": "pt", "architecture": config["architecture"]}))
     config["files"] = {"safetensors": MODEL_FILE}
+    if trained.backbone.spec.zoo == "hf":  # the architecture is its config: the folder must not need the original
+        from .backbones import hf_zoo
+
+        hf_zoo.save_architecture(trained.backbone.spec, str(folder / ARCHITECTURE_DIR))
+        config["files"]["architecture"] = ARCHITECTURE_DIR
     if fmt in ("onnx", "both"):
-        export_onnx(trained.model, trained.preprocessing.input_size, out / ONNX_FILE)
+        export_onnx(trained.model, trained.preprocessing.input_size, folder / ONNX_FILE)
         config["files"]["onnx"] = ONNX_FILE
-    write_json(out / CONFIG_FILE, config)
+    write_json(folder / CONFIG_FILE, config)
     return config
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Make `out` hold the model files of `staging` and no other export's: config.json is removed first
+    and put back last (a folder without it is no model folder); other files in `out` are left alone."""
+    (out / CONFIG_FILE).unlink(missing_ok=True)
+    for name in MODEL_OUTPUTS:
+        old, new = out / name, staging / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif name != CONFIG_FILE:
+            old.unlink(missing_ok=True)
+        if new.exists() and name != CONFIG_FILE:
+            os.replace(new, old)
+    os.replace(staging / CONFIG_FILE, out / CONFIG_FILE)
+    fsync_dir(out)

@@ -151,6 +151,14 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
     return EncoderClassifier(encoder.eval(), int(vision.hidden_size)).eval()
 
 
+def save_architecture(spec: BackboneSpec, folder: str) -> None:
+    """Write the model's config and image processor config into `folder`: ``hf:FOLDER`` then builds the
+    same architecture (random weights) and preprocessing without the original folder or the hub."""
+    source = _ensure_local(spec.arch)
+    _transformers().AutoConfig.from_pretrained(source).save_pretrained(folder)
+    _processor(source).save_pretrained(folder)
+
+
 def adapt_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Accept the encoder's own state dict (``save_pretrained``'s keys) as well as ours (``encoder.`` prefixed)."""
     own = model.state_dict()
