@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from .utils import to_json
+from .utils import UserError, to_json
 
 Method = Literal["LP", "LP-FT"]
 METHODS: tuple[Method, ...] = ("LP", "LP-FT")
@@ -78,11 +78,17 @@ class Ledger:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
         else:
             self.db = sqlite3.connect(self.path, timeout=30)
-            self.db.execute("PRAGMA synchronous=FULL")
-            with self.db:
-                self.db.executescript(SCHEMA)
-                if "grid" not in {r[1] for r in self.db.execute("PRAGMA table_info(choices)")}:  # a 0.1 ledger
-                    self.db.execute("ALTER TABLE choices ADD COLUMN grid TEXT")
+        try:
+            if not readonly:
+                self.db.execute("PRAGMA synchronous=FULL")
+                with self.db:
+                    self.db.executescript(SCHEMA)
+                    if "grid" not in {r[1] for r in self.db.execute("PRAGMA table_info(choices)")}:  # a 0.1 ledger
+                        self.db.execute("ALTER TABLE choices ADD COLUMN grid TEXT")
+            self.db.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except sqlite3.DatabaseError as e:  # not a database, or not a ledger
+            self.db.close()
+            raise UserError(f"{self.path}: not a readable transferlab ledger ({e}); move it away or use another folder") from None
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -164,6 +170,20 @@ class Ledger:
         if method is not None:
             query, args = query + " AND method = ?", args + [method]
         return [_decode(r) for r in self.db.execute(query + " ORDER BY rowid", args)]
+
+    # -- what the current grid planned ---------------------------------------------------------------
+    # The report reads only these runs: rows of other grids in the same folder (another seed list, epoch
+    # count, runtime...) share their configs' fields but are never mixed into this grid's numbers.
+    def set_plan(self, backbone: str, method: Method, hashes: list[str]) -> None:
+        """The runs the current grid (meta "grid") planned for (backbone, method), in grid order."""
+        self.set_meta(f"plan:{backbone}:{method}", {"grid": self.get_meta("grid"), "hashes": list(hashes)})
+
+    def plan(self, backbone: str, method: Method) -> list[str] | None:
+        """The current grid's planned run hashes for (backbone, method); None when it planned none (yet)."""
+        value = self.get_meta(f"plan:{backbone}:{method}")
+        if value is None or value.get("grid") != self.get_meta("grid"):
+            return None
+        return list(value["hashes"])
 
     # -- choices ----------------------------------------------------------------------------------
     # Each choice is tagged with the grid (meta "grid": a hash of the sweep's config) that made it; only

@@ -270,8 +270,11 @@ def claim_folder(ledger: Ledger, out: Path, data: DataConfig, splits: ImageSplit
     return stable_hash(fingerprint)
 
 
-def check_ft_capacity(cfg: SweepConfig, names: list[str]) -> None:
-    """A ConfigError when --ft-layers / --ft-blocks reach beyond a backbone."""
+def check_ft_grid(cfg: SweepConfig, names: list[str], splits: ImageSplits) -> None:
+    """A ConfigError, before anything is written, for a fine-tuning grid that some backbone cannot run:
+    --ft-layers / --ft-blocks beyond it, or an --ft-augment whose cache it would not have (no --no-cache, a
+    cut with spatial maps for map, views within --cache-max-gb). Planned on random weights: no image is read."""
+    check_ft_augment_path(cfg)
     for name in names:
         backbone = load_backbone(name, pretrained=False)
         n_layers = len(layer_names(backbone.model))
@@ -280,12 +283,23 @@ def check_ft_capacity(cfg: SweepConfig, names: list[str]) -> None:
                 layers_of_last_blocks(backbone, n)
             elif n > n_layers:
                 raise ConfigError("ft_layers", n, f"{name} has only {n_layers} layers")
+        if all(augment == "none" for augment in cfg.ft_augment):
+            continue
+        ft_ks = ft_layer_counts(cfg, backbone)
+        bench = Workbench(backbone, splits, cfg.engine, None, cfg.data.on_bad_image, share_cut_layers=max(ft_ks.values()),
+                          layer_order=cfg.train.layer_order)
+        for k in dict.fromkeys(ft_ks.values()):
+            for augment in cfg.ft_augment:
+                try:
+                    bench.check_feature_augment_planned(augment, k)
+                except ConfigError as e:
+                    raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
 
 
 def check_ft_augment_path(cfg: SweepConfig) -> None:
     """A ConfigError, before anything runs, for feature augmentation with no cache to augment."""
     if cfg.engine.use_cache:
-        return  # whether a cut's cache fits, or holds spatial maps, is known once a backbone is set up
+        return
     for augment in cfg.ft_augment:
         if augment != "none":
             raise ConfigError("ft_augment", augment, "needs the cached path (drop --no-cache; or --ft-augment none)")
@@ -319,7 +333,11 @@ class Sweep:
         self.cfg, self.executor_cfg, self.command = cfg, executor, command
         self.out = check_writable_dir(out)
         self.lock = FolderLock(self.out)
-        self.ledger = Ledger(self.out / LEDGER_FILE)
+        try:
+            self.ledger = Ledger(self.out / LEDGER_FILE)
+        except BaseException:
+            self.lock.release()  # sweep() never gets an object to close: give the folder back now
+            raise
         self.cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else self.out / "cache"
         self.splits: ImageSplits | None = None
         self.data_digest = ""
@@ -338,13 +356,12 @@ class Sweep:
     def run(self) -> list[dict]:
         """Run (or resume) every phase for every backbone, then write the summary and the report."""
         cfg = self.cfg
-        # Everything that can be refused is checked before the ledger changes: a refused re-run keeps
-        # the folder's previous choices.
+        # Everything that can be refused is checked, for every backbone, before the ledger, sweep.json or
+        # anything else is written: a refused re-run keeps the folder's previous choices.
         self.splits = splits = cfg.data.load()
         names, skipped = resolve_backbones(cfg)
         if cfg.lpft:
-            check_ft_capacity(cfg, names)
-            check_ft_augment_path(cfg)
+            check_ft_grid(cfg, names, splits)
         self.numerics = numerics_identity(cfg.engine)
         self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
         self.data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force)
@@ -379,7 +396,7 @@ class Sweep:
                 if cfg.lpft:
                     for k in dict.fromkeys(ft_ks.values()):
                         for augment in cfg.ft_augment:
-                            try:  # refuse before any run, not inside each task
+                            try:  # check_ft_grid planned this; the set-up is the final word, before any run
                                 bench.check_feature_augment(augment, k)
                             except ConfigError as e:
                                 raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
@@ -387,6 +404,7 @@ class Sweep:
                 if cfg.lpft and probe_hash is not None:
                     self._phase(bench, "LP-FT", self._finetune_runs(bench, probe_hash, ft_ks), start=probe_hash)
                 else:
+                    self.ledger.set_plan(name, "LP-FT", [])
                     self.ledger.unchoose(name, "LP-FT")
                 if bench.skipped_files:
                     self.ledger.set_meta(f"skipped_files:{name}", bench.skipped_files)
@@ -427,6 +445,7 @@ class Sweep:
     def _phase(self, bench: Workbench, method: Method, planned: list[PlannedRun], start: str | None = None) -> str | None:
         """Execute the unfinished runs of `planned`, then choose on validation and test once; the chosen hash."""
         assert self.bar is not None and self.executor is not None
+        self.ledger.set_plan(bench.backbone.spec.name, method, [p.hash for p in planned])  # what the report reads
         todo = [p for p in planned if not self.ledger.is_finished(p.hash)]
         self.bar.update(len(planned) - len(todo))
         start_state = None if start is None or not todo else _load_params(self.out, start)

@@ -316,6 +316,47 @@ class Workbench:
             raise ConfigError("feature_augment", feature_augment, f"would hold {_over_budget(need, self.engine.cache_max_gb, ' of views')}; "
                               "fewer views, a larger budget, or --ft-augment none")
 
+    def check_feature_augment_planned(self, feature_augment: str, n_trainable_layers: int) -> None:
+        """The refusals of :meth:`check_feature_augment`, planned before any image is read (a sweep checks every
+        backbone before it writes anything): the cut, whether its input would be cached, and that input's
+        shape from one dummy forward. It counts the training images before the bad-image policy drops any, so
+        it never accepts what check_feature_augment refuses. Side-effect free: nothing is extracted or kept,
+        the modules' train/eval modes are restored."""
+        kind, n_views = parse_feature_augment(feature_augment) or ("none", 0)
+        if kind == "none":
+            return
+        cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
+        chain = self.backbone.chain()
+        size = self.backbone.spec.preprocessing.input_size
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            prefix = Chain(chain[: cut.index]).eval()  # eval: batch norm must not update its statistics
+            with torch.no_grad():
+                shape = tuple(prefix(self.placement.put(torch.zeros(1, 3, size, size))).shape[1:])
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        per_image = math.prod(shape) * 4  # float32, as cached
+        budget = self.engine.cache_max_gb
+        uncached = ""  # why _make_setup would not cache this cut, in its words
+        if not self.engine.use_cache:
+            uncached = "drop --no-cache"
+        elif cut.index == 0 and len(chain) <= 2:
+            uncached = (f"{self.backbone.spec.name} has no blocks to cut between (chain: features, head): "
+                        "fine-tuning runs the whole model every epoch, uncached")
+        elif cut.index and per_image * self._n_images() > budget * 1e9:
+            uncached = (f"cache for the input of {cut.name} would take {_over_budget(per_image * self._n_images(), budget)}; "
+                        "running the full model every epoch")
+        if uncached:
+            raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({uncached}; or --ft-augment none)")
+        if kind == "map" and len(shape) != 3:
+            raise ConfigError("feature_augment", "map", f"needs cached spatial maps before global pooling; the input of "
+                              f"{cut.name} is {shape} (train more layers, or use views:K)")
+        need = per_image * len(self.splits.train) * n_views
+        if need > budget * 1e9:
+            raise ConfigError("feature_augment", feature_augment, f"would hold {_over_budget(need, budget, ' of views')}; "
+                              "fewer views, a larger budget, or --ft-augment none")
+
     def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
         """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``)."""
         setup = self.setup(n_trainable_layers)
