@@ -22,6 +22,11 @@ CURVE_PANELS = (
 )
 
 
+def _plain(text: str) -> str:
+    """`text` as matplotlib should print it: a backbone name with '$' is not mathtext."""
+    return text.replace("$", r"\$")
+
+
 def _save(fig, path: str | Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -48,7 +53,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(_plain(title), fontsize=11)
     _save(fig, path)
 
 
@@ -71,7 +76,7 @@ def plot_lpft(lp_history: Sequence[Mapping[str, Any]], lp_best: int, ft_history:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(_plain(title), fontsize=11)
     _save(fig, path)
 
 
@@ -89,36 +94,54 @@ def plot_transfer(rows: list[dict], path: str | Path) -> None:
             for r in pts:
                 colour = "C0" if r["method"] == "LP" else "C2"
                 ax.scatter(r["source_top1"], 100 * r["test_acc"], marker=markers[i % len(markers)], s=70,
-                           color=colour, edgecolor="k", label=f"{arch} ({r['method']})")
-        ax.set_xlabel(f"source top-1 accuracy on {source} (%)")
+                           color=colour, edgecolor="k", label=_plain(f"{arch} ({r['method']})"))
+        ax.set_xlabel(_plain(f"source top-1 accuracy on {source} (%)"))
         ax.set_ylabel("target test accuracy (%)")
-        ax.set_title(f"source: {source}", fontsize=10)
+        ax.set_title(_plain(f"source: {source}"), fontsize=10)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     _save(fig, path)
 
 
+def _best_val_err(cells: list[dict]) -> float | None:
+    errs = [c["val_err"] for c in cells if c.get("val_err") is not None and c.get("status", "done") == "done"]
+    return min(errs) if errs else None
+
+
+def grid_cell_text(cells: list[dict]) -> str:
+    """What one (lr, l2) cell of the grid figure says: the best validation error over its done runs, else
+    why there is none: "failed" (an error; re-running retries), "diverged", or "not run" (no run, or one
+    still marked running: an interrupted sweep redoes it)."""
+    best = _best_val_err(cells)
+    if best is not None:
+        return f"{best:.3f}"
+    statuses = {c.get("status") for c in cells}
+    return "failed" if "failed" in statuses else "diverged" if "diverged" in statuses else "not run"
+
+
 def plot_grid(cells: list[dict], lrs: list[float], l2s: list[float], path: str | Path, title: str = "") -> None:
-    """Heatmap of the best validation error (over seeds) for each (lr, l2)."""
+    """Heatmap of the best validation error (over seeds) for each (lr, l2); `cells` are runs, each with lr,
+    l2, status and val_err, and a cell without a done run says why (grid_cell_text)."""
     import numpy as np
 
-    grid = np.full((len(l2s), len(lrs)), np.nan)
+    by_cell: dict[tuple[int, int], list[dict]] = {}
     for c in cells:
-        if c.get("val_err") is None:
-            continue
-        i, j = l2s.index(c["l2"]), lrs.index(c["lr"])
-        grid[i, j] = c["val_err"] if np.isnan(grid[i, j]) else min(grid[i, j], c["val_err"])
+        by_cell.setdefault((l2s.index(c["l2"]), lrs.index(c["lr"])), []).append(c)
+    texts = {(i, j): grid_cell_text(by_cell.get((i, j), [])) for i in range(len(l2s)) for j in range(len(lrs))}
+    grid = np.full((len(l2s), len(lrs)), np.nan)
+    for (i, j), members in by_cell.items():
+        best = _best_val_err(members)
+        if best is not None:
+            grid[i, j] = best
     fig, ax = plt.subplots(figsize=(1.6 * len(lrs) + 2.2, 1.0 * len(l2s) + 1.6))
     im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs])
     ax.set_yticks(range(len(l2s)), [f"{v:g}" for v in l2s])
     ax.set_xlabel("learning rate")
     ax.set_ylabel("l2")
-    for i in range(len(l2s)):
-        for j in range(len(lrs)):
-            text = "diverged" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
-            ax.text(j, i, text, ha="center", va="center", color="w", fontsize=9)
+    for (i, j), text in texts.items():
+        ax.text(j, i, text, ha="center", va="center", color="w", fontsize=9)
     fig.colorbar(im, ax=ax, label="val error")
-    ax.set_title(title or "validation error", fontsize=10)
+    ax.set_title(_plain(title) if title else "validation error", fontsize=10)
     _save(fig, path)

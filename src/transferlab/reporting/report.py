@@ -10,8 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..ledger import METHODS, Ledger, Method
-from ..utils import UserError, atomic_write_bytes, write_json
+from ..ledger import METHODS, Ledger, Method, RunRow
+from ..utils import UserError, atomic_write_bytes, safe_filename, write_json
 from . import figures
 
 SUMMARY_KEYS = (
@@ -66,11 +66,23 @@ def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:
             "ft_l2sp": cfg.get("l2sp", 0.0), "label_smoothing": cfg.get("label_smoothing", 0.0), "wise_alpha": metrics.get("wise_alpha")}
 
 
+def planned_runs(ledger: Ledger, name: str, method: Method) -> list[RunRow] | None:
+    """The ledger rows of the runs the current grid planned for (name, method), in grid order (None: no plan
+    of this grid is recorded). Rows of other grids in the folder are never among them."""
+    hashes = ledger.plan(name, method)
+    if hashes is None:
+        return None
+    return [row for row in map(ledger.run, hashes) if row is not None]
+
+
 def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict, chosen_metrics: dict | None = None) -> dict:
-    """Validation error of the chosen hyperparameters across the grid's seeds: mean and sample std."""
+    """Validation error of the chosen hyperparameters across the current grid's seeds: mean and sample std."""
+    runs = planned_runs(ledger, name, method)
+    if runs is None:  # a ledger written before plans were recorded: which rows were this grid's is unknown
+        return {"n_seeds": None, "val_err_seed_mean": None, "val_err_seed_std": None}
     same = {k: v for k, v in chosen_cfg.items() if k != "seed"}
     layers = (chosen_metrics or {}).get("n_trainable_layers")
-    errs = [r["metrics"]["val_err"] for r in ledger.runs(name, method)
+    errs = [r["metrics"]["val_err"] for r in runs
             if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same
             and r["metrics"].get("n_trainable_layers") == layers]
     return {"n_seeds": len(errs), "val_err_seed_mean": statistics.fmean(errs) if errs else None,
@@ -115,8 +127,16 @@ def _fmt(v, spec: str = ".4f") -> str:
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
+def _grid_cells(ledger: Ledger, name: str, lrs: list, l2s: list) -> list[dict]:
+    """One cell per planned probe of the current grid: lr, l2, status, and val_err when done."""
+    return [dict(lr=r["config"]["lr"], l2=r["config"]["l2"], status=r["status"],
+                 val_err=(r["metrics"] or {}).get("val_err") if r["status"] == "done" else None)
+            for r in planned_runs(ledger, name, "LP") or [] if r["config"]["lr"] in lrs and r["config"]["l2"] in l2s]
+
+
 def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]:
-    """Write every figure; return (caption, path) in report order."""
+    """Write every figure; return (caption, path) in report order. File names come from safe_filename:
+    a backbone name never leads a file out of OUT/figures."""
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     config = ledger.get_meta("config", {})
@@ -126,24 +146,27 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
         figures.plot_transfer(plot_rows, fig_dir / "transfer.png")
         made.append(("Target test accuracy vs source top-1 accuracy (one panel per source data set)", fig_dir / "transfer.png"))
     for name in ledger.get_meta("backbones", []):
+        file_name = safe_filename(name)
         lp_hash = ledger.choice(name, "LP")
-        if lp_hash is None:
-            continue
-        lp = _run(ledger, lp_hash)
-        c = lp["config"]
-        path = fig_dir / f"curves_{name}.png"
-        figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path, f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
-        made.append((f"{name}: learning curves of the chosen probe (star: early stop)", path))
-        cells = [dict(lr=r["config"]["lr"], l2=r["config"]["l2"], val_err=(r["metrics"] or {}).get("val_err") if r["status"] == "done" else None)
-                 for r in ledger.runs(name, "LP") if r["config"]["lr"] in config.get("lrs", []) and r["config"]["l2"] in config.get("l2s", [])]
-        if cells:
-            path = fig_dir / f"grid_{name}.png"
-            figures.plot_grid(cells, list(config["lrs"]), list(config["l2s"]), path, f"{name}: best val error over seeds")
+        lp = _run(ledger, lp_hash) if lp_hash is not None else None
+        if lp is not None:
+            c = lp["config"]
+            path = fig_dir / f"curves_{file_name}.png"
+            figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path,
+                                f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
+            made.append((f"{name}: learning curves of the chosen probe (star: early stop)", path))
+        lrs, l2s = list(config.get("lrs", [])), list(config.get("l2s", []))
+        cells = _grid_cells(ledger, name, lrs, l2s)
+        if cells:  # also without a choice: the figure then says which cells failed, diverged or did not run
+            path = fig_dir / f"grid_{file_name}.png"
+            figures.plot_grid(cells, lrs, l2s, path, f"{name}: best val error over seeds")
             made.append((f"{name}: validation error over the lr x l2 grid", path))
+        if lp is None:
+            continue
         ft_hash = ledger.choice(name, "LP-FT")
         if ft_hash is not None:
             ft = _run(ledger, ft_hash)
-            path = fig_dir / f"lpft_{name}.png"
+            path = fig_dir / f"lpft_{file_name}.png"
             figures.plot_lpft(lp["history"], lp["metrics"]["best_epoch"], ft["history"], ft["metrics"]["best_epoch"], path,
                               f"{name}: LP, then fine-tune the last {ft['metrics']['n_trainable_layers']} layers (lr={ft['config']['lr']:g})")
             made.append((f"{name}: LP until its early stop, then FT from the best probe", path))
@@ -151,6 +174,8 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
 
 
 def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
+    """One HTML line per backbone with both choices tested: what LP-then-FT did (names and values escaped)."""
+    e = html.escape
     lines = []
     by = {(r["backbone"], r["method"]): r for r in rows}
     for (name, method), lp in by.items():
@@ -168,18 +193,39 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
             noise = (f" Paired on the same test images: 95% bootstrap interval [{100 * ft['ci_low']:+.1f}, {100 * ft['ci_high']:+.1f}] "
                      f"points, McNemar p = {ft['p_mcnemar']:.3g}: {'more than' if real else 'within'} noise.")
         unit, n = (ft["ft_unit"] or f"layers:{ft['n_trainable_layers']}").split(":")
-        what = f"the last {n} {unit} ({ft['n_trainable_layers']} layers)" if unit == "blocks" else f"the last {n} layers"
-        how = f"augmentation {ft['ft_augment']}, L2-SP {ft['ft_l2sp']:g}, label smoothing {ft['label_smoothing']:g}"
+        what = f"the last {e(n)} {e(unit)} ({ft['n_trainable_layers']} layers)" if unit == "blocks" else f"the last {e(n)} layers"
+        how = f"augmentation {e(str(ft['ft_augment']))}, L2-SP {ft['ft_l2sp']:g}, label smoothing {ft['label_smoothing']:g}"
         wise = "" if ft["wise_alpha"] is None else f", weights interpolated with the probe's at a = {ft['wise_alpha']:g}"
         if ft["wise_alpha"] == 0:
             wise += ": validation chose the probe itself"
         lines.append(
-            f"{name}: fine-tuning {what} from the best probe ({how}{wise}) {verdict} test accuracy "
+            f"{e(name)}: fine-tuning {what} from the best probe ({how}{wise}) {verdict} test accuracy "
             f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "
             f"val xent {lp['val_xent']:.4f} &rarr; {ft['val_xent']:.4f}, val err {lp['val_err']:.4f} &rarr; {ft['val_err']:.4f}, "
             f"best FT epoch {ft['best_epoch']} before interpolation{why}).{noise}"
         )
     return lines
+
+
+def _optimizers(ledger: Ledger, rows: list[dict]) -> str:
+    """What trained the chosen runs, from their own configs ("Adam", "SGD with momentum 0.9"; per method when
+    they differ); the sweep's config when nothing was chosen."""
+    def describe(cfg: dict) -> str:
+        if cfg.get("optimizer", "adam") == "sgd":
+            return f"SGD with momentum {cfg.get('momentum', 0.9):g}"
+        return "Adam"
+
+    by_method: dict[str, set[str]] = {}
+    for r in rows:
+        run_hash = ledger.choice(r["backbone"], r["method"])
+        if run_hash is not None:
+            by_method.setdefault(r["method"], set()).add(describe(_run(ledger, run_hash)["config"]))
+    if not by_method:
+        return describe(ledger.get_meta("config", {}).get("train", {}))
+    texts = {method: " / ".join(sorted(names)) for method, names in by_method.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{method}: {text}" for method, text in texts.items())
 
 
 def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]], insights: str = "") -> str:
@@ -201,30 +247,32 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]], 
     for name in dict.fromkeys(r["backbone"] for r in rows):
         lp, ft = by.get((name, "LP"), {}), by.get((name, "LP-FT"), {})
         parts.append(
-            f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(lp.get('source')))}</td><td>{_fmt(lp.get('source_top1'), '.2f')}</td>"
-            f"<td>{_fmt(lp.get('test_acc'))}</td><td>{_fmt(ft.get('test_acc'))}</td></tr>"
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(lp.get('source')))}</td><td>{html.escape(_fmt(lp.get('source_top1'), '.2f'))}</td>"
+            f"<td>{html.escape(_fmt(lp.get('test_acc')))}</td><td>{html.escape(_fmt(ft.get('test_acc')))}</td></tr>"
         )
     parts.append("</table>")
     verdicts = _lpft_verdict(ledger, rows)
     if verdicts:
         parts.append("<h3>What LP-then-FT did</h3><ul>" + "".join(f"<li>{v}</li>" for v in verdicts) + "</ul>")
-    parts.append("<h2>Chosen hyperparameters (on validation only)</h2><table><tr>" + "".join(f"<th>{k}</th>" for k in SUMMARY_KEYS) + "</tr>")
+    parts.append("<h2>Chosen hyperparameters (on validation only)</h2><table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in SUMMARY_KEYS) + "</tr>")
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r[k], '.4g'))}</td>" for k in SUMMARY_KEYS) + "</tr>")
     parts.append("</table>")
     select = ledger.get_meta("select", "val_xent")
     criterion = {"val_xent": "validation cross-entropy (ties: validation error)",
                  "val_err": "validation error (ties: validation cross-entropy)"}.get(select, select)
-    parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>Adam, minibatches. "
-                 f"Selection criterion (--select {html.escape(select)}): {criterion}. It chose the early-stopping epoch (whose "
+    parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>"
+                 f"{html.escape(_optimizers(ledger, rows))}, minibatches. "
+                 f"Selection criterion (--select {html.escape(select)}): {html.escape(criterion)}. It chose the early-stopping epoch (whose "
                  "weights are restored), the configuration of each grid and the weight interpolation after fine-tuning; "
                  "the test split is evaluated once, for each chosen configuration.</p>")
-    parts.append(f"<h2>Data</h2><p>{html.escape(str(data.get('root', '')))}: {data.get('n_classes', '?')} classes</p>"
+    parts.append(f"<h2>Data</h2><p>{html.escape(str(data.get('root', '')))}: {html.escape(str(data.get('n_classes', '?')))} classes</p>"
                  "<table><tr><th>split</th><th>source</th><th>images</th><th>per class (min–max)</th></tr>")
     for split in ("train", "val", "test"):
         if split in data:
             pc = data[split]["per_class"]
-            parts.append(f"<tr><td>{split}</td><td>{html.escape(data[split]['source'])}</td><td>{data[split]['n']}</td><td>{min(pc)}–{max(pc)}</td></tr>")
+            parts.append(f"<tr><td>{split}</td><td>{html.escape(str(data[split]['source']))}</td><td>{html.escape(str(data[split]['n']))}</td>"
+                         f"<td>{html.escape(str(min(pc)))}–{html.escape(str(max(pc)))}</td></tr>")
     parts.append("</table><p>Classes: " + html.escape(", ".join(data.get("classes", []))) + "</p>")
     bad = {name: ledger.get_meta(f"skipped_files:{name}", {}) for name in ledger.get_meta("backbones", [])}
     bad_files = sorted({f for per_split in bad.values() for files in per_split.values() for f in files})
@@ -249,7 +297,8 @@ def _insights(ledger: Ledger, out: Path, rows: list[dict]) -> str:
         run_hash = ledger.choice(r["backbone"], r["method"])
         path = sweep_predictions_path(out, run_hash) if run_hash else None
         if path is not None and path.is_file():
-            parts.append(insight_html(path, out / "insight" / f"{r['backbone']}_{r['method']}", f"{r['backbone']} {r['method']}"))
+            folder = out / "insight" / f"{safe_filename(r['backbone'])}_{r['method']}"  # METHODS are plain names
+            parts.append(insight_html(path, folder, f"{r['backbone']} {r['method']}"))
     return ("<h2>Per-class insight (test)</h2>\n" + "\n".join(parts) + "\n") if parts else ""
 
 
