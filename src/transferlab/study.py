@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
 from .data import DataConfig
+from .fields import check_keywords, config_fields, field_doc, keyword_signature
 from .objective import Objective
 from .training import EpochRecord, FitResult, TrainConfig
-from .utils import UserError, atomic_write_bytes, build_config, check_writable_dir, created_dirs_removed_on_failure, option, stable_hash, write_json
+from .utils import atomic_write_bytes, build_config, check_writable_dir, created_dirs_removed_on_failure, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
 __all__ = ["DataConfig", "EngineConfig", "ProbeConfig", "Workbench", "probe", "run_probe"]
@@ -159,11 +160,14 @@ def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
 def probe(data: str, out: str | Path, backbone: str = DEFAULT_BACKBONE, **fields: Any) -> dict:
     """Python twin of ``transferlab probe``: train one probe on `data`, write outputs to `out`, return the record.
 
-    Keyword arguments are config field names (``lr=1e-3, l2=1e-2, seed=0, n_trainable_layers=1,
-    device="cpu", ...``: see ``ProbeConfig``, ``DataConfig``, ``TrainConfig``, ``EngineConfig``).
+    Keyword arguments are the config fields below (those of ``ProbeConfig`` and its ``DataConfig``,
+    ``TrainConfig`` and ``EngineConfig``), by name and with their types: ``probe(data, out, lr=1e-3)``;
+    an unknown name or a value of the wrong type raises a ConfigError naming the field (and close names).
     """
-    known = {f for cls in (ProbeConfig, DataConfig, TrainConfig, EngineConfig) for f in cls.__dataclass_fields__}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise UserError(f"probe(): unknown argument(s) {', '.join(unknown)}")
+    check_keywords(PROBE_FIELDS, fields)
     return run_probe(build_config(ProbeConfig, {**fields, "data": data, "backbone": backbone}), out)
+
+
+PROBE_FIELDS = config_fields(ProbeConfig)
+probe.__signature__ = keyword_signature(probe, PROBE_FIELDS, skip=("data",))  # type: ignore[attr-defined]
+probe.__doc__ = f"{probe.__doc__}\n    Fields:\n{field_doc({k: v for k, v in PROBE_FIELDS.items() if k not in ('data', 'backbone')})}\n"
