@@ -115,8 +115,8 @@ class ImageSplits:
     def fingerprint(self, memo_dir: str | os.PathLike | None = None) -> dict[str, list]:
         """{split name: [path, size, content digest, label] per file} for train, val and test.
 
-        Digests are remembered in `memo_dir` (pass the feature-cache folder; default: the user cache
-        folder) while a file is untouched; see :mod:`transferlab.digests`.
+        Digests are remembered in `memo_dir` (pass the feature-cache folder; None: in this process
+        only) while a file is untouched; see :mod:`transferlab.digests`.
         """
         return {s.name: split_fingerprint(s, memo_dir) for s in (self.train, self.val, self.test) if s is not None}
 

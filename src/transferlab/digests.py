@@ -8,8 +8,8 @@ set a file's size and modification time back, but not its status-change time (ct
 rewritten file is always read again, while an untouched one is not.
 
 Memos: a dictionary in this process, and a small SQLite file (``memo.sqlite``) in a folder the
-caller names, by default the feature-cache folder (else the user cache folder,
-``$XDG_CACHE_HOME/transferlab`` or ``~/.cache/transferlab``). A memo that cannot be read is ignored
+caller names (the feature-cache folder; with none, digests are remembered in this process only,
+so nothing is written outside the folders a command was given). A memo that cannot be read is ignored
 and rebuilt; one that cannot be written is skipped. A file changed within ``RACY_NS`` of being
 hashed is not remembered (its ctime may not have ticked yet; git's "racy clean" rule).
 """
@@ -55,20 +55,14 @@ def _hash_file(path: str) -> bytes:
     return h.digest()
 
 
-def default_memo_dir() -> Path:
-    """The user cache folder for digest memos: ``$XDG_CACHE_HOME/transferlab`` or ``~/.cache/transferlab``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "transferlab"
-
-
 class _SqliteMemo:
     """The persistent memo: path -> (stat key, digest); every failure is logged and ignored."""
 
-    def __init__(self, directory: Path):
-        self.path = directory / MEMO_FILE
+    def __init__(self, directory: Path | None):
+        self.path = directory / MEMO_FILE if directory is not None else None
 
     def _connect(self, create: bool) -> sqlite3.Connection | None:
-        if not create and not self.path.exists():
+        if self.path is None or (not create and not self.path.exists()):
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.path, timeout=30)
@@ -103,7 +97,7 @@ class _SqliteMemo:
         return {}
 
     def put(self, entries: dict[str, bytes]) -> None:
-        if not entries:
+        if not entries or self.path is None:
             return
         rows = [(path, value[: _STAT.size], value[_STAT.size :]) for path, value in entries.items()]
         for attempt in (1, 2):
@@ -132,9 +126,9 @@ def file_digests(paths: Sequence[str], memo_dir: str | os.PathLike | None = None
 
     Digests come from the memos while the file's stat key is unchanged, else the file is read
     (by `workers` threads: hashing releases the GIL). New digests are remembered in this process and
-    in ``memo_dir`` (default: :func:`default_memo_dir`).
+    in ``memo_dir`` (None: in this process only).
     """
-    memo = _SqliteMemo(Path(memo_dir) if memo_dir is not None else default_memo_dir())
+    memo = _SqliteMemo(Path(memo_dir) if memo_dir is not None else None)
     keys: list[bytes | None] = []
     for path in paths:
         try:

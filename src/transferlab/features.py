@@ -107,7 +107,7 @@ class FeatureCache:
     labels, the runtime that ran the prefix (name, version, precision) and the device type. A file
     whose checksum does not match is reported, deleted and recomputed. The images' digests are
     remembered in ``directory/digests/`` while a file is untouched (``transferlab.digests``).
-    ``directory=None`` keeps no features on disk (digests: in the user cache folder).
+    ``directory=None`` keeps nothing on disk (digests are remembered in this process only).
     """
 
     def __init__(self, directory: str | os.PathLike | None):
@@ -115,7 +115,7 @@ class FeatureCache:
 
     @property
     def digest_memo_dir(self) -> Path | None:
-        """Where the image files' content digests are remembered (None: the user cache folder)."""
+        """Where the image files' content digests are remembered (None: in this process only)."""
         return self.directory / "digests" if self.directory is not None else None
 
     def key(self, backbone: Backbone, cut: str, split: Split, pre: Preprocessing, placement: Placement,

@@ -60,7 +60,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
             "preprocessing": dataclasses.asdict(spec.preprocessing),
         },
         "data": bench.splits.summary(),
-        "data_digest": stable_hash(bench.splits.fingerprint()),
+        "data_digest": stable_hash(bench.splits.fingerprint(bench.cache.digest_memo_dir)),
         "skipped_files": bench.skipped_files,
         "status": result.status,
         "objective": Objective(cfg.train.l2, 1, cfg.train.label_smoothing, cfg.train.l2sp).describe(),
