@@ -26,6 +26,7 @@ from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, check_weights_available, ge
 from .data import DataConfig, ImageSplits, describe_data_change
 from .devices import resolve_device
 from .executors import Executor, InProcessExecutor, ProcessExecutor, RayExecutor
+from .features import FeatureCache
 from .freezing import layer_names, layers_of_last_blocks
 from .ledger import Ledger, Method, RunRow
 from .objective import describe_objective
@@ -245,13 +246,15 @@ def choose(rows: list[RunRow], order: list[str], select: str = "val_xent") -> Ru
                                     order.index(r["hash"])))
 
 
-def claim_folder(ledger: Ledger, out: Path, data: DataConfig, splits: ImageSplits, force: bool) -> str:
+def claim_folder(ledger: Ledger, out: Path, data: DataConfig, splits: ImageSplits, force: bool,
+                 memo_dir: Path | None = None) -> str:
     """Refuse (or with `force`, start over) when `out`'s ledger is about other data or other images.
 
-    Records the data's identity and fingerprint; returns the images' digest (part of every run hash).
+    Records the data's identity and fingerprint (content digests remembered in `memo_dir`); returns
+    the images' digest (part of every run hash).
     """
     identity = stable_hash(dataclasses.asdict(data))
-    fingerprint = splits.fingerprint()
+    fingerprint = splits.fingerprint(memo_dir)
     previous_identity = ledger.get_meta("identity")
     previous_fingerprint = ledger.get_meta("data_fingerprint")
     problem = ""
@@ -364,7 +367,8 @@ class Sweep:
             check_ft_grid(cfg, names, splits)
         self.numerics = numerics_identity(cfg.engine)
         self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
-        self.data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force)
+        self.data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force,
+                                        FeatureCache(self.cache_dir).digest_memo_dir)
         self.ledger.set_meta("config", dataclasses.asdict(cfg))
         self.ledger.set_meta("grid", stable_hash(dataclasses.asdict(cfg)))  # choices of other grids are not shown
         self.ledger.set_meta("command", self.command)
