@@ -1,8 +1,13 @@
-"""Matplotlib figures drawn from run records (plain dicts), written as PNG files."""
+"""Matplotlib figures drawn from run records (plain dicts), written as PNG files.
+
+Every plotting function saves its PNG and returns the (closed) matplotlib figure, so a caller or a
+test can read back what was drawn: axes limits, scales, marker positions.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from ..utils import atomic_write_bytes  # noqa: E402
 
@@ -20,6 +28,11 @@ CURVE_PANELS = (
     ("val_xent", "val cross-entropy"),
     ("val_err", "val error"),
 )
+LOG_RATIO = 10.0  # a positive curve whose max / min exceeds this is drawn on a log axis
+MIN_ACCURACY_SPAN = 10.0  # points: an accuracy axis never zooms in further (one image must not look like a gap)
+CONSTANT_RANGE = 1e-3  # colour range of a grid whose cells all hold one value: [v, v + this]
+METHOD_MARKERS = {"LP": "o", "LP-FT": "^"}
+METRIC_LABELS = {"val_err": "val error", "val_xent": "val cross-entropy"}
 
 
 def _plain(text: str) -> str:
@@ -27,121 +40,237 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _save(fig, path: str | Path) -> None:
+def _save(fig: Figure, path: str | Path) -> Figure:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return fig
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+    pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None and math.isfinite(h[key])]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str | Path, title: str = "") -> None:
-    """Four panels (train loss, train err, val xent, val err) per epoch; a star marks the early stop."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+def wants_log(values: Sequence[float], ratio: float = LOG_RATIO) -> bool:
+    """Whether a curve needs a log axis: all values positive and max / min above `ratio` (losses spanning
+    decades are flat on a linear axis after the first epochs)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > ratio
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str | Path, title: str = "") -> Figure:
+    """Four panels (train loss, train err, val xent, val err) per epoch; a star marks the early stop;
+    the loss panels go on a log axis where the loss spans more than a decade (:func:`wants_log`)."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    best = next((h for h in history if h["epoch"] == best_epoch), None)
     for ax, (key, label) in zip(axes, CURVE_PANELS):
         xs, ys = _series(history, key)
         ax.plot(xs, ys, "-", color="C0" if key.startswith("train") else "C1", lw=1.5)
-        best = next((h for h in history if h["epoch"] == best_epoch), None)
         if best is not None and best.get(key) is not None:
             ax.plot([best_epoch], [best[key]], "*", color="C3", ms=14, label=f"best epoch {best_epoch}")
             ax.legend(loc="best", fontsize=8)
+        if key in ("train_loss", "val_xent") and wants_log(ys):
+            ax.set_yscale("log")
+            label += " (log)"
         ax.set_xlabel("epoch")
         ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     if title:
         fig.suptitle(_plain(title), fontsize=11)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def plot_lpft(lp_history: Sequence[Mapping[str, Any]], lp_best: int, ft_history: Sequence[Mapping[str, Any]], ft_best: int,
-              path: str | Path, title: str = "") -> None:
-    """LP until its early stop, then FT from the restored best probe, on one continuous epoch axis."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-    offset = lp_best
-    for ax, key, label in ((axes[0], "val_xent", "val cross-entropy"), (axes[1], "val_err", "val error")):
-        xs, ys = _series([h for h in lp_history if h["epoch"] <= lp_best], key)
-        ax.plot(xs, ys, "-", color="C0", label="LP (until its early stop)")
+              path: str | Path, title: str = "") -> Figure:
+    """LP, then FT from the restored best probe: for val cross-entropy and val error, one panel per phase,
+    each on its own epoch axis ("epochs since the start of that phase"; FT epoch 0 is the best probe),
+    the two panels of a metric sharing the y axis, so a short fine-tuning phase is as wide as the probe's."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2), gridspec_kw={"wspace": 0.08})
+    for pair, (key, label) in enumerate((("val_xent", "val cross-entropy"), ("val_err", "val error"))):
+        ax_lp, ax_ft = axes[2 * pair], axes[2 * pair + 1]
+        ax_ft.sharey(ax_lp)
+        ax_ft.tick_params(labelleft=False)
+        xs, ys = _series(lp_history, key)
         fx, fy = _series(ft_history, key)
-        ax.plot([x + offset for x in fx], fy, "-", color="C2", label="FT (from best probe)")
-        ax.axvline(offset, color="grey", ls=":", lw=1)
-        best = next((h for h in ft_history if h["epoch"] == ft_best), None)
-        if best is not None:
-            ax.plot([ft_best + offset], [best[key]], "*", color="C3", ms=14, label=f"FT best (epoch {ft_best})")
-        ax.set_xlabel("epoch (LP, then FT)")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax_lp.plot(xs, ys, "-", color="C0", label="LP")
+        best_lp = next((h for h in lp_history if h["epoch"] == lp_best), None)
+        if best_lp is not None and best_lp.get(key) is not None:
+            ax_lp.plot([lp_best], [best_lp[key]], "*", color="C3", ms=12, label=f"best probe (epoch {lp_best}): FT starts here")
+        ax_ft.plot(fx, fy, "-o", color="C2", ms=3, label="FT")
+        best_ft = next((h for h in ft_history if h["epoch"] == ft_best), None)
+        if best_ft is not None and best_ft.get(key) is not None:
+            ax_ft.plot([ft_best], [best_ft[key]], "*", color="C3", ms=12, label=f"FT best (epoch {ft_best})")
+        if key == "val_xent" and wants_log(ys + fy):
+            ax_lp.set_yscale("log")
+            label += " (log)"
+        ax_lp.set_xlabel("LP epoch")
+        ax_ft.set_xlabel("FT epoch (0 = best probe)")
+        if fx:
+            ax_ft.set_xticks(range(min(fx), max(fx) + 1, max(1, math.ceil((max(fx) - min(fx)) / 8))))
+        ax_lp.set_title(f"{label}: LP", fontsize=10)
+        ax_ft.set_title(f"{label}: then FT", fontsize=10)
+        for ax in (ax_lp, ax_ft):
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(_plain(title), fontsize=11)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_transfer(rows: list[dict], path: str | Path) -> None:
-    """Target test accuracy vs source top-1 accuracy, one panel per source data set, one marker per architecture."""
+def accuracy_ylim(lows: Sequence[float], highs: Sequence[float], min_span: float = MIN_ACCURACY_SPAN) -> tuple[float, float]:
+    """y limits (percent) of an accuracy axis: the intervals' span plus a 5% margin, or `min_span` points
+    around their middle, whichever is larger, kept inside [0, 100] (shifted, not cut, where possible)."""
+    if not lows or not highs:
+        return 0.0, 100.0
+    lo, hi = min(lows), max(highs)
+    span = max(min_span, (hi - lo) * 1.1)
+    centre = (lo + hi) / 2
+    bottom, top = centre - span / 2, centre + span / 2
+    if top > 100:
+        bottom, top = bottom - (top - 100), 100.0
+    if bottom < 0:
+        bottom, top = 0.0, min(100.0, top - bottom)
+    return bottom, top
+
+
+def dodge(xs: Sequence[float], min_sep: float) -> list[float]:
+    """Positions near `xs` (in the order of `xs`), no two closer than `min_sep`, order kept (ties: input
+    order). Points too close form a cluster spaced `min_sep` apart and centred on their mean; clusters
+    that then overlap merge, until none does."""
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], i))
+    clusters = [[i] for i in order]
+
+    def start(members: list[int]) -> float:
+        return sum(xs[i] for i in members) / len(members) - min_sep * (len(members) - 1) / 2
+
+    merged = True
+    while merged:
+        merged = False
+        for k in range(len(clusters) - 1):
+            a, b = clusters[k], clusters[k + 1]
+            if start(b) - (start(a) + min_sep * (len(a) - 1)) < min_sep * (1 - 1e-9):
+                clusters[k : k + 2] = [a + b]
+                merged = True
+                break
+    placed = [0.0] * len(xs)
+    for members in clusters:
+        for k, i in enumerate(members):
+            placed[i] = start(members) + k * min_sep
+    return placed
+
+
+def plot_transfer(rows: list[dict], path: str | Path) -> Figure:
+    """Target test accuracy vs source top-1 accuracy, one panel per source data set.
+
+    Colour: the architecture (`arch`); marker: the method (circle LP, triangle LP-FT); error bars: the
+    95% interval of the test accuracy (`test_acc_ci_low` / `test_acc_ci_high`, when present). Points of
+    one panel are spread horizontally (:func:`dodge`) so that no marker hides another, and the y axis
+    spans at least 10 points (:func:`accuracy_ylim`). One legend entry per method and per architecture.
+    """
     sources = sorted({r["source"] for r in rows if r.get("source_top1") is not None})
     if not sources:
         sources = ["(none)"]
-    fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 4.2), squeeze=False)
-    markers = "osD^vP*Xh<>"
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.2 * len(sources), 4.0), squeeze=False)
     archs = sorted({r["arch"] for r in rows})
+    colours = {a: f"C{i % 10}" for i, a in enumerate(archs)}
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m not in METHOD_MARKERS, m))
+    width_in = 4.6  # of one panel's axes, roughly: marker separation in data units follows from it
+    marker_pt = 8
     for ax, source in zip(axes[0], sources):
-        for i, arch in enumerate(archs):
-            pts = [r for r in rows if r["source"] == source and r["arch"] == arch and r.get("test_acc") is not None]
-            for r in pts:
-                colour = "C0" if r["method"] == "LP" else "C2"
-                ax.scatter(r["source_top1"], 100 * r["test_acc"], marker=markers[i % len(markers)], s=70,
-                           color=colour, edgecolor="k", label=_plain(f"{arch} ({r['method']})"))
+        pts = [r for r in rows if r["source"] == source and r.get("source_top1") is not None and r.get("test_acc") is not None]
+        pts.sort(key=lambda r: (r["source_top1"], r["arch"], methods.index(r["method"])))
+        xs = [float(r["source_top1"]) for r in pts]
+        placed: list[float] = []
+        if xs:
+            span = max(max(xs) - min(xs), 1.0)
+            pad = 0.2 * span + 0.5
+            x_range = span + 2 * pad
+            min_sep = 1.6 * (marker_pt / 72) / width_in * x_range
+            placed = dodge(xs, min_sep)
+            pad = max(pad, (max(placed) - max(xs)) + min_sep, (min(xs) - min(placed)) + min_sep)
+            ax.set_xlim(min(xs) - pad, max(xs) + pad)
+        lows, highs = [], []
+        for r, x in zip(pts, placed):
+            acc = 100 * r["test_acc"]
+            low, high = r.get("test_acc_ci_low"), r.get("test_acc_ci_high")
+            yerr = None
+            if low is not None and high is not None:
+                yerr = [[acc - 100 * low], [100 * high - acc]]
+                lows.append(100 * low)
+                highs.append(100 * high)
+            else:
+                lows.append(acc)
+                highs.append(acc)
+            ax.errorbar([x], [acc], yerr=yerr, fmt=METHOD_MARKERS.get(r["method"], "s"), ms=marker_pt, color=colours[r["arch"]],
+                        mec="k", mew=0.8, ecolor=colours[r["arch"]], elinewidth=1.2, capsize=3, zorder=3)
+        ax.set_ylim(*accuracy_ylim(lows, highs))
         ax.set_xlabel(_plain(f"source top-1 accuracy on {source} (%)"))
-        ax.set_ylabel("target test accuracy (%)")
+        ax.set_ylabel("target test accuracy (%), 95% interval")
         ax.set_title(_plain(f"source: {source}"), fontsize=10)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
-    _save(fig, path)
+    handles = [Line2D([], [], ls="", marker=METHOD_MARKERS.get(m, "s"), ms=8, color="#bbbbbb", mec="k", label=m) for m in methods]
+    handles += [Patch(color=colours[a], label=_plain(a)) for a in archs]
+    if handles:
+        axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return _save(fig, path)
 
 
-def _best_val_err(cells: list[dict]) -> float | None:
-    errs = [c["val_err"] for c in cells if c.get("val_err") is not None and c.get("status", "done") == "done"]
-    return min(errs) if errs else None
+def _best(cells: list[dict], metric: str = "val_err") -> float | None:
+    values = [c[metric] for c in cells if c.get(metric) is not None and c.get("status", "done") == "done"]
+    return min(values) if values else None
 
 
-def grid_cell_text(cells: list[dict]) -> str:
-    """What one (lr, l2) cell of the grid figure says: the best validation error over its done runs, else
+def grid_cell_text(cells: list[dict], metric: str = "val_err") -> str:
+    """What one (lr, l2) cell of the grid figure says: the best `metric` over its done runs, else
     why there is none: "failed" (an error; re-running retries), "diverged", or "not run" (no run, or one
     still marked running: an interrupted sweep redoes it)."""
-    best = _best_val_err(cells)
+    best = _best(cells, metric)
     if best is not None:
         return f"{best:.3f}"
     statuses = {c.get("status") for c in cells}
     return "failed" if "failed" in statuses else "diverged" if "diverged" in statuses else "not run"
 
 
-def plot_grid(cells: list[dict], lrs: list[float], l2s: list[float], path: str | Path, title: str = "") -> None:
-    """Heatmap of the best validation error (over seeds) for each (lr, l2); `cells` are runs, each with lr,
-    l2, status and val_err, and a cell without a done run says why (grid_cell_text)."""
+def colour_range(values: Sequence[float]) -> tuple[float, float]:
+    """(vmin, vmax) of a heatmap: the values' range; one value throughout gets [v, v + 1e-3] (a constant
+    grid, e.g. all zero, must not get a made-up range around it); no value at all: [0, 1]."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    return (lo, lo + CONSTANT_RANGE) if hi - lo <= 0 else (lo, hi)
+
+
+def plot_grid(cells: list[dict], lrs: list[float], l2s: list[float], path: str | Path, title: str = "",
+              metric: str = "val_err") -> Figure:
+    """Heatmap of the best `metric` (over seeds; the sweep's selection metric, val_err or val_xent) for
+    each (lr, l2); `cells` are runs, each with lr, l2, status and the metric, and a cell without a done
+    run says why (grid_cell_text). The colour range is :func:`colour_range` of the cells' values."""
     import numpy as np
 
     by_cell: dict[tuple[int, int], list[dict]] = {}
     for c in cells:
         by_cell.setdefault((l2s.index(c["l2"]), lrs.index(c["lr"])), []).append(c)
-    texts = {(i, j): grid_cell_text(by_cell.get((i, j), [])) for i in range(len(l2s)) for j in range(len(lrs))}
+    texts = {(i, j): grid_cell_text(by_cell.get((i, j), []), metric) for i in range(len(l2s)) for j in range(len(lrs))}
     grid = np.full((len(l2s), len(lrs)), np.nan)
     for (i, j), members in by_cell.items():
-        best = _best_val_err(members)
+        best = _best(members, metric)
         if best is not None:
             grid[i, j] = best
-    fig, ax = plt.subplots(figsize=(1.6 * len(lrs) + 2.2, 1.0 * len(l2s) + 1.6))
-    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    vmin, vmax = colour_range(grid[np.isfinite(grid)].tolist())
+    fig, ax = plt.subplots(figsize=(1.3 * len(lrs) + 2.4, 0.8 * len(l2s) + 1.4))
+    cmap = matplotlib.colormaps["viridis_r"]
+    im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs])
     ax.set_yticks(range(len(l2s)), [f"{v:g}" for v in l2s])
     ax.set_xlabel("learning rate")
     ax.set_ylabel("l2")
     for (i, j), text in texts.items():
-        ax.text(j, i, text, ha="center", va="center", color="w", fontsize=9)
-    fig.colorbar(im, ax=ax, label="val error")
-    ax.set_title(_plain(title) if title else "validation error", fontsize=10)
-    _save(fig, path)
+        shade = (grid[i, j] - vmin) / (vmax - vmin) if np.isfinite(grid[i, j]) else 0.0
+        ax.text(j, i, text, ha="center", va="center", color="w" if shade > 0.5 else "k", fontsize=9)  # readable on its cell
+    label = METRIC_LABELS.get(metric, metric)
+    fig.colorbar(im, ax=ax, label=f"{label} (best over seeds)")
+    ax.set_title(_plain(title) if title else label, fontsize=10)
+    return _save(fig, path)
