@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..utils import atomic_write_bytes  # noqa: E402
 
@@ -63,7 +64,7 @@ def wants_log(values: Sequence[float], ratio: float = LOG_RATIO) -> bool:
 def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str | Path, title: str = "") -> Figure:
     """Four panels (train loss, train err, val xent, val err) per epoch; a star marks the early stop;
     the loss panels go on a log axis where the loss spans more than a decade (:func:`wants_log`)."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2), layout="constrained")
     best = next((h for h in history if h["epoch"] == best_epoch), None)
     for ax, (key, label) in zip(axes, CURVE_PANELS):
         xs, ys = _series(history, key)
@@ -75,6 +76,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str
             ax.set_yscale("log")
             label += " (log)"
         ax.set_xlabel("epoch")
+        _no_negative_axis(ax, ys)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, which="both")
     if title:
@@ -85,38 +88,47 @@ def plot_curves(history: Sequence[Mapping[str, Any]], best_epoch: int, path: str
 def plot_lpft(lp_history: Sequence[Mapping[str, Any]], lp_best: int, ft_history: Sequence[Mapping[str, Any]], ft_best: int,
               path: str | Path, title: str = "") -> Figure:
     """LP, then FT from the restored best probe: for val cross-entropy and val error, one panel per phase,
-    each on its own epoch axis ("epochs since the start of that phase"; FT epoch 0 is the best probe),
-    the two panels of a metric sharing the y axis, so a short fine-tuning phase is as wide as the probe's."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2), gridspec_kw={"wspace": 0.08})
+    each on its own epoch axis ("epochs since the start of that phase"; FT epoch 0 is the best probe) and
+    its own y range, so that a short fine-tuning phase and its small changes are as legible as the probe's
+    curve; a dashed line in the FT panel marks the best probe's value (where FT started)."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2), layout="constrained")
     for pair, (key, label) in enumerate((("val_xent", "val cross-entropy"), ("val_err", "val error"))):
         ax_lp, ax_ft = axes[2 * pair], axes[2 * pair + 1]
-        ax_ft.sharey(ax_lp)
-        ax_ft.tick_params(labelleft=False)
         xs, ys = _series(lp_history, key)
         fx, fy = _series(ft_history, key)
         ax_lp.plot(xs, ys, "-", color="C0", label="LP")
         best_lp = next((h for h in lp_history if h["epoch"] == lp_best), None)
         if best_lp is not None and best_lp.get(key) is not None:
-            ax_lp.plot([lp_best], [best_lp[key]], "*", color="C3", ms=12, label=f"best probe (epoch {lp_best}): FT starts here")
-        ax_ft.plot(fx, fy, "-o", color="C2", ms=3, label="FT")
+            ax_lp.plot([lp_best], [best_lp[key]], "*", color="C3", ms=12, label=f"best probe (epoch {lp_best})")
+            ax_ft.axhline(best_lp[key], color="grey", ls="--", lw=1, label=f"best probe: {best_lp[key]:.4g}")
+        ax_ft.plot(fx, fy, "-o", color="C2", ms=4, label="FT")
         best_ft = next((h for h in ft_history if h["epoch"] == ft_best), None)
         if best_ft is not None and best_ft.get(key) is not None:
-            ax_ft.plot([ft_best], [best_ft[key]], "*", color="C3", ms=12, label=f"FT best (epoch {ft_best})")
-        if key == "val_xent" and wants_log(ys + fy):
+            ax_ft.plot([ft_best], [best_ft[key]], "*", color="C3", ms=12, label=f"FT best (epoch {ft_best}): {best_ft[key]:.4g}")
+        lp_label = label
+        if key == "val_xent" and wants_log(ys):
             ax_lp.set_yscale("log")
-            label += " (log)"
+            lp_label += " (log)"
         ax_lp.set_xlabel("LP epoch")
-        ax_ft.set_xlabel("FT epoch (0 = best probe)")
-        if fx:
-            ax_ft.set_xticks(range(min(fx), max(fx) + 1, max(1, math.ceil((max(fx) - min(fx)) / 8))))
-        ax_lp.set_title(f"{label}: LP", fontsize=10)
+        ax_ft.set_xlabel("FT epoch (0 = the best probe)")
+        ax_lp.set_title(f"{lp_label}: LP", fontsize=10)
         ax_ft.set_title(f"{label}: then FT", fontsize=10)
-        for ax in (ax_lp, ax_ft):
+        for ax, values in ((ax_lp, ys), (ax_ft, fy)):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="best")
+            _no_negative_axis(ax, values)
     if title:
         fig.suptitle(_plain(title), fontsize=11)
     return _save(fig, path)
+
+
+def _no_negative_axis(ax, values: Sequence[float]) -> None:
+    """A flat curve of errors at 0 must not get a y axis from -0.04: start it at 0 (a curve that only
+    touches 0 keeps matplotlib's small margin below, so its markers stay whole)."""
+    bottom, top = ax.get_ylim()
+    if ax.get_yscale() == "linear" and values and min(values) == max(values) >= 0 > bottom:
+        ax.set_ylim(0.0, top)
 
 
 def accuracy_ylim(lows: Sequence[float], highs: Sequence[float], min_span: float = MIN_ACCURACY_SPAN) -> tuple[float, float]:
@@ -172,7 +184,7 @@ def plot_transfer(rows: list[dict], path: str | Path) -> Figure:
     sources = sorted({r["source"] for r in rows if r.get("source_top1") is not None})
     if not sources:
         sources = ["(none)"]
-    fig, axes = plt.subplots(1, len(sources), figsize=(6.2 * len(sources), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(sources), figsize=(6.2 * len(sources), 3.8), squeeze=False)
     archs = sorted({r["arch"] for r in rows})
     colours = {a: f"C{i % 10}" for i, a in enumerate(archs)}
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m not in METHOD_MARKERS, m))

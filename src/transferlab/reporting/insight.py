@@ -228,7 +228,7 @@ STYLE = (
     "<style>.tl-insight table{border-collapse:collapse;margin:.5em 0}.tl-insight td,.tl-insight th{border:1px solid #ccc;"
     "padding:2px 6px;text-align:right}.tl-insight td:first-child,.tl-insight th:first-child{text-align:left}.tl-gallery{display:flex;flex-wrap:wrap;gap:6px}"
     ".tl-gallery figure{margin:0;width:112px;font-size:11px;line-height:1.2}.tl-gallery img{display:block;max-width:96px;max-height:96px}"
-    ".tl-insight details{margin:.5em 0}</style>"
+    ".tl-insight details{margin:.5em 0}.tl-figures{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}</style>"
 )
 
 
@@ -284,10 +284,10 @@ def insight_html(pred_file: str | os.PathLike, out_dir: str | os.PathLike, title
         parts += [f"<tr><td>{e(p['true'])}</td><td>{e(p['predicted'])}</td><td>{p['count']}</td><td>{p['share_of_true']:.2f}</td></tr>"
                   for p in r["confused_pairs"]]
         parts.append("</table>")
-    parts.append("<figure>" + _b64(cm_png, "image/png", "confusion matrix", ' style="max-width:100%"') +
+    parts.append("<div class='tl-figures'><figure>" + _b64(cm_png, "image/png", "confusion matrix", ' style="max-width:100%"') +
                  "<figcaption>Confusion matrix on the test split (rows: true class, columns: predicted class)</figcaption></figure>")
     parts.append("<figure>" + _b64(rel_png, "image/png", "reliability diagram") +
-                 f"<figcaption>Reliability diagram, ECE {r['ece']:.4f}</figcaption></figure>")
+                 f"<figcaption>Reliability diagram, ECE {r['ece']:.4f}</figcaption></figure></div>")  # side by side where they fit
     if len(wrong):
         # most confident mistakes first (ties: evaluation order)
         order = sorted(wrong.tolist(), key=lambda i: (-r["conf"][i], i))[:max_gallery]

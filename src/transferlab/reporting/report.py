@@ -13,17 +13,38 @@ from typing import Any
 from ..ledger import METHODS, Ledger, Method, RunRow
 from ..utils import UserError, atomic_write_bytes, safe_filename, write_json
 from . import figures
+from .verdict import (
+    METRIC_TEXT,
+    ModelPredictions,
+    comparison_sentence,
+    export_sentence,
+    limit_warnings,
+    model_name,
+    resolution_sentence,
+    verdict_numbers,
+)
 
 SUMMARY_KEYS = (
     "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
-    "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc", "select",
+    "trainable_params", "best_epoch", "val_xent", "val_err", "test_acc",
+    # the Wilson score 95% interval of test_acc (reporting/verdict.py)
+    "test_acc_ci_low", "test_acc_ci_high",
+    # the selection metric, and this row's place under it (1 = the best: what `export` takes)
+    "select", "rank",
     # LP-FT rows: what the fine-tuning grid chose (unit "blocks:N" / "layers:k"; wise_alpha 1 = not interpolated)
     "ft_unit", "ft_augment", "ft_l2sp", "label_smoothing", "wise_alpha",
     # the chosen hyperparameters over every seed of the grid (validation only: the test split is read once)
     "n_seeds", "val_err_seed_mean", "val_err_seed_std",
     # LP-FT rows: LP-FT against LP on the same test images (reporting/compare.py)
     "diff_vs_lp", "ci_low", "ci_high", "p_mcnemar",
+    # every row but the best: this row against the best (rank 1) on the same test images
+    "diff_vs_best", "ci_low_vs_best", "ci_high_vs_best", "p_vs_best",
+    # where a choice sits at a limit of what was tried (verdict.limit_warnings); "; "-joined in summary.csv
+    "warnings",
 )
+# The columns of the report's compact table (the full table, every key, is in a collapsible section).
+COMPACT_KEYS = ("backbone", "method", "lr", "l2", "seed", "n_trainable_layers", "best_epoch", "val_xent", "val_err",
+                "test_acc", "ft_unit", "ft_augment", "wise_alpha", "n_seeds")
 
 
 def _run(ledger: Ledger, run_hash: str) -> dict[str, Any]:
@@ -36,8 +57,10 @@ def _run(ledger: Ledger, run_hash: str) -> dict[str, Any]:
 
 def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
     """One row per (backbone, method) chosen on validation, in sweep order (`out`: the sweep folder,
-    where the chosen runs' test predictions are)."""
+    where the chosen runs' test predictions are), with its rank under the selection metric, the test
+    accuracy's 95% interval, the paired test against the best and the limit warnings (SUMMARY_KEYS)."""
     rows = []
+    config = ledger.get_meta("config", {})
     for name in ledger.get_meta("backbones", []):
         info = ledger.get_meta(f"backbone_info:{name}", {})
         for method in METHODS:
@@ -54,8 +77,42 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
                 "test_acc": run["test_acc"], "select": cfg.get("select", "val_xent"),
                 **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg, m),
                 **_against_lp(ledger, out, name, method, run_hash),
+                "warnings": row_warnings(config, method, cfg, m),
             })
-    return rows
+    select = ledger.get_meta("select", "val_xent")
+    numbers = verdict_numbers(rows, chosen_predictions(ledger, out, rows), select)
+    return [{k: {**r, **n}[k] for k in SUMMARY_KEYS} for r, n in zip(rows, numbers)]
+
+
+def chosen_predictions(ledger: Ledger, out: Path | None, rows: list[dict]) -> list[ModelPredictions | None]:
+    """Per summary row: the chosen run's stored per-image test predictions (None where there are none)."""
+    from .insight import read_test_predictions, sweep_predictions_path
+
+    found: list[ModelPredictions | None] = []
+    for r in rows:
+        run_hash = ledger.choice(r["backbone"], r["method"])
+        path = sweep_predictions_path(out, run_hash) if out is not None and run_hash is not None else None
+        if path is None or not path.is_file():
+            found.append(None)
+            continue
+        d = read_test_predictions(path)
+        found.append(ModelPredictions(tuple(d["files"]), d["labels"], d["probs"].argmax(1)))
+    return found
+
+
+def row_warnings(config: dict, method: Method, cfg: dict, metrics: dict) -> list[str]:
+    """The limit warnings of one chosen run (verdict.limit_warnings) against the sweep's `config` (the
+    ledger's meta "config"): the probe's epoch cap and lr / l2 grids, or the fine-tuning's epoch cap,
+    lr, L2-SP and label-smoothing grids and its weight interpolation."""
+    if method == "LP":
+        return limit_warnings(metrics.get("best_epoch"), (config.get("train") or {}).get("epochs"), "--epochs",
+                              {"--lr": cfg.get("lr"), "--l2": cfg.get("l2")},
+                              {"--lr": config.get("lrs") or [], "--l2": config.get("l2s") or []})
+    return limit_warnings(metrics.get("best_epoch"), config.get("ft_epochs"), "--ft-epochs",
+                          {"--ft-lr": cfg.get("lr"), "--ft-l2sp": cfg.get("l2sp", 0.0), "--label-smoothing": cfg.get("label_smoothing", 0.0)},
+                          {"--ft-lr": config.get("ft_lrs") or [], "--ft-l2sp": config.get("ft_l2sp") or [],
+                           "--label-smoothing": config.get("ft_label_smoothing") or []},
+                          metrics.get("wise_alpha"))
 
 
 def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:
@@ -112,13 +169,20 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_KEYS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([dict(r, warnings="; ".join(r["warnings"])) for r in rows])
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _img(path: Path, alt: str) -> str:
+def _img(path: Path, alt: str, width: int | None = None) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    style = f' style="width:{width}px"' if width else ""
+    return (f'<figure{style}><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{html.escape(alt)}</figcaption></figure>')
+
+
+def _plural(n: int | str, word: str) -> str:
+    """'1 layer', '3 layers'."""
+    return f"{n} {word}" if str(n) == "1" else f"{n} {word}s"
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -128,23 +192,31 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def _grid_cells(ledger: Ledger, name: str, lrs: list, l2s: list) -> list[dict]:
-    """One cell per planned probe of the current grid: lr, l2, status, and val_err when done."""
+    """One cell per planned probe of the current grid: lr, l2, status, and val_err / val_xent when done."""
     return [dict(lr=r["config"]["lr"], l2=r["config"]["l2"], status=r["status"],
-                 val_err=(r["metrics"] or {}).get("val_err") if r["status"] == "done" else None)
+                 val_err=(r["metrics"] or {}).get("val_err") if r["status"] == "done" else None,
+                 val_xent=(r["metrics"] or {}).get("val_xent") if r["status"] == "done" else None)
             for r in planned_runs(ledger, name, "LP") or [] if r["config"]["lr"] in lrs and r["config"]["l2"] in l2s]
 
 
-def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]:
-    """Write every figure; return (caption, path) in report order. File names come from safe_filename:
-    a backbone name never leads a file out of OUT/figures."""
+Figure = tuple[str, Path, bool]  # caption, PNG, small (shown side by side with the next small ones)
+
+
+def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
+    """Write every figure; return (caption, path, small) in report order: the transfer figure, the
+    grids side by side, then each backbone's curves. File names come from safe_filename: a backbone name
+    never leads a file out of OUT/figures."""
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     config = ledger.get_meta("config", {})
-    made: list[tuple[str, Path]] = []
+    select = ledger.get_meta("select", "val_xent")
+    made: list[Figure] = []
+    grids: list[Figure] = []
     if rows:
         plot_rows = [dict(r, arch=r["backbone"].removesuffix("_cub")) for r in rows]
         figures.plot_transfer(plot_rows, fig_dir / "transfer.png")
-        made.append(("Target test accuracy vs source top-1 accuracy (one panel per source data set)", fig_dir / "transfer.png"))
+        made.append(("Target test accuracy (bars: 95% Wilson interval) vs source top-1 accuracy, one panel per source data set; "
+                     "points of one backbone are spread sideways so none hides another", fig_dir / "transfer.png", False))
     for name in ledger.get_meta("backbones", []):
         file_name = safe_filename(name)
         lp_hash = ledger.choice(name, "LP")
@@ -154,13 +226,14 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
             path = fig_dir / f"curves_{file_name}.png"
             figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path,
                                 f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
-            made.append((f"{name}: learning curves of the chosen probe (star: early stop)", path))
+            made.append((f"{name}: learning curves of the chosen probe (star: early stop)", path, False))
         lrs, l2s = list(config.get("lrs", [])), list(config.get("l2s", []))
         cells = _grid_cells(ledger, name, lrs, l2s)
         if cells:  # also without a choice: the figure then says which cells failed, diverged or did not run
             path = fig_dir / f"grid_{file_name}.png"
-            figures.plot_grid(cells, lrs, l2s, path, f"{name}: best val error over seeds")
-            made.append((f"{name}: validation error over the lr x l2 grid", path))
+            label = figures.METRIC_LABELS.get(select, select)
+            figures.plot_grid(cells, lrs, l2s, path, f"{name}: best {label} over seeds", metric=select)
+            grids.append((f"{name}: {label} (the selection metric, --select {select}) over the lr x l2 grid", path, True))
         if lp is None:
             continue
         ft_hash = ledger.choice(name, "LP-FT")
@@ -168,9 +241,10 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[tuple[str, Path]]
             ft = _run(ledger, ft_hash)
             path = fig_dir / f"lpft_{file_name}.png"
             figures.plot_lpft(lp["history"], lp["metrics"]["best_epoch"], ft["history"], ft["metrics"]["best_epoch"], path,
-                              f"{name}: LP, then fine-tune the last {ft['metrics']['n_trainable_layers']} layers (lr={ft['config']['lr']:g})")
-            made.append((f"{name}: LP until its early stop, then FT from the best probe", path))
-    return made
+                              f"{name}: LP, then fine-tune the last {_plural(ft['metrics']['n_trainable_layers'], 'layer')} "
+                              f"(lr={ft['config']['lr']:g})")
+            made.append((f"{name}: LP, then FT from the best probe (each phase on its own epoch axis and y range)", path, False))
+    return made[:1] + grids + made[1:] if rows else grids + made
 
 
 def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
@@ -193,7 +267,8 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
             noise = (f" Paired on the same test images: 95% bootstrap interval [{100 * ft['ci_low']:+.1f}, {100 * ft['ci_high']:+.1f}] "
                      f"points, McNemar p = {ft['p_mcnemar']:.3g}: {'more than' if real else 'within'} noise.")
         unit, n = (ft["ft_unit"] or f"layers:{ft['n_trainable_layers']}").split(":")
-        what = f"the last {e(n)} {e(unit)} ({ft['n_trainable_layers']} layers)" if unit == "blocks" else f"the last {e(n)} layers"
+        layers = _plural(ft["n_trainable_layers"], "layer")
+        what = f"the last {e(_plural(n, 'block'))} ({layers})" if unit == "blocks" else f"the last {e(_plural(n, 'layer'))}"
         how = f"augmentation {e(str(ft['ft_augment']))}, L2-SP {ft['ft_l2sp']:g}, label smoothing {ft['label_smoothing']:g}"
         wise = "" if ft["wise_alpha"] is None else f", weights interpolated with the probe's at a = {ft['wise_alpha']:g}"
         if ft["wise_alpha"] == 0:
@@ -228,37 +303,120 @@ def _optimizers(ledger: Ledger, rows: list[dict]) -> str:
     return "; ".join(f"{method}: {text}" for method, text in texts.items())
 
 
-def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]], insights: str = "") -> str:
+CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+    ".wide{overflow-x:auto;max-width:100%}.wide table{font-size:85%}"  # a table wider than the page scrolls inside its box
+    "tr.best td{background:#eef6ee;font-weight:bold}td.model{text-align:left}"
+    ".verdict{border:2px solid #8ab58a;border-radius:6px;padding:0 1em .5em;margin-bottom:2em}"
+    ".warn{color:#8a4b00}details{margin:.6em 0}summary{cursor:pointer}"
+    "figure{margin:1em 0}figcaption{color:#555;font-size:90%}.row{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}"
+    "code,pre{background:#f6f6f6;padding:2px 4px;white-space:pre-wrap;word-break:break-all}"
+)
+
+
+def _pct_interval(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def verdict_html(rows: list[dict], select: str, n_test: int | None) -> str:
+    """The report's opening section: the chosen models ranked by the selection metric, each one's test
+    accuracy with its 95% interval and its paired test against the best, the test set's resolution, what
+    ``export`` takes, one quotable sentence per comparison and the limit warnings (names escaped)."""
+    e = html.escape
+    criterion = METRIC_TEXT.get(select, select)
+    parts = ['<section class="verdict" id="verdict"><h2>Verdict: which model, and is the difference real?</h2>']
+    if not rows:
+        parts.append("<p>No model was chosen yet: no (backbone, method) has a finished run of this grid.</p></section>")
+        return "\n".join(parts)
+    ordered = sorted(rows, key=lambda r: r["rank"])
+    best = ordered[0]
+    parts.append(f"<p>Ranked by {e(criterion)} (--select {e(select)}), the rule that chose every epoch, configuration and "
+                 "interpolation; the test split played no part in the ranking. Test accuracy with its 95% Wilson interval; "
+                 "every other model against the best on the same test images: the accuracy difference with its 95% paired "
+                 "bootstrap interval and McNemar's exact p.</p>")
+    parts.append("<table><tr><th>rank</th><th>model</th><th>val xent</th><th>val err</th><th>test acc % [95% CI]</th>"
+                 "<th>vs best, points [95% CI]</th><th>McNemar p</th><th>limits</th></tr>")
+    for r in ordered:
+        acc = "–" if r["test_acc"] is None else f"{100 * r['test_acc']:.1f}{_pct_interval(r['test_acc_ci_low'], r['test_acc_ci_high'])}"
+        if r is best:
+            vs, p = "best", ""
+        elif r["diff_vs_best"] is None:
+            vs, p = "not paired", "–"
+        else:
+            vs = f"{100 * r['diff_vs_best']:+.1f} [{100 * r['ci_low_vs_best']:+.1f}, {100 * r['ci_high_vs_best']:+.1f}]"
+            p = f"{r['p_vs_best']:.2g}"
+        limits = f'<span class="warn">{len(r["warnings"])} warning(s)</span>' if r["warnings"] else "none"
+        parts.append(f'<tr{" class=best" if r is best else ""}><td>{r["rank"]}</td><td class="model">{e(model_name(r))}</td>'
+                     f"<td>{e(_fmt(r['val_xent']))}</td><td>{e(_fmt(r['val_err']))}</td><td>{acc}</td><td>{vs}</td><td>{p}</td>"
+                     f"<td>{limits}</td></tr>")
+    parts.append("</table>")
+    if n_test:
+        parts.append(f"<p>{e(resolution_sentence(n_test))}</p>")
+    if best.get(select) is not None:
+        parts.append(f"<p><b>{e(export_sentence(best, select))}</b></p>")
+    sentences = [comparison_sentence(r, best) for r in ordered[1:]]
+    if sentences:
+        parts.append("<ul>" + "".join(f"<li>{e(t)}</li>" for t in sentences) + "</ul>")
+    warned = [r for r in ordered if r["warnings"]]
+    if warned:
+        parts.append("<p>Limits reached (a choice at the edge of what was tried):</p><ul class=warn>"
+                     + "".join(f"<li>{e(model_name(r))}: {e('; '.join(r['warnings']))}</li>" for r in warned) + "</ul>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _n_test(ledger: Ledger, predictions: list[ModelPredictions | None], rows: list[dict]) -> int | None:
+    """Test images behind the verdict: those of the best model's stored predictions, else the data summary's."""
+    for r, pred in zip(rows, predictions):
+        if r["rank"] == 1 and pred is not None:
+            return len(pred.labels)
+    test = ledger.get_meta("data_summary", {}).get("test") or {}
+    return test.get("n")
+
+
+def _table(rows: list[dict], keys: tuple[str, ...]) -> str:
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[k]))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(v) -> str:
+    return "; ".join(v) if isinstance(v, list) else _fmt(v, ".4g")
+
+
+def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: str = "",
+                predictions: list[ModelPredictions | None] | None = None) -> str:
+    """The whole report page: the verdict first, then the LP vs LP-FT comparison, the chosen
+    hyperparameters (compact; every column in a collapsible section), loss, data, figures, per-class insight."""
     data = ledger.get_meta("data_summary", {})
     command = ledger.get_meta("command", "")
     skipped = ledger.get_meta("skipped_backbones", {})
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title><style>",
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}",
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
-        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}",
-        "figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}code,pre{background:#f6f6f6;padding:2px 4px;"
-        "white-space:pre-wrap;word-break:break-all}</style></head><body>",
-        "<h1>transferlab report</h1>",
-        "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th>"
-        "<th>LP test acc</th><th>LP-FT test acc</th></tr>",
-    ]
+    select = ledger.get_meta("select", "val_xent")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title><style>{CSS}</style></head><body>",
+             "<h1>transferlab report</h1>",
+             verdict_html(rows, select, _n_test(ledger, predictions or [None] * len(rows), rows)),
+             "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th>"
+             "<th>LP test acc % [95% CI]</th><th>LP-FT test acc % [95% CI]</th></tr>"]
     by = {(r["backbone"], r["method"]): r for r in rows}
+
+    def acc(r: dict) -> str:
+        return "–" if r.get("test_acc") is None else f"{100 * r['test_acc']:.1f}{_pct_interval(r['test_acc_ci_low'], r['test_acc_ci_high'])}"
+
     for name in dict.fromkeys(r["backbone"] for r in rows):
         lp, ft = by.get((name, "LP"), {}), by.get((name, "LP-FT"), {})
         parts.append(
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(lp.get('source')))}</td><td>{html.escape(_fmt(lp.get('source_top1'), '.2f'))}</td>"
-            f"<td>{html.escape(_fmt(lp.get('test_acc')))}</td><td>{html.escape(_fmt(ft.get('test_acc')))}</td></tr>"
+            f"<td>{acc(lp)}</td><td>{acc(ft)}</td></tr>"
         )
     parts.append("</table>")
     verdicts = _lpft_verdict(ledger, rows)
     if verdicts:
         parts.append("<h3>What LP-then-FT did</h3><ul>" + "".join(f"<li>{v}</li>" for v in verdicts) + "</ul>")
-    parts.append("<h2>Chosen hyperparameters (on validation only)</h2><table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in SUMMARY_KEYS) + "</tr>")
-    for r in rows:
-        parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r[k], '.4g'))}</td>" for k in SUMMARY_KEYS) + "</tr>")
-    parts.append("</table>")
-    select = ledger.get_meta("select", "val_xent")
+    parts.append("<h2>Chosen hyperparameters (on validation only)</h2><div class=wide>" + _table(rows, COMPACT_KEYS) + "</div>"
+                 f"<details><summary>Every column of summary.json ({len(SUMMARY_KEYS)})</summary><div class=wide>"
+                 + _table(rows, SUMMARY_KEYS) + "</div></details>")
     criterion = {"val_xent": "validation cross-entropy (ties: validation error)",
                  "val_err": "validation error (ties: validation cross-entropy)"}.get(select, select)
     parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>"
@@ -282,23 +440,63 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[tuple[str, Path]], 
     if skipped:
         parts.append("<h2>Skipped backbones</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
     parts.append("<h2>Figures</h2>")
-    parts += [_img(path, caption) for caption, path in made]
+    k = 0
+    while k < len(made):
+        caption, path, small = made[k]
+        if not small:
+            parts.append(_img(path, caption))
+            k += 1
+            continue
+        row = []
+        while k < len(made) and made[k][2]:
+            row.append(_img(made[k][1], made[k][0], width=370))
+            k += 1
+        parts.append("<div class=row>" + "".join(row) + "</div>")
     parts.append(insights)
     parts.append(f"<h2>Reproduce</h2><pre>{html.escape(command)}</pre></body></html>")
     return "\n".join(parts)
 
 
-def _insights(ledger: Ledger, out: Path, rows: list[dict]) -> str:
-    """Per-class insight of every chosen run whose per-image test predictions were stored."""
-    from .insight import insight_html, sweep_predictions_path
+def same_predictions(a: dict, b: dict, atol: float = 1e-6) -> bool:
+    """Whether two stored prediction files say the same thing: same images and labels, the same predicted
+    class for every image and probabilities within `atol` (LP-FT that kept the probe, a = 0, is the probe)."""
+    import numpy as np
 
-    parts = []
+    return (a["files"] == b["files"] and a["classes"] == b["classes"] and np.array_equal(a["labels"], b["labels"])
+            and a["probs"].shape == b["probs"].shape and np.array_equal(a["probs"].argmax(1), b["probs"].argmax(1))
+            and bool(np.abs(a["probs"] - b["probs"]).max(initial=0.0) <= atol))
+
+
+def _insights(ledger: Ledger, out: Path, rows: list[dict]) -> str:
+    """Per-class insight of every chosen run whose per-image test predictions were stored, each in a
+    collapsible section; runs with the same predictions (same_predictions) share one section that names
+    them all (every run's files are still written, to insight/<backbone>_<method>/)."""
+    from .insight import insight_html, read_test_predictions, sweep_predictions_path
+
+    groups: list[tuple[dict, list[dict], Path]] = []  # (predictions, rows, predictions file)
     for r in rows:
         run_hash = ledger.choice(r["backbone"], r["method"])
         path = sweep_predictions_path(out, run_hash) if run_hash else None
-        if path is not None and path.is_file():
+        if path is None or not path.is_file():
+            continue
+        pred = read_test_predictions(path)
+        twin = next((g for g in groups if same_predictions(g[0], pred)), None)
+        if twin is not None:
+            twin[1].append(r)
+        else:
+            groups.append((pred, [r], path))
+    parts = []
+    for _pred, members, path in groups:
+        names = " and ".join(model_name(r) for r in members)
+        for r in members:
             folder = out / "insight" / f"{safe_filename(r['backbone'])}_{r['method']}"  # METHODS are plain names
-            parts.append(insight_html(path, folder, f"{r['backbone']} {r['method']}"))
+            fragment = insight_html(path, folder, names)
+        r0 = members[0]
+        same = (f" (identical test predictions: this section applies to {len(members)} models)" if len(members) > 1 else "")
+        acc = "" if r0["test_acc"] is None else f": test accuracy {100 * r0['test_acc']:.1f}%"
+        is_best = any(r["rank"] == 1 for r in members)  # the chosen model's section is open
+        parts.append(f"<details{' open' if is_best else ''}><summary>{html.escape(names)}{acc}{html.escape(same)}; per-class recall and precision, "
+                     f"confusion matrix, reliability, misclassified images</summary>{fragment}</details>")
     return ("<h2>Per-class insight (test)</h2>\n" + "\n".join(parts) + "\n") if parts else ""
 
 
@@ -314,7 +512,8 @@ def build_report(out: str | Path) -> list[dict]:
         write_json(out / "summary.json", rows)
         _write_csv(out / "summary.csv", rows)
         made = _draw(ledger, out, rows)
-        atomic_write_bytes(out / "report.html", render_html(ledger, rows, made, _insights(ledger, out, rows)).encode())
+        page = render_html(ledger, rows, made, _insights(ledger, out, rows), chosen_predictions(ledger, out, rows))
+        atomic_write_bytes(out / "report.html", page.encode())
     finally:
         ledger.close()
     return rows

@@ -113,8 +113,10 @@ def export_sentence(best: Mapping, select: str) -> str:
 
 
 def resolution_sentence(n_test: int) -> str:
-    """'300 test images: one image = 0.33 points'."""
-    return f"{n_test} test images: one image = {100 / n_test:.2g} points."
+    """'300 test images: one image = 0.33 points' (100 images: '= 1 point')."""
+    step = 100 / n_test
+    points = f"{step:.2g}" if step < 10 else f"{step:.0f}"  # 2 significant digits, never '1e+02'
+    return f"{n_test} test image{'s' if n_test != 1 else ''}: one image = {points} point{'' if points == '1' else 's'}."
 
 
 def limit_warnings(best_epoch: int | None, epoch_cap: int | None, epochs_flag: str,
