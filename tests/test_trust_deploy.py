@@ -63,7 +63,7 @@ def test_a_probe_without_test_split_into_a_used_folder_leaves_no_earlier_test_ou
         assert not (out / name).exists(), name
     record = json.loads((out / "run.json").read_text())
     assert record["test_acc"] is None and "test" not in record["data"]
-    assert {p.name for p in out.iterdir()} == {"run.json", "head.safetensors", "curves.png"}
+    assert {p.name for p in out.iterdir()} == {"run.json", "head.safetensors", "curves.png", "report.html"}
 
 
 # -- 7. predict is the training path ---------------------------------------------------------------

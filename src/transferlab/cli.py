@@ -44,7 +44,11 @@ def _print_result(record: dict, out: Path) -> None:
         f"(val xent {record['val_xent']:.4f}, val err {record['val_err']:.4f}), test acc {acc_text}; "
         f"trained {record['trainable_params']:,} parameters in {len(layers)} layer(s): {shown}"
     )
-    print(f"outputs: {out / 'run.json'}, {out / 'head.safetensors'}, {out / 'curves.png'}")
+    for warning in record.get("warnings", []):
+        print(f"warning: {warning}")
+    from .study import run_outputs_in
+
+    print("outputs: " + ", ".join(f"{path}/" if path.is_dir() else str(path) for path in run_outputs_in(out)))
 
 
 def cmd_backbones(args) -> int:
@@ -103,25 +107,30 @@ def cmd_demo(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .search import sweep
-    from .sweep_cli import build_configs, reproduce_command, resolve
+    from .sweep_cli import build_configs, reproduce_command, resolve, summary_lines
 
     values = resolve(args)
     cfg, executor = build_configs(values)
     out = Path(values["out"])
     rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor)
-    for r in rows:
-        acc = "n/a" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
-        print(f"{r['backbone']:20s} {r['method']:6s} lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']} "
-              f"val_xent={r['val_xent']:.4f} val_err={r['val_err']:.4f} test_acc={acc}")
+    for line in summary_lines(rows):
+        print(line)
     print(f"outputs: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'report.html'}, {out / 'ledger.sqlite'}")
     return 0
 
 
 def cmd_report(args) -> int:
+    from .reporting.probe_report import build_probe_report, is_probe_folder
     from .reporting.report import build_report
 
-    rows = build_report(args.dir)
-    print(f"{len(rows)} summary rows; report: {Path(args.dir) / 'report.html'}")
+    folder = Path(args.dir)
+    if not (folder / "ledger.sqlite").is_file():
+        if not is_probe_folder(folder):
+            raise UserError(f"{folder}: neither a sweep's ledger.sqlite nor a probe's run.json here")
+        print(f"report: {build_probe_report(folder)}")
+        return 0
+    rows = build_report(folder)
+    print(f"{len(rows)} summary rows; report: {folder / 'report.html'}")
     return 0
 
 
@@ -182,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_flags(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="rebuild summary, figures and report.html from a sweep's ledger")
-    p.add_argument("dir", help="the sweep's output folder")
+    p = sub.add_parser("report", help="rebuild report.html: a sweep's summary, figures and report from its ledger, "
+                       "or a probe's curves, insight and report from its run.json and test_predictions.json")
+    p.add_argument("dir", help="the sweep's or the probe's output folder")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="offline demo: digits images + efficientnet_lite0 linear probe")
@@ -202,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv_seen = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="transferlab: %(message)s")
+    # What a sweep says it does (its plan, the time left: search.progress_log) shows without --verbose.
+    logging.getLogger("transferlab.progress").setLevel(logging.INFO)
     func = args.func
     del args.func
     args.argv = argv_seen

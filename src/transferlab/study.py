@@ -1,4 +1,4 @@
-"""One probe (or last-k-layers fine-tune) as a command: configs in, run.json / head.safetensors / curves out."""
+"""One probe (or last-k-layers fine-tune) as a command: configs in, run.json / head.safetensors / curves / report out."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
 from .data import DataConfig
 from .fields import check_keywords, config_fields, field_doc, keyword_signature
 from .objective import Objective
+from .reporting.probe_report import probe_warnings
 from .training import EpochRecord, FitResult, TrainConfig
 from .utils import atomic_write_bytes, build_config, check_writable_dir, created_dirs_removed_on_failure, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
@@ -77,6 +78,8 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
         "val_xent": best["val_xent"],
         "val_err": best["val_err"],
         "test_acc": test_acc,
+        # where the run sits at a limit of what it was allowed (the best epoch at the epoch cap)
+        "warnings": probe_warnings(result.best_epoch, cfg.train.epochs) if result.status == "done" else [],
         "timings": {**seconds, **bench.timings},
         "device": str(bench.placement.device),
     }
@@ -85,7 +88,12 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
 # Everything a probe writes into OUT (its cache/ aside). A re-run replaces the whole set, so a folder never
 # shows one run's record beside another run's test predictions or insight (a run without a test split,
 # or a diverged one, writes fewer of them).
-RUN_OUTPUTS = ("run.json", "head.safetensors", "curves.png", "test_predictions.json", "insight.html", "insight")
+RUN_OUTPUTS = ("run.json", "head.safetensors", "curves.png", "report.html", "test_predictions.json", "insight.html", "insight")
+
+
+def run_outputs_in(out: Path) -> list[Path]:
+    """The outputs of the run in `out` that exist, in :data:`RUN_OUTPUTS` order."""
+    return [out / name for name in RUN_OUTPUTS if (out / name).exists()]
 
 
 def clear_run_outputs(out: Path) -> None:
@@ -101,8 +109,8 @@ def clear_run_outputs(out: Path) -> None:
 
 
 def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
-    """Train one probe (or last-k-layers fine-tune) and write run.json, head.safetensors and curves.png
-    (and with a test split test_predictions.json, insight.html, insight/). An earlier run's outputs in
+    """Train one probe (or last-k-layers fine-tune) and write run.json, head.safetensors, curves.png and
+    report.html (and with a test split test_predictions.json, insight.html, insight/). An earlier run's outputs in
     `out` are kept until this run has its results, then all replaced (:data:`RUN_OUTPUTS`).
 
     Returns the run record (also in ``out/run.json``). A failure leaves no new, empty `out` behind.
@@ -114,7 +122,7 @@ def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
 def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     from safetensors.torch import save
 
-    from .reporting.figures import plot_curves
+    from .reporting.probe_report import build_probe_report
 
     t0 = time.perf_counter()
     cfg.train.validate()
@@ -139,10 +147,9 @@ def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     # Only now, with this run's results in hand, does the folder stop showing the previous run's.
     clear_run_outputs(out)
     if test is not None:  # the per-image predictions of that one evaluation, for the per-class insight
-        from .reporting.insight import insight_page, write_test_predictions
+        from .reporting.insight import write_test_predictions
 
         write_test_predictions(out / "test_predictions.json", bench.splits.classes, test.files, test.labels, test.probs.numpy())
-        atomic_write_bytes(out / "insight.html", insight_page(out / "test_predictions.json", out / "insight", bench.backbone.spec.name).encode())
     t_test = time.perf_counter()
     seconds = {
         "load_s": t_load - t0, "inputs_s": t_inputs - t_load, "fit_s": t_fit - t_inputs,
@@ -152,8 +159,7 @@ def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     tensors = {k: v.detach().cpu().contiguous() for k, v in result.best_state.items()}
     atomic_write_bytes(out / "head.safetensors", save(tensors, metadata={"backbone": bench.backbone.spec.name}))
     write_json(out / "run.json", record)
-    title = f"{bench.backbone.spec.name}  lr={cfg.train.lr:g} l2={cfg.train.l2:g} seed={cfg.train.seed}  k={cfg.n_trainable_layers}"
-    plot_curves(result.history, result.best_epoch, out / "curves.png", title)
+    build_probe_report(out)  # curves.png, the insight and report.html, from run.json and test_predictions.json alone
     return record
 
 

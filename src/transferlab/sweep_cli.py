@@ -80,4 +80,43 @@ def reproduce_command(argv: list[str] | None) -> str:
     return "transferlab " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
-__all__ = ["SWEEP_FLAGS", "ConfigError", "add_sweep_flags", "build_configs", "reproduce_command", "resolve"]
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The terminal summary of a sweep, one line per summary row (plus one per warning).
+
+    A probe's line names its lr, l2 and seed; an LP-FT line what the fine-tuning grid chose (its own lr,
+    unit, augmentation and interpolation a; L2-SP and label smoothing when used), never the probe's l2
+    and seed. Where the report put them in the rows: the rank by the selection metric, the test accuracy's
+    95% interval, the paired difference from the best and the warnings.
+    """
+    lines = []
+    for r in rows:
+        if r["method"] == "LP-FT":
+            chose = f"ft_lr={r['lr']:<8g} unit={r.get('ft_unit')} augment={r.get('ft_augment')} a={_g(r.get('wise_alpha'))}"
+            for key, name in (("ft_l2sp", "l2sp"), ("label_smoothing", "smoothing")):
+                if r.get(key):
+                    chose += f" {name}={r[key]:g}"
+        else:
+            chose = f"lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']}"
+        rank = f"#{r['rank']} " if r.get("rank") is not None else ""
+        acc = "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
+        if r.get("test_acc_ci_low") is not None and r.get("test_acc_ci_high") is not None:
+            acc += f" [{r['test_acc_ci_low']:.4f}, {r['test_acc_ci_high']:.4f}]"
+        line = (f"{rank}{r['backbone']:20s} {r['method']:6s} {chose}  val_xent={_f(r.get('val_xent'))} "
+                f"val_err={_f(r.get('val_err'))} test_acc={acc}")
+        if r.get("diff_vs_best") is not None:
+            line += (f"  vs best {100 * r['diff_vs_best']:+.1f} pt [{100 * r['ci_low_vs_best']:+.1f}, "
+                     f"{100 * r['ci_high_vs_best']:+.1f}], McNemar p = {r['p_vs_best']:.2g}")
+        lines.append(line)
+        lines += [f"    warning: {w}" for w in r.get("warnings") or []]
+    return lines
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+__all__ = ["SWEEP_FLAGS", "ConfigError", "add_sweep_flags", "build_configs", "reproduce_command", "resolve", "summary_lines"]
