@@ -13,14 +13,17 @@ choose and test.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, check_weights_available, get_spec, load_backbone, with_source
 from .data import DataConfig, ImageSplits, describe_data_change
@@ -37,6 +40,8 @@ from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_d
 from .workbench import EngineConfig, Workbench
 
 log = logging.getLogger(__name__)
+# What the sweep says it does (its plan, the time left): INFO records the CLI shows without --verbose.
+progress_log = logging.getLogger("transferlab.progress")
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -323,6 +328,49 @@ class PlannedRun:
     unit: str = "layers:1"  # what the grid said: "layers:k" or "blocks:N"
 
 
+@dataclass(frozen=True)
+class PhasePlan:
+    """How many runs a phase of one backbone plans and how many the ledger already holds finished
+    (`done` None: not known yet, as for LP-FT before its probe is chosen)."""
+
+    method: Method
+    total: int
+    done: int | None
+
+    @property
+    def to_run(self) -> int:
+        """Runs left to execute (all of them while `done` is unknown)."""
+        return self.total - (self.done or 0)
+
+    def text(self) -> str:
+        """'LP 8 runs (8 done, 0 to run)'; 'LP-FT 2 runs (after the probe is chosen)'."""
+        counts = "after the probe is chosen" if self.done is None else f"{self.done} done, {self.to_run} to run"
+        return f"{self.method} {self.total} run{'s' if self.total != 1 else ''} ({counts})"
+
+
+def plan_line(backbone: str, phases: list[PhasePlan]) -> str:
+    """One backbone's line of the plan: 'efficientnet_lite0: LP 8 runs (8 done, 0 to run), LP-FT 2 runs (...)'."""
+    return f"{backbone}: " + ", ".join(p.text() for p in phases)
+
+
+def progress_desc(backbone: str, method: Method) -> str:
+    """The progress bar's description while a phase runs: 'efficientnet_lite0 LP'."""
+    return f"{backbone} {method}"
+
+
+def time_left_text(elapsed_s: float, runs_executed: int, runs_left: int) -> str | None:
+    """A rough time left, from the elapsed time per executed run so far ('about 3 min left'); None without
+    an executed run to measure by or with nothing left to run."""
+    if runs_executed <= 0 or runs_left <= 0:
+        return None
+    seconds = elapsed_s / runs_executed * runs_left
+    if seconds < 60:
+        return "under a minute left"
+    if seconds < 90 * 60:
+        return f"about {round(seconds / 60)} min left"
+    return f"about {seconds / 3600:.1f} h left"
+
+
 class Sweep:
     """Coordinates one sweep: the only writer of the ledger, holding the output folder's lock."""
 
@@ -348,6 +396,7 @@ class Sweep:
         self.bar: tqdm | None = None
         self.force = force
         self.numerics: dict = {}
+        self.runs_executed = 0  # runs this invocation executed (not skipped as finished): the time estimate's unit
 
     def close(self) -> None:
         if self.executor is not None:
@@ -383,40 +432,90 @@ class Sweep:
         self.ledger.set_meta("objective", describe_objective(cfg.l2s, *ft_terms, smoothing_scope="fine-tuning: "))
         self.ledger.set_meta("select", cfg.train.select)
         self.ledger.set_meta("numerics", self.numerics)
-        n_ft = len(cfg.ft_units()) * len(cfg.finetune_configs(cfg.probe_configs()[0])) if cfg.lpft else 0
-        n_runs = len(names) * (len(cfg.probe_configs()) + n_ft)
-        self.bar = tqdm(total=n_runs, desc="runs", unit="run", disable=not cfg.engine.progress)
+        plans = self._announce_plan(names)
+        self.bar = tqdm(total=sum(p.total for phases in plans.values() for p in phases), desc="runs", unit="run",
+                        disable=not cfg.engine.progress)
+        started = time.perf_counter()
         try:
-            for name in names:
-                backbone = load_backbone(name, cfg.model_dir)
-                ft_ks = ft_layer_counts(cfg, backbone)
-                # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
-                bench = Workbench(backbone, splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
-                                  share_cut_layers=max(ft_ks.values()) if cfg.lpft else None, layer_order=cfg.train.layer_order)
-                spec = bench.backbone.spec
-                info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch}
-                self.ledger.set_meta(f"backbone_info:{name}", {**info, **(cfg.backbone_info or {}).get(name, {})})
-                self.ledger.set_meta(f"skipped_files:{name}", {})
-                if cfg.lpft:
-                    for k in dict.fromkeys(ft_ks.values()):
-                        for augment in cfg.ft_augment:
-                            try:  # check_ft_grid planned this; the set-up is the final word, before any run
-                                bench.check_feature_augment(augment, k)
-                            except ConfigError as e:
-                                raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
-                probe_hash = self._phase(bench, "LP", self._probe_runs(bench))
-                if cfg.lpft and probe_hash is not None:
-                    self._phase(bench, "LP-FT", self._finetune_runs(bench, probe_hash, ft_ks), start=probe_hash)
-                else:
-                    self.ledger.set_plan(name, "LP-FT", [])
-                    self.ledger.unchoose(name, "LP-FT")
-                if bench.skipped_files:
-                    self.ledger.set_meta(f"skipped_files:{name}", bench.skipped_files)
+            with logging_redirect_tqdm() if cfg.engine.progress else contextlib.nullcontext():  # log lines above the bar
+                for i, name in enumerate(names):
+                    self._run_backbone(name)
+                    left = sum(p.to_run for later in names[i + 1:] for p in plans[later])
+                    estimate = time_left_text(time.perf_counter() - started, self.runs_executed, left)
+                    if estimate:
+                        progress_log.info("%s finished; %s (%d run(s) to go, from %.0f s per run so far)", name, estimate,
+                                          left, (time.perf_counter() - started) / self.runs_executed)
         finally:
             self.bar.close()
         from .reporting.report import build_report
 
         return build_report(self.out)
+
+    def _workbench(self, name: str) -> tuple[Workbench, dict[str, int]]:
+        """The backbone `name` loaded in a Workbench, and the fine-tuning grid's {unit: layers} on it."""
+        cfg = self.cfg
+        assert self.splits is not None
+        backbone = load_backbone(name, cfg.model_dir)
+        ft_ks = ft_layer_counts(cfg, backbone)
+        # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
+        bench = Workbench(backbone, self.splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
+                          share_cut_layers=max(ft_ks.values()) if cfg.lpft else None, layer_order=cfg.train.layer_order)
+        return bench, ft_ks
+
+    def plan(self, name: str) -> list[PhasePlan]:
+        """What each phase of backbone `name` runs and what the ledger already holds. LP-FT's runs start
+        from the chosen probe: its done count is known once every planned probe is finished."""
+        bench, ft_ks = self._workbench(name)
+        probes = self._probe_runs(bench)
+        phases = [PhasePlan("LP", len(probes), sum(self.ledger.is_finished(p.hash) for p in probes))]
+        if self.cfg.lpft:
+            # blocks:N and layers:k naming the same layers are one run (as _finetune_runs plans them)
+            total = len(set(ft_ks.values())) * len(self.cfg.finetune_configs(self.cfg.probe_configs()[0]))
+            done = None
+            if phases[0].to_run == 0:
+                chosen = choose(self.ledger.runs(name, "LP"), [p.hash for p in probes], self.cfg.train.select)
+                if chosen is None:  # every probe diverged: nothing to fine-tune from
+                    total, done = 0, 0
+                else:
+                    ft = self._finetune_runs(bench, chosen["hash"], ft_ks)
+                    total, done = len(ft), sum(self.ledger.is_finished(p.hash) for p in ft)
+            phases.append(PhasePlan("LP-FT", total, done))
+        return phases
+
+    def _announce_plan(self, names: list[str]) -> dict[str, list[PhasePlan]]:
+        """Plan every backbone and say so: the totals, then one line per backbone."""
+        plans = {name: self.plan(name) for name in names}
+        totals = {m: sum(p.total for phases in plans.values() for p in phases if p.method == m) for m in ("LP", "LP-FT")}
+        n_runs = sum(totals.values())
+        per_phase = ", ".join(f"{m} {n}" for m, n in totals.items() if m == "LP" or self.cfg.lpft)
+        progress_log.info("sweep plan: %d backbone(s), %d run(s) (%s)", len(names), n_runs, per_phase)
+        for name, phases in plans.items():
+            progress_log.info("%s", plan_line(name, phases))
+        return plans
+
+    def _run_backbone(self, name: str) -> None:
+        """Both phases of one backbone: the probes, then (with LP-FT) fine-tuning from the chosen probe."""
+        cfg = self.cfg
+        bench, ft_ks = self._workbench(name)
+        spec = bench.backbone.spec
+        info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch}
+        self.ledger.set_meta(f"backbone_info:{name}", {**info, **(cfg.backbone_info or {}).get(name, {})})
+        self.ledger.set_meta(f"skipped_files:{name}", {})
+        if cfg.lpft:
+            for k in dict.fromkeys(ft_ks.values()):
+                for augment in cfg.ft_augment:
+                    try:  # check_ft_grid planned this; the set-up is the final word, before any run
+                        bench.check_feature_augment(augment, k)
+                    except ConfigError as e:
+                        raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
+        probe_hash = self._phase(bench, "LP", self._probe_runs(bench))
+        if cfg.lpft and probe_hash is not None:
+            self._phase(bench, "LP-FT", self._finetune_runs(bench, probe_hash, ft_ks), start=probe_hash)
+        else:
+            self.ledger.set_plan(name, "LP-FT", [])
+            self.ledger.unchoose(name, "LP-FT")
+        if bench.skipped_files:
+            self.ledger.set_meta(f"skipped_files:{name}", bench.skipped_files)
 
     def _on_epoch(self, record: EpochRecord) -> None:
         if self.bar is not None:
@@ -450,6 +549,7 @@ class Sweep:
         """Execute the unfinished runs of `planned`, then choose on validation and test once; the chosen hash."""
         assert self.bar is not None and self.executor is not None
         self.ledger.set_plan(bench.backbone.spec.name, method, [p.hash for p in planned])  # what the report reads
+        self.bar.set_description(progress_desc(bench.backbone.spec.name, method))
         todo = [p for p in planned if not self.ledger.is_finished(p.hash)]
         self.bar.update(len(planned) - len(todo))
         start_state = None if start is None or not todo else _load_params(self.out, start)
@@ -489,6 +589,7 @@ class Sweep:
             else:
                 for p, result in zip(runs, results):
                     self._record(p, result, n_params, runtime)
+            self.runs_executed += len(runs)
             self.bar.update(len(runs))
 
     def _record(self, p: PlannedRun, result: FitResult, n_params: int, runtime: dict | None) -> None:

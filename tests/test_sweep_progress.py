@@ -1,0 +1,119 @@
+"""A sweep that says what it does (issue 22, item 5): the plan with what is already done, a time estimate after
+the first backbone, the backbone and phase in the progress bar, and LP-FT rows that show the fine-tuning choice."""
+
+import json
+import logging
+import re
+import subprocess
+import sys
+
+from transferlab.cli import main
+from transferlab.reporting.verdict import wilson_interval
+from transferlab.search import PhasePlan, plan_line, progress_desc, time_left_text
+from transferlab.sweep_cli import summary_lines
+from transferlab.workbench import Workbench
+
+# 2 probes (lr 1e-3, 3e-2) and 2 fine-tuning runs (ft lr 1e-4, 2e-4): grids with no value in common.
+GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0", "--seeds", "0", "--epochs", "3",
+        "--patience", "3", "--lpft", "--ft-lr", "1e-4,2e-4", "--ft-layers", "3", "--ft-epochs", "2",
+        "--device", "cpu", "--workers", "0"]
+FRESH = "efficientnet_lite0: LP 2 runs (0 done, 2 to run), LP-FT 2 runs (after the probe is chosen)"
+
+
+def progress_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "transferlab.progress"]
+
+
+# -- the pieces, by hand ---------------------------------------------------------------------------
+def test_time_left_is_the_elapsed_time_per_executed_run_times_the_runs_left():
+    assert time_left_text(120.0, 10, 15) == "about 3 min left"        # 12 s per run x 15 = 180 s
+    assert time_left_text(100.0, 10, 5) == "under a minute left"      # 50 s
+    assert time_left_text(36.0, 1, 100) == "about 60 min left"        # 3600 s
+    assert time_left_text(36.0, 1, 250) == "about 2.5 h left"         # 9000 s (from 90 min on: hours)
+    assert time_left_text(30.0, 0, 5) is None and time_left_text(30.0, 3, 0) is None
+
+
+def test_plan_lines_and_progress_description():
+    phases = [PhasePlan("LP", 8, 8), PhasePlan("LP-FT", 2, 1)]
+    assert plan_line("efficientnet_lite0", phases) == "efficientnet_lite0: LP 8 runs (8 done, 0 to run), LP-FT 2 runs (1 done, 1 to run)"
+    assert PhasePlan("LP-FT", 2, None).text() == "LP-FT 2 runs (after the probe is chosen)"
+    assert PhasePlan("LP-FT", 2, None).to_run == 2 and PhasePlan("LP", 1, 0).text() == "LP 1 run (0 done, 1 to run)"
+    assert progress_desc("efficientnet_lite0", "LP") == "efficientnet_lite0 LP"
+
+
+def test_summary_lines_show_the_fine_tuning_choice_the_interval_and_the_warnings():
+    low, high = wilson_interval(98, 100)
+    lp = {"backbone": "lite0", "method": "LP", "lr": 1e-3, "l2": 0.01, "seed": 1, "val_xent": 0.5, "val_err": 0.1,
+          "test_acc": 0.98, "test_acc_ci_low": low, "test_acc_ci_high": high, "rank": 2, "diff_vs_best": -0.01,
+          "ci_low_vs_best": -0.03, "ci_high_vs_best": 0.01, "p_vs_best": 1.0, "warnings": ["--lr 0.001 is at the bottom of its grid: extend the grid"]}
+    ft = {"backbone": "lite0", "method": "LP-FT", "lr": 3e-5, "l2": 0.01, "seed": 1, "val_xent": 0.4, "val_err": 0.1,
+          "test_acc": 0.99, "ft_unit": "blocks:4", "ft_augment": "views:4", "ft_l2sp": 0.0, "label_smoothing": 0.1,
+          "wise_alpha": 0.5}
+    lp_line, warning, ft_line = summary_lines([lp, ft])
+    assert lp_line.startswith("#2 lite0") and "lr=0.001 " in lp_line and "l2=0.01 " in lp_line and "seed=1 " in lp_line
+    assert f"test_acc=0.9800 [{low:.4f}, {high:.4f}]" in lp_line and "[0.9300, 0.9945]" in lp_line  # 98 of 100 by hand
+    assert lp_line.endswith("vs best -1.0 pt [-3.0, +1.0], McNemar p = 1")
+    assert warning == "    warning: --lr 0.001 is at the bottom of its grid: extend the grid"
+    assert "ft_lr=3e-05 " in ft_line and "unit=blocks:4 augment=views:4 a=0.5 smoothing=0.1" in ft_line
+    assert "l2=" not in ft_line and "seed=" not in ft_line and "l2sp" not in ft_line  # the probe's, and an unused term
+    assert ft_line.endswith("test_acc=0.9900")  # a row without the report's verdict keys still prints
+
+
+# -- whole sweeps -----------------------------------------------------------------------------------
+def test_a_fresh_sweep_prints_its_plan_the_phase_in_the_bar_and_lpft_rows_with_their_own_lr(tiny_folder, tmp_path):
+    """The CLI as a user runs it: default logging (no -v), progress bar on (stderr)."""
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "transferlab", "sweep", "--data", str(tiny_folder), "--out", str(out), *GRID],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.replace("\r", "\n")
+    assert "transferlab: sweep plan: 1 backbone(s), 4 run(s) (LP 2, LP-FT 2)" in err.splitlines()
+    assert f"transferlab: {FRESH}" in err.splitlines()
+    assert re.search(r"^efficientnet_lite0 LP: +\d+%", err, re.M) and re.search(r"^efficientnet_lite0 LP-FT: +\d+%", err, re.M)
+    rows = json.loads((out / "summary.json").read_text())
+    ft = next(r for r in rows if r["method"] == "LP-FT")
+    assert ft["lr"] in (1e-4, 2e-4)  # the fine-tuning grid's lr, the one the row reports
+    ft_line = next(line for line in proc.stdout.splitlines() if " LP-FT " in line)
+    assert f"ft_lr={ft['lr']:<8g} unit={ft['ft_unit']} augment=none a={ft['wise_alpha']:g}" in ft_line
+    assert "l2=" not in ft_line and "seed=" not in ft_line
+
+
+def test_a_resumed_sweep_counts_what_is_done_in_each_phase(tiny_folder, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="transferlab.progress")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", str(tiny_folder), "--out", str(out), *GRID, "--no-progress"]
+    original = Workbench.run
+    calls = {"n": 0}
+
+    def interrupt_the_second_fine_tuning_run(self, *a, **kw):  # probes train batched; each FT run is one call
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Workbench, "run", interrupt_the_second_fine_tuning_run)
+    assert main(args) == 130
+    assert FRESH in progress_messages(caplog)
+    monkeypatch.setattr(Workbench, "run", original)
+    caplog.clear()
+    assert main(args) == 0
+    assert "efficientnet_lite0: LP 2 runs (2 done, 0 to run), LP-FT 2 runs (1 done, 1 to run)" in progress_messages(caplog)
+    caplog.clear()
+    assert main(args) == 0
+    assert "efficientnet_lite0: LP 2 runs (2 done, 0 to run), LP-FT 2 runs (2 done, 0 to run)" in progress_messages(caplog)
+    assert not any("left" in m for m in progress_messages(caplog))  # one backbone, nothing to estimate
+
+
+def test_the_time_left_is_estimated_after_the_first_backbone(tiny_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="transferlab.progress")
+    out = tmp_path / "two"
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(out), "--backbones", "efficientnet_lite0,efficientnet_lite1",
+                 "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "2", "--device", "cpu", "--workers", "0",
+                 "--no-progress"]) == 0
+    messages = progress_messages(caplog)
+    assert messages[:3] == ["sweep plan: 2 backbone(s), 2 run(s) (LP 2)",
+                            "efficientnet_lite0: LP 1 run (0 done, 1 to run)", "efficientnet_lite1: LP 1 run (0 done, 1 to run)"]
+    estimates = [m for m in messages if " left" in m]
+    assert len(estimates) == 1  # after lite0, none after the last backbone
+    assert re.fullmatch(r"efficientnet_lite0 finished; (under a minute|about \d+ min) left \(1 run\(s\) to go, "
+                        r"from \d+ s per run so far\)", estimates[0])
