@@ -124,5 +124,27 @@ def test_a_probe_without_test_split_reports_without_test_numbers(data, cache, tm
     page = (out / "report.html").read_text()
     assert "No test split" in page and "Wilson" not in page and "Per-class insight" not in page
     record = json.loads((out / "run.json").read_text())
-    expected = [] if record["best_epoch"] < 3 else ["best epoch 3 of 3: not converged, raise --epochs"]
-    assert record["warnings"] == expected
+    best, run = record["best_epoch"], record["epochs_run"]
+    if best < 3:  # patience 1: one epoch without improvement stops the run
+        assert record["warnings"] == [] and run == best + 1
+        assert f"Early stopping ended the run at epoch {run}, 1 epoch(s) after the best (--patience 1)." in page
+    else:
+        assert record["warnings"] == ["best epoch 3 of 3: not converged, raise --epochs"]
+
+
+def test_the_report_says_whether_early_stopping_or_the_epoch_cap_ended_the_run(probe):
+    from transferlab.reporting.probe_report import render_probe_html
+
+    _, record, _ = probe
+
+    def page(best, run, cap, patience):
+        train = dict(record["config"]["train"], epochs=cap, patience=patience)
+        changed = dict(record, best_epoch=best, epochs_run=run, warnings=[], config=dict(record["config"], train=train))
+        return render_probe_html(changed, b"", None)
+
+    # best 99 of 100 (the hymenoptera probe): no warning, but the cap ended the run, 1 epoch after the best
+    assert ("The epoch cap ended the run (epoch 100 of --epochs 100), 1 epoch(s) after the best, before early "
+            "stopping (--patience 15) would have.") in page(99, 100, 100, 15)
+    assert "Early stopping ended the run at epoch 40, 15 epoch(s) after the best (--patience 15)." in page(25, 40, 100, 15)
+    # 15 epochs without improvement at the cap: early stopping would have stopped there too
+    assert "Early stopping ended the run at epoch 100, 15 epoch(s)" in page(85, 100, 100, 15)

@@ -136,7 +136,7 @@ def _verdict(record: Mapping[str, Any], numbers: dict | None) -> list[str]:
         lines.append("<p><b>No test split</b>: no test accuracy (validation numbers only).</p>")
     select = train.get("select", "val_xent")
     lines.append(f"<p>{e(name)}, {record['n_trainable_layers']} trainable layer(s) ({record['trainable_params']:,} parameters): "
-                 f"best epoch {record['best_epoch']} of {record.get('epochs_run', '?')} run (--epochs {train['epochs']}, "
+                 f"best epoch {record['best_epoch']} of the {record.get('epochs_run', '?')} run (--epochs {train['epochs']}, "
                  f"--patience {train['patience']}, early stopping on {e(select)}), val cross-entropy {_fmt(record.get('val_xent'))}, "
                  f"val error {_fmt(record.get('val_err'))}. The test split is evaluated once, for the best epoch's weights.</p>")
     warnings = record.get("warnings")
@@ -144,9 +144,22 @@ def _verdict(record: Mapping[str, Any], numbers: dict | None) -> list[str]:
         warnings = probe_warnings(record.get("best_epoch"), train.get("epochs"))
     if warnings:
         lines.append("<ul class='warn'>" + "".join(f"<li>warning: {e(w)}</li>" for w in warnings) + "</ul>")
-    else:
-        lines.append("<p>No warnings: the best epoch came before the epoch cap.</p>")
+    elif status == "done":
+        lines.append(f"<p>No warnings. {e(_what_stopped(record))}</p>")
     return lines
+
+
+def _what_stopped(record: Mapping[str, Any]) -> str:
+    """Whether early stopping or the epoch cap ended the run (a best epoch just below the cap is no warning,
+    but the reader should know the cap, not early stopping, ended the run)."""
+    train = record["config"]["train"]
+    best, run, cap = record.get("best_epoch"), record.get("epochs_run"), train["epochs"]
+    if best is None or run is None:
+        return ""
+    if run < cap or run - best >= train["patience"]:
+        return f"Early stopping ended the run at epoch {run}, {run - best} epoch(s) after the best (--patience {train['patience']})."
+    return (f"The epoch cap ended the run (epoch {run} of --epochs {cap}), {run - best} epoch(s) after the best, "
+            f"before early stopping (--patience {train['patience']}) would have.")
 
 
 def _fmt(v: Any) -> str:
