@@ -60,6 +60,9 @@ def test_sentences_say_whether_a_difference_is_real():
     worse = dict(tied, ci_high_vs_best=-0.005, p_vs_best=0.012)
     assert comparison_sentence(worse, best).startswith("lite2 LP is better than lite0 LP on this test set (-1.0 pt")
     assert resolution_sentence(300) == "300 test images: one image = 0.33 points."
+    assert resolution_sentence(100) == "100 test images: one image = 1 point."
+    assert resolution_sentence(1) == "1 test image: one image = 100 points."  # not '1e+02'
+    assert resolution_sentence(7) == "7 test images: one image = 14 points."
 
 
 def test_limits_are_flagged_at_the_epoch_cap_the_grid_edges_and_a_kept_probe():

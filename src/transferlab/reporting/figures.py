@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
@@ -222,7 +223,7 @@ def plot_transfer(rows: list[dict], path: str | Path) -> Figure:
         ax.set_ylabel("target test accuracy (%), 95% interval")
         ax.set_title(_plain(f"source: {source}"), fontsize=10)
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], ls="", marker=METHOD_MARKERS.get(m, "s"), ms=8, color="#bbbbbb", mec="k", label=m) for m in methods]
+    handles: list[Artist] = [Line2D([], [], ls="", marker=METHOD_MARKERS.get(m, "s"), ms=8, color="#bbbbbb", mec="k", label=m) for m in methods]
     handles += [Patch(color=colours[a], label=_plain(a)) for a in archs]
     if handles:
         axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)

@@ -307,7 +307,7 @@ CSS = (
     "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
     "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-    ".wide{overflow-x:auto;max-width:100%}.wide table{font-size:85%}"  # a table wider than the page scrolls inside its box
+    ".wide{overflow-x:auto;max-width:100%}.wide table{font-size:85%}.wide td{white-space:nowrap}"  # scrolls inside its box
     "tr.best td{background:#eef6ee;font-weight:bold}td.model{text-align:left}"
     ".verdict{border:2px solid #8ab58a;border-radius:6px;padding:0 1em .5em;margin-bottom:2em}"
     ".warn{color:#8a4b00}details{margin:.6em 0}summary{cursor:pointer}"
