@@ -27,6 +27,7 @@ def local_summary(tmp_path_factory):
     return data, run_sweep(data, root / "local")
 
 
+@pytest.mark.slow
 def test_ray_executor_matches_local(local_summary, tmp_path, monkeypatch):
     ray = require("ray")
 
@@ -39,6 +40,7 @@ def test_ray_executor_matches_local(local_summary, tmp_path, monkeypatch):
     assert json.loads((out / "sweep.json").read_text())["executor"]["kind"] == "ray"
 
 
+@pytest.mark.slow
 def test_process_executor_matches_local(local_summary, tmp_path):
     data, expected = local_summary
     assert run_sweep(data, tmp_path / "p", "--jobs", "2") == expected
@@ -84,6 +86,7 @@ class ProbeGroupTaskDyingOnSeed1(ProbeGroupTask):
         return super().__call__(on_epoch)
 
 
+@pytest.mark.slow
 def test_a_dead_worker_fails_its_runs_and_a_rerun_redoes_them(local_summary, tmp_path, monkeypatch):
     import transferlab.tasks as tasks
     from transferlab.ledger import Ledger

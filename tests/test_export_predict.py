@@ -45,6 +45,7 @@ def _label_from_folder(path: str) -> str:
     return Path(path).parent.name
 
 
+@pytest.mark.slow
 def test_predict_on_the_test_folder_reproduces_the_probe_test_accuracy(probe_dir, model_dir, data, tmp_path):
     record = json.loads((probe_dir / "run.json").read_text())
     preds = tmp_path / "preds.csv"

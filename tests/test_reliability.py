@@ -141,6 +141,7 @@ def test_a_learning_rate_that_blows_up_is_diverged_not_fatal(two_class, tmp_path
     assert summary[0]["lr"] == 1e-3
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_identical_numbers(two_class, tmp_path):
     args = ["--lr", "1e-3,1e-2", "--l2", "0,1", "--seeds", "0,1", "--lpft", "--ft-lr", "1e-3",
             "--epochs", "4", "--ft-epochs", "4", "--device", "cpu", "--no-progress"]  # default workers: seeded decoding in parallel
@@ -186,6 +187,7 @@ def _run_until(data: Path, out: Path, condition, timeout: float = 300) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_points_then_resume_gives_the_same_summary(two_class, tmp_path):
     full = tmp_path / "full"
     assert main(["sweep", "--data", str(two_class), "--out", str(full), *KILL_GRID]) == 0
@@ -226,6 +228,7 @@ def test_disk_full_during_a_run_is_one_line_and_exit_2(two_class, tmp_path, caps
     assert "No space left on device" in line and "run.json" in line
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_with_one_line_and_resumes(two_class, tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "transferlab", "sweep", "--data", str(two_class), "--out", str(out), *KILL_GRID],

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 import transferlab
 from conftest import shared_dataset
 from transferlab.cli import main
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_probe_on_birds10(tmp_path):
     record = transferlab.probe(str(shared_dataset("birds10")), tmp_path, "efficientnet_lite0", progress=False)
     assert record["status"] == "done"
@@ -14,6 +17,7 @@ def test_efficientnet_lite0_probe_on_birds10(tmp_path):
     assert record["test_acc"] >= 0.95  # scikit-learn logistic regression on the same features: 0.98
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_probe_on_hymenoptera_tests_on_val(tmp_path):
     record = transferlab.probe(str(shared_dataset("hymenoptera")), tmp_path, "efficientnet_lite0",
                                test_split="val", progress=False)
@@ -21,6 +25,7 @@ def test_efficientnet_lite0_probe_on_hymenoptera_tests_on_val(tmp_path):
     assert record["test_acc"] >= 0.90  # logistic regression: 0.935
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_learns(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
     record = json.loads((tmp_path / "probe" / "run.json").read_text())
@@ -28,6 +33,7 @@ def test_demo_runs_offline_and_learns(tmp_path, capsys):
     assert "outputs:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_birds10_chosen_lpft_model_exported_predicts_its_recorded_test_accuracy(tmp_path, capsys):
     """Issue 12 on real photos: export a sweep's chosen LP-FT run, predict birds10's test folder with it
     (exactly the recorded test accuracy), and its ONNX file gives the same probabilities within 1e-4."""
@@ -61,6 +67,7 @@ def test_birds10_chosen_lpft_model_exported_predicts_its_recorded_test_accuracy(
     assert np.abs(onnx_probs - probs).max() <= 1e-4 and (onnx_probs.argmax(1) == probs.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_birds10_probe_accuracy_is_identical_with_the_default_runtime_and_eager_pytorch(tmp_path):
     from conftest import require
 

@@ -71,6 +71,7 @@ def _run_rows(out):
         ledger.close()
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_report_rebuilds(tiny_folder, tmp_path):
     out = tmp_path / "sweep"
     assert sweep(tiny_folder, out) == 0

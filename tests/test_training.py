@@ -168,6 +168,7 @@ def test_batched_probes_match_individual_runs(optimizer):
         assert torch.allclose(got.best_state["output.weight"], ref.best_state["weight"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_augmentation_is_seeded_per_image_and_independent_of_workers(tiny_folder, resnet10_random):
     from transferlab.data import ImageDataset
 

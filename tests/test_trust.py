@@ -49,6 +49,7 @@ def one_line(capsys):
 
 
 # -- 1. a resumed sweep follows the images ---------------------------------------------------------
+@pytest.mark.slow
 def test_swapped_test_folders_are_refused_then_force_starts_over(data, tmp_path, capsys):
     out = tmp_path / "s"
     grid = ["--lr", "1e-2", "--l2", "0", "--seeds", "0"]
@@ -89,6 +90,7 @@ def test_a_grid_that_only_diverges_shows_no_stale_winner(data, tmp_path):
     assert {r["status"] for r in ledger.runs()} == {"done", "diverged"}
 
 
+@pytest.mark.slow
 def test_extending_the_grid_trains_only_new_runs_and_tests_once_per_choice(data, tmp_path):
     out = tmp_path / "s"
     base = ["--lr", "1e-2", "--seeds", "0,1", "--lpft", "--ft-lr", "1e-4"]
@@ -114,6 +116,7 @@ def test_extending_the_grid_trains_only_new_runs_and_tests_once_per_choice(data,
     assert summary(out) == summary(tmp_path / "fresh")
 
 
+@pytest.mark.slow
 def test_a_refused_rerun_keeps_the_choices_and_another_grid_never_shows_old_ones(data, tmp_path, capsys):
     out = tmp_path / "s"
     grid = ["--lr", "1e-2", "--l2", "0", "--seeds", "0"]
@@ -124,6 +127,7 @@ def test_a_refused_rerun_keeps_the_choices_and_another_grid_never_shows_old_ones
     assert ledger_of(out).choice("efficientnet_lite0", "LP") == chosen
 
 
+@pytest.mark.slow
 def test_a_fixed_grid_tests_once_however_often_it_resumes(data, tmp_path):
     out = tmp_path / "s"
     grid = ["--lr", "1e-2,1e-3", "--l2", "0", "--seeds", "0", "--lpft", "--ft-lr", "1e-4"]
@@ -162,6 +166,7 @@ def _tamper_frozen_weight(model):
             return
 
 
+@pytest.mark.slow
 def test_a_changed_frozen_weight_fails_the_run_in_process(data, tmp_path, monkeypatch):
     import transferlab.workbench as workbench
 
@@ -201,6 +206,7 @@ class _TamperingTask(ProbeGroupTask):
             tasks.fit_linear_probes = real
 
 
+@pytest.mark.slow
 def test_changed_cached_features_fail_the_probes_in_a_worker_process(data, tmp_path, monkeypatch):
     import transferlab.tasks as tasks
 
@@ -284,6 +290,7 @@ def test_a_healthy_run_from_an_excellent_start_is_not_called_diverged():
 
 
 # -- 8. and 9. tensors follow the model's placement; workers follow --device / --dtype ---------------
+@pytest.mark.slow
 def test_probe_and_lpft_sweep_run_with_the_model_in_another_dtype(data, tmp_path):
     """Any input created without the model's placement (CPU float32) fails here, as on CUDA."""
     assert main(["probe", "--data", str(data), "--out", str(tmp_path / "p"), "--dtype", "float64", "--n-trainable-layers", "3",

@@ -102,6 +102,7 @@ def test_a_refused_rerun_writes_nothing_and_keeps_the_choices(tiny_folder, tmp_p
         ledger.close()
 
 
+@pytest.mark.slow
 def test_the_planned_views_check_refuses_exactly_what_the_set_up_check_refuses(tiny_folder):
     from transferlab.backbones import load_backbone
     from transferlab.data import DataConfig
@@ -137,6 +138,7 @@ def test_a_failed_set_up_gives_the_folder_back(tiny_folder, tmp_path, capsys):
     assert sweep(tiny_folder, out, "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "1") == 0
 
 
+@pytest.mark.slow
 def test_the_loss_section_names_the_optimizer_the_runs_used(tiny_folder, tmp_path):
     out = tmp_path / "s"
     assert sweep(tiny_folder, out, "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "1", "--optimizer", "sgd",
@@ -169,6 +171,7 @@ EVIL = "hf:/x/vit<img src=x onerror=alert(1)>"
 CLIMBER = "hf:../../../../m"
 
 
+@pytest.mark.slow
 def test_backbone_names_are_escaped_in_html_and_never_lead_files_out_of_the_folder(tiny_folder, tmp_path, monkeypatch):
     """Two hostile names stand for efficientnet_lite0 (monkeypatched), through a whole LP-then-FT sweep."""
     import transferlab.search as search

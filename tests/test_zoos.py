@@ -98,6 +98,7 @@ def history(bb, splits, k, use_cache):
 
 
 @pytest.mark.parametrize("name, size", [("timm:resnet18", 48), ("torchvision:mobilenet_v3_small", 48), ("hf", None)])
+@pytest.mark.slow
 def test_cached_and_uncached_fine_tuning_agree(tiny_folder, name, size, request):
     bb = build(name, request.getfixturevalue("hf_folder") if name == "hf" else None, size)
     splits = load_splits(tiny_folder)
