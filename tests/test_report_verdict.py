@@ -23,7 +23,7 @@ N, CLASSES = 50, ["a", "b", "c", "d", "e"]
 LABELS = np.arange(N) % len(CLASSES)
 FILES = [f"/nowhere/test/{CLASSES[k]}/img_{i:03d}.png" for i, k in enumerate(LABELS)]
 ALPHA, BETA = "alpha", "beta<b onmouseover=x>"  # a hostile name: must reach the page escaped
-CONFIG = {"train": {"epochs": 10}, "lrs": [1e-3, 1e-2], "l2s": [0.0, 1e-2], "ft_epochs": 5, "ft_lrs": [1e-4],
+CONFIG = {"train": {"epochs": 10, "patience": 3}, "lrs": [1e-3, 1e-2], "l2s": [0.0, 1e-2], "ft_epochs": 5, "ft_patience": 3, "ft_lrs": [1e-4],
           "ft_l2sp": [0.0], "ft_label_smoothing": [0.0], "ft_wise": [0.0, 1.0]}
 
 
@@ -64,7 +64,7 @@ def make_sweep(out, select="val_xent"):
         ledger.set_meta(key, value)
     runs = [  # hash, backbone, method, config, best epoch, epochs run, val_xent, val_err, correct, wise_alpha
         ("b-lp", BETA, "LP", {"lr": 1e-2, "l2": 0.0, "seed": 0}, 10, 10, 0.10, 0.05, BETA_RIGHT, None),
-        ("a-lp", ALPHA, "LP", {"lr": 1e-3, "l2": 1e-2, "seed": 0}, 4, 10, 0.20, 0.04, ALPHA_RIGHT, None),
+        ("a-lp", ALPHA, "LP", {"lr": 1e-3, "l2": 1e-2, "seed": 0}, 4, 7, 0.20, 0.04, ALPHA_RIGHT, None),
         ("a-ft", ALPHA, "LP-FT", {"lr": 1e-4, "l2": 1e-2, "seed": 0, "l2sp": 0.0, "label_smoothing": 0.0}, 5, 5, 0.30, 0.04,
          ALPHA_RIGHT, 0.0),
     ]
@@ -122,7 +122,7 @@ def test_limits_are_flagged_per_row(tmp_path):
     # beta LP: best epoch 10 of --epochs 10, lr 1e-2 the top of --lr 1e-3,1e-2 (l2 0 is a floor, not an edge).
     assert warnings[(BETA, "LP")] == ["best epoch 10 of 10: not converged, raise --epochs",
                                       "--lr 0.01 is at the top of its grid: extend the grid"]
-    # alpha LP: best epoch 4 of 10; lr 1e-3 at the bottom of --lr, l2 1e-2 at the top of --l2.
+    # alpha LP: best epoch 4, stopped early at 7 (patience 3); lr 1e-3 at the bottom of --lr, l2 1e-2 at the top of --l2.
     assert warnings[(ALPHA, "LP")] == ["--lr 0.001 is at the bottom of its grid: extend the grid",
                                        "--l2 0.01 is at the top of its grid: extend the grid"]
     # alpha LP-FT: best epoch 5 of --ft-epochs 5 (not --epochs), one --ft-lr (no edge), a = 0.

@@ -73,3 +73,13 @@ def test_limits_are_flagged_at_the_epoch_cap_the_grid_edges_and_a_kept_probe():
                         "--lr 0.01 is at the top of its grid: extend the grid",
                         "interpolation a = 0: fine-tuning did not help; the probe stands"]
     assert limit_warnings(3, 100, "--epochs", {"--lr": 1e-4}, grids) == ["--lr 0.0001 is at the bottom of its grid: extend the grid"]
+
+
+def test_a_run_the_epoch_cap_ended_within_its_patience_is_not_converged():
+    # best 99 of 100, patience 15: early stopping would have waited until epoch 114, so the cap ended it
+    assert limit_warnings(99, 100, "--epochs", {}, {}, epochs_run=100, patience=15) == [
+        "best epoch 99 of 100, and the epoch cap, not early stopping, ended the run: not converged, raise --epochs"]
+    # best 85 of 100, patience 15: early stopping ends it at epoch 100 itself
+    assert limit_warnings(85, 100, "--epochs", {}, {}, epochs_run=100, patience=15) == []
+    # stopped early at 40 of 100
+    assert limit_warnings(25, 100, "--epochs", {}, {}, epochs_run=40, patience=15) == []

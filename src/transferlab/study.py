@@ -79,7 +79,7 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
         "val_err": best["val_err"],
         "test_acc": test_acc,
         # where the run sits at a limit of what it was allowed (the best epoch at the epoch cap)
-        "warnings": probe_warnings(result.best_epoch, cfg.train.epochs) if result.status == "done" else [],
+        "warnings": probe_warnings(result.best_epoch, cfg.train.epochs, result.history[-1]["epoch"], cfg.train.patience) if result.status == "done" else [],
         "timings": {**seconds, **bench.timings},
         "device": str(bench.placement.device),
     }

@@ -27,10 +27,11 @@ PREDICTIONS_FILE = "test_predictions.json"
 REPORT_FILE = "report.html"
 
 
-def probe_warnings(best_epoch: int | None, epochs: int | None) -> list[str]:
-    """A probe's limit warnings: its best epoch at the epoch cap means it had not converged (a single run
-    has no grid, so no grid edges)."""
-    return limit_warnings(best_epoch, epochs, "--epochs", {}, {})
+def probe_warnings(best_epoch: int | None, epochs: int | None, epochs_run: int | None = None,
+                   patience: int | None = None) -> list[str]:
+    """A probe's limit warnings: the epoch cap, not early stopping, ended it (its best epoch at the cap,
+    or within `patience` of it) means it had not converged; a single run has no grid, so no grid edges."""
+    return limit_warnings(best_epoch, epochs, "--epochs", {}, {}, epochs_run=epochs_run, patience=patience)
 
 
 def is_probe_folder(out: str | Path) -> bool:
@@ -141,7 +142,7 @@ def _verdict(record: Mapping[str, Any], numbers: dict | None) -> list[str]:
                  f"val error {_fmt(record.get('val_err'))}. The test split is evaluated once, for the best epoch's weights.</p>")
     warnings = record.get("warnings")
     if warnings is None:  # a record written before warnings were recorded
-        warnings = probe_warnings(record.get("best_epoch"), train.get("epochs"))
+        warnings = probe_warnings(record.get("best_epoch"), train.get("epochs"), record.get("epochs_run"), train.get("patience"))
     if warnings:
         lines.append("<ul class='warn'>" + "".join(f"<li>warning: {e(w)}</li>" for w in warnings) + "</ul>")
     elif status == "done":

@@ -107,12 +107,14 @@ def row_warnings(config: dict, method: Method, cfg: dict, metrics: dict) -> list
     if method == "LP":
         return limit_warnings(metrics.get("best_epoch"), (config.get("train") or {}).get("epochs"), "--epochs",
                               {"--lr": cfg.get("lr"), "--l2": cfg.get("l2")},
-                              {"--lr": config.get("lrs") or [], "--l2": config.get("l2s") or []})
+                              {"--lr": config.get("lrs") or [], "--l2": config.get("l2s") or []},
+                              epochs_run=metrics.get("epochs_run"), patience=(config.get("train") or {}).get("patience"))
     return limit_warnings(metrics.get("best_epoch"), config.get("ft_epochs"), "--ft-epochs",
                           {"--ft-lr": cfg.get("lr"), "--ft-l2sp": cfg.get("l2sp", 0.0), "--label-smoothing": cfg.get("label_smoothing", 0.0)},
                           {"--ft-lr": config.get("ft_lrs") or [], "--ft-l2sp": config.get("ft_l2sp") or [],
                            "--label-smoothing": config.get("ft_label_smoothing") or []},
-                          metrics.get("wise_alpha"))
+                          metrics.get("wise_alpha"), epochs_run=metrics.get("epochs_run"),
+                          patience=config.get("ft_patience"))
 
 
 def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:

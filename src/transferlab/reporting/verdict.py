@@ -120,15 +120,23 @@ def resolution_sentence(n_test: int) -> str:
 
 
 def limit_warnings(best_epoch: int | None, epoch_cap: int | None, epochs_flag: str,
-                   chosen: Mapping[str, object], grids: Mapping[str, Sequence], wise_alpha: float | None = None) -> list[str]:
+                   chosen: Mapping[str, object], grids: Mapping[str, Sequence], wise_alpha: float | None = None,
+                   epochs_run: int | None = None, patience: int | None = None) -> list[str]:
     """Warnings where a choice sits at a limit of what was tried.
 
-    `chosen` maps a grid's flag (``--lr``) to the value chosen, `grids` the flag to the values tried;
-    a grid of one value has no edge. `wise_alpha` 0 means the interpolation kept the probe.
+    A run is not converged when the epoch cap, not early stopping, ended it: its best epoch is the
+    last (`best_epoch` = `epoch_cap`), or it ran all `epoch_cap` epochs (`epochs_run`) still within
+    its `patience` of the best (best epoch 99 of 100, patience 15). `chosen` maps a grid's flag (``--lr``) to the value
+    chosen, `grids` the flag to the values tried; a grid of one value has no edge. `wise_alpha` 0
+    means the interpolation kept the probe.
     """
     warnings = []
-    if best_epoch is not None and epoch_cap is not None and epoch_cap > 0 and best_epoch >= epoch_cap:
-        warnings.append(f"best epoch {best_epoch} of {epoch_cap}: not converged, raise {epochs_flag}")
+    if best_epoch is not None and epoch_cap is not None and epoch_cap > 0:
+        if best_epoch >= epoch_cap:
+            warnings.append(f"best epoch {best_epoch} of {epoch_cap}: not converged, raise {epochs_flag}")
+        elif epochs_run is not None and epochs_run >= epoch_cap and (patience is None or epochs_run - best_epoch < patience):
+            warnings.append(f"best epoch {best_epoch} of {epoch_cap}, and the epoch cap, not early stopping, ended the run: "
+                            f"not converged, raise {epochs_flag}")
     for flag, values in grids.items():
         tried = sorted({float(v) for v in values})
         value = chosen.get(flag)
