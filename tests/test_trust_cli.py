@@ -41,3 +41,24 @@ def test_long_download_errors_are_cut_at_a_word_boundary():
     words = "word " * 60
     reason = download_failure(OSError(words))
     assert reason.endswith(" ...") and reason.removesuffix(" ...").split(": ", 1)[1].split() == ["word"] * 32
+
+
+def test_a_failed_command_never_removes_a_folder_another_sweep_has_locked(tmp_path):
+    """The race of two sweeps into one new folder: the refused one must not take the running one's folder."""
+    from transferlab.cli import _holds_results
+    from transferlab.utils import FolderLock, check_writable_dir, created_dirs_removed_on_failure
+
+    out = tmp_path / "new"
+    with pytest.raises(UserError):
+        with created_dirs_removed_on_failure(_holds_results):
+            check_writable_dir(out)  # this command made the folder ...
+            running = FolderLock(out)  # ... and another sweep took it meanwhile (its own lock, still held)
+            raise UserError("--out new: is in use by process 1")
+    assert (out / ".lock").exists()
+    running.release()
+    with pytest.raises(UserError):  # nobody holds the lock now: the empty folder goes
+        with created_dirs_removed_on_failure(_holds_results):
+            check_writable_dir(tmp_path / "other")
+            FolderLock(tmp_path / "other").release()
+            raise UserError("refused")
+    assert not (tmp_path / "other").exists()

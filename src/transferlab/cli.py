@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .utils import ConfigError, UserError
+from .utils import ConfigError, UserError, folder_lock_is_held
 
 DEFAULT_DEMO_OUT = "transferlab-demo"
 
@@ -136,11 +136,16 @@ def cmd_report(args) -> int:
 
 def _holds_results(folder: Path) -> bool:
     """Whether an output folder that a failed command created holds anything worth keeping: any file
-    but a sweep's bookkeeping (its folder lock, and a ledger that records no run)."""
+    but a sweep's bookkeeping (its folder lock, and a ledger that records no run), and a folder whose
+    lock another process holds (a sweep that started there meanwhile) is always kept."""
     for path in folder.rglob("*"):
         if path.is_dir() and not path.is_symlink():
             continue
-        if path.name == ".lock" or path.name == "ledger.sqlite" and _ledger_is_empty(path):
+        if path.name == ".lock":
+            if folder_lock_is_held(path):
+                return True
+            continue
+        if path.name == "ledger.sqlite" and _ledger_is_empty(path):
             continue
         return True
     return False

@@ -219,6 +219,23 @@ def created_dirs_removed_on_failure(holds_results: Callable[[Path], bool] = hold
             del _created_dirs[start:]
 
 
+def folder_lock_is_held(lock_path: Path) -> bool:
+    """Whether some process holds the :class:`FolderLock` file `lock_path` (a sweep is writing there)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts with the holder's exclusive one
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock, if taken
+    return False
+
+
 class FolderLock:
     """An exclusive lock on an output folder (``flock`` on ``DIR/.lock``), so two sweeps never write one folder.
 
