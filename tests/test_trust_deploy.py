@@ -262,10 +262,23 @@ def test_a_failed_export_keeps_the_earlier_model_folder_and_a_new_one_drops_stal
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]  # no staging left
     # An export's files replace all of an earlier export's: no model.onnx of another network stays beside them.
     (out / "model.onnx").write_bytes(b"an earlier export's network")
+    earlier = json.loads(config)
+    earlier["files"]["onnx"] = "model.onnx"  # as a --format both export lists it
+    (out / "config.json").write_text(json.dumps(earlier))
     monkeypatch.undo()
     assert main(["export", str(other), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
     assert (out / "model.safetensors").read_bytes() != weights
+
+
+def test_an_export_into_a_folder_that_holds_no_export_keeps_every_file_of_the_user(probe_dir, tmp_path):
+    out = tmp_path / "mine"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "notes.txt").write_text("precious")
+    (out / "model.onnx").write_text("the user's own file")
+    assert main(["export", str(probe_dir), "--out", str(out)]) == 0
+    assert (out / "hf" / "notes.txt").read_text() == "precious" and (out / "model.onnx").read_text() == "the user's own file"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("command", ["probe", "sweep"])

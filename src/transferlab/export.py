@@ -455,17 +455,39 @@ def _write_model_folder(trained: TrainedModel, folder: Path, fmt: str) -> dict:
     return config
 
 
+def _previous_export_files(out: Path) -> set[str]:
+    """The files an earlier export wrote into `out`, as its config.json lists them (none if `out` holds
+    no transferlab model): only those may be replaced or removed."""
+    try:
+        config = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(config, dict) or config.get("format") != "transferlab-model" or not isinstance(config.get("files"), dict):
+        return set()
+    return {name for name in config["files"].values() if name in MODEL_OUTPUTS}
+
+
 def _move_into(staging: Path, out: Path) -> None:
-    """Make `out` hold the model files of `staging` and no other export's: config.json is removed first
-    and put back last (a folder without it is no model folder); other files in `out` are left alone."""
+    """Make `out` hold the model files of `staging` and none of an earlier export's: config.json is
+    removed first and put back last (a folder without it is no model folder). Files of an earlier
+    export (those its config.json lists) that this one does not write are removed; anything else in
+    `out` is the user's and is left alone, unless this export writes a file of that name."""
+    previous = _previous_export_files(out)
+    for name in MODEL_OUTPUTS:  # refuse before anything changes
+        old = out / name
+        if (staging / name).exists() and name not in previous and old.is_dir() and not old.is_symlink():
+            raise UserError(f"{old}: a folder that is not an earlier export's is in the way of the model's {name}/ "
+                            "(move it, or export elsewhere)")
     (out / CONFIG_FILE).unlink(missing_ok=True)
     for name in MODEL_OUTPUTS:
         old, new = out / name, staging / name
+        if name == CONFIG_FILE or not (new.exists() or name in previous):
+            continue
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
-        elif name != CONFIG_FILE:
+        else:
             old.unlink(missing_ok=True)
-        if new.exists() and name != CONFIG_FILE:
+        if new.exists():
             os.replace(new, old)
     os.replace(staging / CONFIG_FILE, out / CONFIG_FILE)
     fsync_dir(out)
