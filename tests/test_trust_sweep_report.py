@@ -216,3 +216,25 @@ def test_safe_filename_keeps_plain_names_and_gives_every_other_name_its_own_file
     assert len({f.lower() for f in files}) == len(names)
     for f in files:
         assert "/" not in f and "\\" not in f and not f.startswith(".") and f not in ("", ".", "..") and len(f) <= 100
+
+
+def test_a_backbone_whose_weights_do_not_load_is_refused_before_anything_is_written(tiny_folder, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    broken = tmp_path / "hf_broken"
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+    transformers.ViTModel(config).save_pretrained(broken)
+    processor = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    processor(size={"height": 32, "width": 32}).save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # present, but not a safetensors file
+    out = tmp_path / "s"
+    grid = ["--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "1"]
+    assert sweep(tiny_folder, out, *grid) == 0
+    rows, ledger_before = summary(out), tables(out)
+    capsys.readouterr()
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(out), "--backbones", f"{NAME},hf:{broken}", *grid,
+                 "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--backbones hf:{broken}: its weights cannot be loaded" in err[0]
+    assert tables(out) == ledger_before
+    assert main(["report", str(out)]) == 0 and summary(out) == rows

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, check_weights_available, get_spec, load_backbone, with_source
+from .backbones import CATALOGUE, DEFAULT_MODEL_DIR, Backbone, check_weights_available, get_spec, load_backbone, with_source
 from .data import DataConfig, ImageSplits, describe_data_change
 from .devices import resolve_device
 from .executors import Executor, InProcessExecutor, ProcessExecutor, RayExecutor
@@ -36,7 +36,7 @@ from .objective import describe_objective
 from .reporting.insight import sweep_predictions_path, write_test_predictions
 from .tasks import Task, make_tasks
 from .training import EpochRecord, FitResult, TrainConfig, parse_feature_augment, selection_key
-from .utils import ConfigError, FolderLock, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
+from .utils import ConfigError, FolderLock, UserError, atomic_write_bytes, check_writable_dir, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,11 @@ def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
                     get_spec(name)
                 except ConfigError as e:
                     raise ConfigError("backbones", e.value, e.reason) from None
+                except UserError:
+                    raise
+                except Exception as e:  # a model folder that is there but unreadable is bad input too
+                    first = str(e).splitlines()[0][:200] if str(e) else ""
+                    raise UserError(f"--backbones {name}: cannot be read ({type(e).__name__}: {first})") from None
             elif name not in CATALOGUE:
                 try:
                     get_spec(name.removesuffix("_cub"))  # unknown architecture: an error with suggestions
@@ -302,6 +307,25 @@ def check_ft_grid(cfg: SweepConfig, names: list[str], splits: ImageSplits) -> No
                     bench.check_feature_augment_planned(augment, k)
                 except ConfigError as e:
                     raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
+
+
+def load_checked(name: str, model_dir: str) -> Backbone:
+    """Backbone `name` with its weights; a file that is there but cannot be read is a UserError naming
+    the backbone (it is the user's input, like a missing file), not an internal error."""
+    try:
+        return load_backbone(name, model_dir)
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"--backbones {name}: its weights cannot be loaded ({type(e).__name__}: {first})") from None
+
+
+def check_backbones_load(names: list[str], model_dir: str) -> None:
+    """Load every backbone once before anything is written, so a broken weights file is refused while
+    the folder still shows its previous choices."""
+    for name in names:
+        load_checked(name, model_dir)
 
 
 def check_ft_augment_path(cfg: SweepConfig) -> None:
@@ -412,6 +436,7 @@ class Sweep:
         # anything else is written: a refused re-run keeps the folder's previous choices.
         self.splits = splits = cfg.data.load()
         names, skipped = resolve_backbones(cfg)
+        check_backbones_load(names, cfg.model_dir)
         if cfg.lpft:
             check_ft_grid(cfg, names, splits)
         self.numerics = numerics_identity(cfg.engine)
@@ -455,7 +480,7 @@ class Sweep:
         """The backbone `name` loaded in a Workbench, and the fine-tuning grid's {unit: layers} on it."""
         cfg = self.cfg
         assert self.splits is not None
-        backbone = load_backbone(name, cfg.model_dir)
+        backbone = load_checked(name, cfg.model_dir)
         ft_ks = ft_layer_counts(cfg, backbone)
         # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
         bench = Workbench(backbone, self.splits, cfg.engine, self.cache_dir, cfg.data.on_bad_image,
