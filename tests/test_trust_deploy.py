@@ -97,6 +97,45 @@ def test_a_pil_image_opened_from_a_path_predicts_as_the_path(model_dir, tmp_path
     assert np.abs(by_pil - by_path).max() < 1e-6, np.abs(by_pil - by_path).max(axis=1)
 
 
+def test_predict_never_changes_the_callers_images(model_dir, tmp_path):
+    import transferlab
+
+    path = str(_exif_rotated_jpeg(tmp_path / "portrait.jpg"))
+    clf = transferlab.load_classifier(model_dir, device="cpu")
+    by_path, _ = clf.predict_proba([path])
+    lazy, loaded = Image.open(path), Image.open(path)
+    loaded.load()
+    size, lazy_tile = lazy.size, list(lazy.tile)
+    by_lazy, _ = clf.predict_proba([lazy])
+    clf.predict_proba([loaded])
+    assert lazy.size == size and lazy.tile == lazy_tile  # not drafted nor decoded behind the caller's back
+    assert loaded.size == size and loaded.mode == "RGB"
+    assert np.abs(by_lazy - by_path).max() < 1e-6
+
+
+def test_predict_workers_and_batch_size_are_checked_like_every_flag(model_dir, data, capsys):
+    image = str(next((data / "test" / "a").iterdir()))
+    for flag, value in (("--workers", "-1"), ("--batch-size", "0")):
+        assert main(["predict", "--model", str(model_dir), image, flag, value, "--device", "cpu", "--no-progress"]) == 2
+        assert one_error_line(capsys).startswith(f"transferlab: error: {flag} {value}: must be")
+
+
+def test_predict_data_on_a_labels_csv_with_missing_files_follows_on_bad_image(data, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    rows = [(str(f), f.parent.name, split) for split in ("train", "test") for f in sorted((data / split).rglob("*.png"))]
+    rows += [(str(tmp_path / "gone1.png"), "a", "test"), (str(tmp_path / "gone2.png"), "b", "train")]
+    labels.write_text("path,label,split\n" + "".join(f"{p},{c},{s}\n" for p, c, s in rows))
+    out = tmp_path / "run"
+    assert main(["probe", "--data", str(labels), "--epochs", "2", "--out", str(out), "--on-bad-image", "skip", *FAST]) == 0
+    record = json.loads((out / "run.json").read_text())
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--data", str(labels), "--out", str(tmp_path / "p.csv"), *FAST]) == 2
+    assert "2 listed file(s)" in one_error_line(capsys)
+    assert main(["predict", "--model", str(out), "--data", str(labels), "--on-bad-image", "skip",
+                 "--out", str(tmp_path / "p.csv"), *FAST]) == 0
+    assert f"accuracy {record['test_acc']:.4f}" in capsys.readouterr().err
+
+
 def _predict_data(model, data, split, capsys, tmp_path):
     out = tmp_path / f"{split}.csv"
     capsys.readouterr()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,10 +45,26 @@ class Prediction:
         return out
 
 
+def own_copy(img: Image.Image) -> Image.Image:
+    """An image to decode that is not the caller's object (which is never changed): a file-backed image
+    not yet loaded is opened afresh from its file, so it decodes as its path does (a JPEG at reduced
+    scale); anything else is copied as it is (a JPEG the caller already loaded stays at full size)."""
+    filename = getattr(img, "filename", "")
+    if isinstance(img, ImageFile.ImageFile) and img.tile and filename:
+        try:
+            return Image.open(filename)
+        except OSError:
+            pass
+    copy = img.copy()
+    copy.format = img.format  # copy() forgets it; to_rgb decides by it whether to box-reduce
+    return copy
+
+
 class _Items(torch.utils.data.Dataset):
     """Paths go through ImageDataset (load_rgb + build_transform); PIL images through to_rgb and the same
     transform: everything load_rgb does after opening a file, so an image opened from a path predicts
-    as the path does (a JPEG not yet loaded is decoded at reduced scale too)."""
+    as the path does (a JPEG not yet loaded is decoded at reduced scale too). The caller's images are
+    not changed (:func:`own_copy`)."""
 
     def __init__(self, items: Sequence[ImageLike], pre: Preprocessing):
         self.items = list(items)
@@ -63,7 +79,7 @@ class _Items(torch.utils.data.Dataset):
         if isinstance(item, Image.Image):
             pre = self.files.pre
             try:
-                return self.files.transform(to_rgb(item, min_size=pre.resize_size)), i, True
+                return self.files.transform(to_rgb(own_copy(item), min_size=pre.resize_size)), i, True
             except BAD_IMAGE_ERRORS:  # a lazily opened image whose file does not decode
                 return torch.zeros(3, pre.input_size, pre.input_size), i, False
         x, _label, _i, ok = self.files[i]
@@ -74,7 +90,7 @@ class _Items(torch.utils.data.Dataset):
         item = self.items[i]
         if isinstance(item, Image.Image):
             try:
-                to_rgb(item)
+                to_rgb(own_copy(item))
             except BAD_IMAGE_ERRORS as e:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0][:120]
                 return f"{_name(item, i)} ({reason})"
@@ -213,21 +229,22 @@ def _from_model_dir(path: Path, device: str) -> Classifier:
 SPLIT_SETTINGS = ("val_split", "test_split", "valid_frac", "split_seed", "max_per_class")
 
 
-def run_data_config(config: dict, data: str, where: str) -> DataConfig:
+def run_data_config(config: dict, data: str, where: str, on_bad_image: str = "error") -> DataConfig:
     """The run's own split settings (its DataConfig, recorded in config.json's ``provenance.data.config``)
-    applied to the images at `data`: the same split names, seed, validation fraction and per-class cap."""
+    applied to the images at `data`: the same split names, seed, validation fraction and per-class cap;
+    `on_bad_image` is this command's (files a labels CSV lists that do not exist: stop, or skip them)."""
     recorded = ((config.get("provenance") or {}).get("data") or {}).get("config")
     missing = [k for k in SPLIT_SETTINGS if not isinstance(recorded, dict) or k not in recorded]
     if missing:
         raise UserError(f"--model {where}: its record lacks the run's split settings ({', '.join(missing)}), so --data cannot "
                         "rebuild the run's splits; re-export the run with this transferlab, or predict the files as IMAGE_OR_DIR")
     assert isinstance(recorded, dict)
-    return DataConfig(data=os.fspath(data), **{k: recorded[k] for k in SPLIT_SETTINGS})
+    return DataConfig(data=os.fspath(data), on_bad_image=on_bad_image, **{k: recorded[k] for k in SPLIT_SETTINGS})
 
 
-def run_split(clf: Classifier, data: str, split: str, where: str) -> tuple[list[str], list[str]]:
+def run_split(clf: Classifier, data: str, split: str, where: str, on_bad_image: str = "error") -> tuple[list[str], list[str]]:
     """(files, class names) of split `split` (train, val or test) of `data`, built by the run's own split rules."""
-    cfg = run_data_config(clf.config, data, where)
+    cfg = run_data_config(clf.config, data, where, on_bad_image)
     splits = cfg.load()
     chosen = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
     if chosen is None:

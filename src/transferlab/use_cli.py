@@ -63,6 +63,10 @@ def cmd_predict(args) -> int:
         raise UserError(f"--out {args.out}: expected a .csv or .jsonl file name")
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: must be at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (decode in this process) or more")
     if bool(args.images) == bool(args.data):
         raise UserError("predict: give IMAGE_OR_DIR arguments or --data (evaluation mode), not both or neither")
     labels = None
@@ -70,7 +74,7 @@ def cmd_predict(args) -> int:
         files = find_images(args.images)
     clf = load_classifier(args.model, args.device, args.backbone, args.method)
     if args.data:  # the split as the run built it: its split names, seed, validation fraction, per-class cap
-        files, labels = run_split(clf, args.data, args.split, args.model)
+        files, labels = run_split(clf, args.data, args.split, args.model, args.on_bad_image)
     if labels is not None:
         unknown = sorted(set(labels) - set(clf.classes))
         if unknown:
