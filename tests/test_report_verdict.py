@@ -308,3 +308,16 @@ def test_a_tiny_sweep_stores_the_verdict_numbers_and_export_takes_its_top_row(ti
     assert np.array_equal(stored[0]["probs"].argmax(1), stored[1]["probs"].argmax(1))
     assert np.abs(stored[0]["probs"] - stored[1]["probs"]).max() <= 1e-6
     assert "efficientnet_lite0 LP and efficientnet_lite0 LP-FT" in page and "this section applies to 2 models" in page
+
+
+def test_a_rebuilt_report_leaves_no_figure_or_insight_of_another_grid(tmp_path):
+    out = make_sweep(tmp_path / "s")
+    build_report(out)
+    drawn = sorted(p.name for p in (out / "figures").iterdir())
+    insight = sorted(p.name for p in (out / "insight").iterdir())
+    (out / "figures" / "curves_gone_backbone.png").write_bytes(b"an earlier grid's figure")
+    (out / "insight" / "gone_backbone_LP").mkdir()
+    (out / "figures" / "notes.txt").write_text("not the report's")
+    build_report(out)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(drawn + ["notes.txt"])
+    assert sorted(p.name for p in (out / "insight").iterdir()) == insight

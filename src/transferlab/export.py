@@ -150,7 +150,7 @@ def _from_probe(src: Path) -> TrainedModel:
 def _data_provenance(summary: dict, data_config: dict | None, data_digest: str | None) -> dict:
     """What the run was trained on: root, split sizes, and the images' fingerprint.
 
-    The fingerprint is ``stable_hash`` of [path, size, mtime_ns, label] of every file of every split
+    The fingerprint is ``stable_hash`` of [path, size, content digest, label] of every file of every split
     (``ImageSplits.fingerprint``), the same digest a sweep's run hashes include.
     """
     out = {

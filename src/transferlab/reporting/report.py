@@ -6,6 +6,7 @@ import base64
 import csv
 import html
 import io
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -518,4 +519,20 @@ def build_report(out: str | Path) -> list[dict]:
         atomic_write_bytes(out / "report.html", page.encode())
     finally:
         ledger.close()
+    # The folder shows this report's figures and insight only, not those of an earlier grid or backbone list.
+    _prune(out / "figures", {path.name for _caption, path, _small in made}, files=True)
+    _prune(out / "insight", {f"{safe_filename(r['backbone'])}_{r['method']}" for r in rows}, files=False)
     return rows
+
+
+def _prune(folder: Path, keep: set[str], files: bool) -> None:
+    """Remove the report's own outputs in `folder` (PNG files, or insight folders) not named in `keep`."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name in keep:
+            continue
+        if files and entry.is_file() and entry.suffix == ".png":
+            entry.unlink()
+        elif not files and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
