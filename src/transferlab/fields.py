@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import numbers
+import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .utils import ConfigError
@@ -39,7 +41,8 @@ def type_text(tp: Any) -> str:
 
 
 def fits(tp: Any, value: Any) -> bool:
-    """Whether `value` is a value of annotation `tp` (an int is a float; a list is a tuple of its items)."""
+    """Whether `value` is a value of annotation `tp`: any real number is a float and any integral one an int
+    (``np.float32``, ``np.int64``; never a bool); a list is a tuple of its items."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return any(fits(a, value) for a in typing.get_args(tp))
     if tp is type(None):
@@ -47,9 +50,9 @@ def fits(tp: Any, value: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if typing.get_origin(tp) is tuple:
         item = typing.get_args(tp)[0]
         return isinstance(value, (tuple, list)) and all(fits(item, v) for v in value)
@@ -58,24 +61,60 @@ def fits(tp: Any, value: Any) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
-def close_names(name: str, fields: dict[str, tuple[Any, dataclasses.Field]]) -> list[str]:
-    """Field names like `name`: by spelling, or whose help text holds its words (learning_rate -> lr)."""
-    spelled = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.6)
+def plain(tp: Any, value: Any) -> Any:
+    """`value` (which :func:`fits` `tp`) as the plain Python value the command line would give: a float for a
+    float field (``np.float32(1e-3)`` or ``1``), an int for an int field, a tuple for a tuple field, so that
+    configs, run.json and hashes never hold a numpy scalar or depend on how a number was spelled."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return plain(next(a for a in typing.get_args(tp) if fits(a, value)), value)
+    if tp is float:
+        return float(value)
+    if tp is int:
+        return int(value)
+    if typing.get_origin(tp) is tuple:
+        return tuple(plain(typing.get_args(tp)[0], v) for v in value)
+    return value
+
+
+def path_argument(name: str, value: Any) -> str:
+    """A folder or file argument (`name`: ``data``, ``out``) as a str; a ConfigError naming it when it is not a
+    str or os.PathLike."""
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, str):
+            return text
+    raise ConfigError(name, repr(value), f"expected str or os.PathLike, got {type(value).__name__}")
+
+
+def close_names(name: str, fields: Mapping[str, tuple[Any, dataclasses.Field]]) -> list[str]:
+    """Field names like `name`: the same name in other letter case, by spelling, or whose help text holds its
+    words (learning_rate -> lr)."""
+    same = [f for f in fields if f.lower() == name.lower()]
+    if same:  # Lr -> lr, not the fields whose help mentions --lr
+        return same
+    lowered = {f.lower(): f for f in fields}
+    spelled = [lowered[f] for f in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)]
     words = name.lower().replace("_", " ").replace("-", " ")
     described = [f for f, (_, fl) in fields.items() if words in str(fl.metadata.get("help", "")).lower()]
     return list(dict.fromkeys(spelled + described))[:3]
 
 
-def check_keywords(fields: dict[str, tuple[Any, dataclasses.Field]], given: dict[str, Any]) -> None:
-    """A ConfigError naming the first unknown or mistyped keyword of `given` (with close names)."""
+def check_keywords(fields: Mapping[str, tuple[Any, dataclasses.Field]], given: Mapping[str, Any],
+                   elsewhere: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`given` with each value as its plain Python value (:func:`plain`), or a ConfigError naming the first
+    unknown or mistyped keyword (with close names). `elsewhere` maps names that belong to another command
+    to what to say instead of "not a config field" (``ft_blocks``: "is a sweep option (...), not a probe field")."""
+    checked = {}
     for name, value in given.items():
         if name not in fields:
             near = close_names(name, fields)
             hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-            raise ConfigError(name, value, f"not a config field{hint}")
+            raise ConfigError(name, value, f"{(elsewhere or {}).get(name, 'not a config field')}{hint}")
         tp = fields[name][0]
         if not fits(tp, value):
             raise ConfigError(name, repr(value), f"expected {type_text(tp)}, got {type(value).__name__}")
+        checked[name] = plain(tp, value)
+    return checked
 
 
 def field_doc(fields: dict[str, tuple[Any, dataclasses.Field]]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,11 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
 from .data import DataConfig
-from .fields import check_keywords, config_fields, field_doc, keyword_signature
+from .fields import check_keywords, config_fields, field_doc, keyword_signature, path_argument
 from .objective import Objective
 from .reporting.probe_report import probe_warnings
 from .training import EpochRecord, FitResult, TrainConfig
-from .utils import atomic_write_bytes, build_config, check_writable_dir, created_dirs_removed_on_failure, option, stable_hash, write_json
+from .utils import ConfigError, atomic_write_bytes, build_config, check_writable_dir, created_dirs_removed_on_failure, option, stable_hash, write_json
 from .workbench import EngineConfig, Workbench
 
 __all__ = ["DataConfig", "EngineConfig", "ProbeConfig", "Workbench", "probe", "run_probe"]
@@ -163,15 +164,28 @@ def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
     return record
 
 
-def probe(data: str, out: str | Path, backbone: str = DEFAULT_BACKBONE, **fields: Any) -> dict:
+def probe(data: str | os.PathLike, out: str | os.PathLike, backbone: str = DEFAULT_BACKBONE, **fields: Any) -> dict:
     """Python twin of ``transferlab probe``: train one probe on `data`, write outputs to `out`, return the record.
 
     Keyword arguments are the config fields below (those of ``ProbeConfig`` and its ``DataConfig``,
     ``TrainConfig`` and ``EngineConfig``), by name and with their types: ``probe(data, out, lr=1e-3)``;
-    an unknown name or a value of the wrong type raises a ConfigError naming the field (and close names).
+    any real number is a float and any integral one an int (``np.float32``, ``np.int64``), stored as
+    the plain Python number. An unknown name, a sweep-only one or a value of the wrong type raises a
+    ConfigError naming the field (and close names).
     """
-    check_keywords(PROBE_FIELDS, fields)
-    return run_probe(build_config(ProbeConfig, {**fields, "data": data, "backbone": backbone}), out)
+    data_text, out_text = path_argument("data", data), path_argument("out", out)
+    if not isinstance(backbone, str):
+        raise ConfigError("backbone", repr(backbone), f"expected str, got {type(backbone).__name__}")
+    checked = check_keywords(PROBE_FIELDS, fields, _sweep_options())
+    return run_probe(build_config(ProbeConfig, {**checked, "data": data_text, "backbone": backbone}), out_text)
+
+
+def _sweep_options() -> dict[str, str]:
+    """{field: what a probe says of it} for the fields only ``transferlab sweep`` has (``ft_blocks``, ``seeds``)."""
+    from .sweep_cli import SWEEP_FLAGS
+
+    return {fl.field: f"is a sweep option (transferlab sweep {fl.flag}), not a probe field"
+            for fl in SWEEP_FLAGS if fl.field not in PROBE_FIELDS}
 
 
 PROBE_FIELDS = config_fields(ProbeConfig)
