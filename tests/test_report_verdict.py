@@ -159,7 +159,9 @@ def test_the_page_opens_on_the_verdict_with_details_and_escaped_names(tmp_path):
     verdict = page.split("<h2>")[1].split("<h2>")[0]
     e = html.escape
     assert "50 test images: one image = 2 points." in verdict
-    assert e(f"{BETA} LP and {ALPHA} LP cannot be told apart on this test set (+10.0 pt, 95% CI [") in verdict
+    # alpha LP 45 right vs beta LP 40 of 50: 8 images only alpha gets right, 3 only beta: 11 discordant
+    assert e(f"{ALPHA} LP is 10.0 pt above {BETA} LP on this test set (11 discordant images, 95% CI [") in verdict
+    assert e("they cannot be told apart.") in verdict
     assert "McNemar p = 0.23" in verdict  # 464 / 2048 = 0.2266
     assert e("best epoch 10 of 10: not converged, raise --epochs") in verdict
     assert "<b onmouseover" not in page and e(BETA) in verdict
@@ -291,8 +293,17 @@ def test_a_tiny_sweep_stores_the_verdict_numbers_and_export_takes_its_top_row(ti
     # The limits: 2 probe epochs and 1 fine-tuning epoch are caps; the grids by their definitions.
     lp, ft = (next(r for r in rows if r["method"] == m) for m in ("LP", "LP-FT"))
     expected_lp = ([f"best epoch {lp['best_epoch']} of 2: not converged, raise --epochs"] if lp["best_epoch"] == 2 else [])
-    expected_lp += {0.01: ["--lr 0.01 is at the top of its grid: extend the grid"],
-                    0.0001: ["--lr 0.0001 is at the bottom of its grid: extend the grid"]}[lp["lr"]]
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    try:
+        xent = {r["config"]["lr"]: r["metrics"]["val_xent"] for r in ledger.runs(lp["backbone"], "LP") if r["status"] == "done"}
+    finally:
+        ledger.close()
+    # an edge is flagged when it beats its neighbour by more than 1%, with both numbers (one seed, one l2: one run per lr)
+    inner = {0.01: 0.0001, 0.0001: 0.01}[lp["lr"]]
+    where = "top" if lp["lr"] == 0.01 else "bottom"
+    assert xent[inner] - xent[lp["lr"]] > 0.01 * xent[inner]
+    expected_lp += [f"--lr {lp['lr']:g} is at the {where} of its grid (val xent {xent[lp['lr']]:.4g} there, {xent[inner]:.4g} "
+                    f"at {inner:g}): extend the grid"]
     assert lp["warnings"] == expected_lp
     assert lp["best_epoch"] == 2 and lp["lr"] == 0.01  # this data set learns to the cap at the top lr: both are flagged
     expected_ft = ["best epoch 1 of 1: not converged, raise --ft-epochs"] if ft["best_epoch"] == 1 else []

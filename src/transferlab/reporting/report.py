@@ -6,6 +6,7 @@ import base64
 import csv
 import html
 import io
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -38,8 +39,9 @@ SUMMARY_KEYS = (
     "n_seeds", "val_err_seed_mean", "val_err_seed_std",
     # LP-FT rows: LP-FT against LP on the same test images (reporting/compare.py)
     "diff_vs_lp", "ci_low", "ci_high", "p_mcnemar",
-    # every row but the best: this row against the best (rank 1) on the same test images
-    "diff_vs_best", "ci_low_vs_best", "ci_high_vs_best", "p_vs_best",
+    # every row but the best: this row against the best (rank 1) on the same test images; n_differ_vs_best:
+    # the images where the two disagree on correctness (McNemar's discordant pairs)
+    "diff_vs_best", "ci_low_vs_best", "ci_high_vs_best", "p_vs_best", "n_differ_vs_best",
     # where a choice sits at a limit of what was tried (verdict.limit_warnings); "; "-joined in summary.csv
     "warnings",
 )
@@ -62,6 +64,7 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
     accuracy's 95% interval, the paired test against the best and the limit warnings (SUMMARY_KEYS)."""
     rows = []
     config = ledger.get_meta("config", {})
+    select = ledger.get_meta("select", "val_xent")
     for name in ledger.get_meta("backbones", []):
         info = ledger.get_meta(f"backbone_info:{name}", {})
         for method in METHODS:
@@ -78,9 +81,9 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
                 "test_acc": run["test_acc"], "select": cfg.get("select", "val_xent"),
                 **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg, m),
                 **_against_lp(ledger, out, name, method, run_hash),
-                "warnings": row_warnings(config, method, cfg, m),
+                "warnings": row_warnings(config, method, cfg, m, grid_scores(planned_runs(ledger, name, method), method, select),
+                                         select),
             })
-    select = ledger.get_meta("select", "val_xent")
     numbers = verdict_numbers(rows, chosen_predictions(ledger, out, rows), select)
     return [{k: {**r, **n}[k] for k in SUMMARY_KEYS} for r, n in zip(rows, numbers)]
 
@@ -101,21 +104,44 @@ def chosen_predictions(ledger: Ledger, out: Path | None, rows: list[dict]) -> li
     return found
 
 
-def row_warnings(config: dict, method: Method, cfg: dict, metrics: dict) -> list[str]:
+GRID_FIELDS = {"LP": {"--lr": "lr", "--l2": "l2"}, "LP-FT": {"--ft-lr": "lr", "--ft-l2sp": "l2sp", "--label-smoothing": "label_smoothing"}}
+
+
+def grid_scores(runs: list[RunRow] | None, method: Method, select: str) -> dict[str, dict[float, float]] | None:
+    """{flag: {value: the best `select` metric over the finished runs at that value}} of one phase's grid
+    (None without the grid's planned runs): what tells whether a grid edge beats its inner neighbour."""
+    if runs is None:
+        return None
+    scores: dict[str, dict[float, float]] = {}
+    for flag, field in GRID_FIELDS[method].items():
+        per_value: dict[float, float] = {}
+        for r in runs:
+            metric = (r["metrics"] or {}).get(select) if r["status"] == "done" else None
+            value = r["config"].get(field, 0.0)
+            if metric is not None and value is not None:
+                per_value[float(value)] = min(metric, per_value.get(float(value), math.inf))
+        scores[flag] = per_value
+    return scores
+
+
+def row_warnings(config: dict, method: Method, cfg: dict, metrics: dict, scores: dict | None = None,
+                 select: str = "val_xent") -> list[str]:
     """The limit warnings of one chosen run (verdict.limit_warnings) against the sweep's `config` (the
     ledger's meta "config"): the probe's epoch cap and lr / l2 grids, or the fine-tuning's epoch cap,
-    lr, L2-SP and label-smoothing grids and its weight interpolation."""
+    lr, L2-SP and label-smoothing grids and its weight interpolation; `scores` (grid_scores) decide
+    whether a grid edge is worth a warning."""
     if method == "LP":
         return limit_warnings(metrics.get("best_epoch"), (config.get("train") or {}).get("epochs"), "--epochs",
                               {"--lr": cfg.get("lr"), "--l2": cfg.get("l2")},
                               {"--lr": config.get("lrs") or [], "--l2": config.get("l2s") or []},
-                              epochs_run=metrics.get("epochs_run"), patience=(config.get("train") or {}).get("patience"))
+                              epochs_run=metrics.get("epochs_run"), patience=(config.get("train") or {}).get("patience"),
+                              scores=scores, metric=select)
     return limit_warnings(metrics.get("best_epoch"), config.get("ft_epochs"), "--ft-epochs",
                           {"--ft-lr": cfg.get("lr"), "--ft-l2sp": cfg.get("l2sp", 0.0), "--label-smoothing": cfg.get("label_smoothing", 0.0)},
                           {"--ft-lr": config.get("ft_lrs") or [], "--ft-l2sp": config.get("ft_l2sp") or [],
                            "--label-smoothing": config.get("ft_label_smoothing") or []},
                           metrics.get("wise_alpha"), epochs_run=metrics.get("epochs_run"),
-                          patience=config.get("ft_patience"))
+                          patience=config.get("ft_patience"), scores=scores, metric=select)
 
 
 def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:
@@ -229,7 +255,7 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
             path = fig_dir / f"curves_{file_name}.png"
             figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path,
                                 f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
-            made.append((f"{name}: learning curves of the chosen probe (star: early stop)", path, False))
+            made.append((f"{name}: learning curves of the chosen probe (star: the best epoch, whose weights were kept)", path, False))
         lrs, l2s = list(config.get("lrs", [])), list(config.get("l2s", []))
         cells = _grid_cells(ledger, name, lrs, l2s)
         if cells:  # also without a choice: the figure then says which cells failed, diverged or did not run
@@ -265,17 +291,27 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
         lp_train_err = lp_run["history"][lp["best_epoch"]]["train_err"] if lp["best_epoch"] else None
         why = "" if lp_train_err is None else f"; the probe's train error at its best epoch was {lp_train_err:.3f}"
         noise = ""
-        if ft["p_mcnemar"] is not None:
+        if ft["p_mcnemar"] is not None and ft["ci_low"] == ft["ci_high"] == 0:
+            noise = " Paired on the same test images: right and wrong on exactly the same images, nothing to tell apart."
+        elif ft["p_mcnemar"] is not None:
             real = ft["ci_low"] > 0 or ft["ci_high"] < 0
             noise = (f" Paired on the same test images: 95% bootstrap interval [{100 * ft['ci_low']:+.1f}, {100 * ft['ci_high']:+.1f}] "
                      f"points, McNemar p = {ft['p_mcnemar']:.3g}: {'more than' if real else 'within'} noise.")
         unit, n = (ft["ft_unit"] or f"layers:{ft['n_trainable_layers']}").split(":")
         layers = _plural(ft["n_trainable_layers"], "layer")
-        what = f"the last {e(_plural(n, 'block'))} ({layers})" if unit == "blocks" else f"the last {e(_plural(n, 'layer'))}"
+        if ft["n_trainable_layers"] == 1:  # the head is the last layer: nothing of the backbone trains
+            what = "only the head (the probe's own layer; no backbone weight)"
+        elif unit == "blocks":
+            what = f"the last {e(_plural(n, 'block'))} ({layers})"
+        else:
+            what = f"the last {e(_plural(n, 'layer'))}"
         how = f"augmentation {e(str(ft['ft_augment']))}, L2-SP {ft['ft_l2sp']:g}, label smoothing {ft['label_smoothing']:g}"
-        wise = "" if ft["wise_alpha"] is None else f", weights interpolated with the probe's at a = {ft['wise_alpha']:g}"
-        if ft["wise_alpha"] == 0:
-            wise += ": validation chose the probe itself"
+        if ft["wise_alpha"] is None or ft["wise_alpha"] == 1:
+            wise = "" if ft["wise_alpha"] is None else ", not interpolated with the probe (validation chose a = 1)"
+        elif ft["wise_alpha"] == 0:
+            wise = ", interpolation a = 0: validation chose the probe itself"
+        else:
+            wise = f", weights interpolated with the probe's at a = {ft['wise_alpha']:g}"
         lines.append(
             f"{e(name)}: fine-tuning {what} from the best probe ({how}{wise}) {verdict} test accuracy "
             f"({100 * lp['test_acc']:.1f}% &rarr; {100 * ft['test_acc']:.1f}%, {delta:+.1f} points; "

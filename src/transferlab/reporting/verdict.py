@@ -64,7 +64,8 @@ def verdict_numbers(rows: Sequence[Mapping], predictions: Sequence[ModelPredicti
 
     Keys: ``rank`` (1 = best under `select`), ``test_acc_ci_low``, ``test_acc_ci_high`` (None without
     test predictions), and for every row but the best ``diff_vs_best`` (this row's accuracy minus the
-    best's), ``ci_low_vs_best``, ``ci_high_vs_best``, ``p_vs_best`` (None when the two were not tested
+    best's), ``ci_low_vs_best``, ``ci_high_vs_best``, ``p_vs_best`` and ``n_differ_vs_best`` (the
+    discordant images: right for one of the two, wrong for the other; None when the two were not tested
     on the same images).
     """
     order = rank(rows, select)
@@ -72,14 +73,16 @@ def verdict_numbers(rows: Sequence[Mapping], predictions: Sequence[ModelPredicti
     out = []
     for i, pred in enumerate(predictions):
         entry: dict = {"rank": order.index(i) + 1, "test_acc_ci_low": None, "test_acc_ci_high": None,
-                       "diff_vs_best": None, "ci_low_vs_best": None, "ci_high_vs_best": None, "p_vs_best": None}
+                       "diff_vs_best": None, "ci_low_vs_best": None, "ci_high_vs_best": None, "p_vs_best": None,
+                       "n_differ_vs_best": None}
         if pred is not None and len(pred.labels):
             correct = int((pred.predicted == pred.labels).sum())
             entry["test_acc_ci_low"], entry["test_acc_ci_high"] = wilson_interval(correct, len(pred.labels))
         ref = predictions[best] if best is not None else None
         if i != best and pred is not None and ref is not None and ref.files == pred.files and len(pred.labels):
             c = paired_comparison(ref.labels, ref.predicted, pred.predicted)
-            entry.update(diff_vs_best=c.diff, ci_low_vs_best=c.ci_low, ci_high_vs_best=c.ci_high, p_vs_best=c.p_mcnemar)
+            entry.update(diff_vs_best=c.diff, ci_low_vs_best=c.ci_low, ci_high_vs_best=c.ci_high, p_vs_best=c.p_mcnemar,
+                         n_differ_vs_best=c.only_a_right + c.only_b_right)
         out.append(entry)
     return out
 
@@ -89,16 +92,25 @@ def model_name(row: Mapping) -> str:
 
 
 def comparison_sentence(row: Mapping, best: Mapping) -> str:
-    """One quotable sentence on `row` against the best, from the paired numbers in `row`."""
+    """One quotable sentence on `row` against the best, from the paired numbers in `row`: which way the
+    difference goes, on how many images the two disagree, its interval and McNemar's p, and the verdict."""
     if row.get("diff_vs_best") is None:
         return f"{model_name(row)} was not tested on the same images as {model_name(best)}: no paired comparison."
+    differ = row.get("n_differ_vs_best")
+    if differ == 0:
+        return (f"{model_name(row)} and {model_name(best)} are right and wrong on exactly the same test images: "
+                "this test set cannot tell them apart (no discordant image; the paired interval is 0 by construction).")
     diff, low, high, p = (100 * row["diff_vs_best"], 100 * row["ci_low_vs_best"], 100 * row["ci_high_vs_best"], row["p_vs_best"])
-    numbers = f"{diff:+.1f} pt, 95% CI [{low:+.1f}, {high:+.1f}], McNemar p = {p:.2g}"
+    way = "above" if diff > 0 else "below" if diff < 0 else "level with"
+    size = f"{abs(diff):.1f} pt " if diff else ""
+    images = "" if differ is None else f"{differ} discordant image{'s' if differ != 1 else ''}, "
+    numbers = f"{images}95% CI [{low:+.1f}, {high:+.1f}] pt, McNemar p = {p:.2g}"
+    head = f"{model_name(row)} is {size}{way} {model_name(best)} on this test set ({numbers})"
     if low > 0:
-        return f"{model_name(row)} is better than {model_name(best)} on this test set ({numbers}), though validation ranked it lower."
+        return f"{head}: better, though validation ranked it lower."
     if high < 0:
-        return f"{model_name(best)} is better than {model_name(row)} on this test set ({numbers})."
-    return f"{model_name(best)} and {model_name(row)} cannot be told apart on this test set ({numbers})."
+        return f"{head}: a real difference."
+    return f"{head}: they cannot be told apart."
 
 
 METRIC_TEXT = {"val_xent": "validation cross-entropy", "val_err": "validation error"}
@@ -119,24 +131,33 @@ def resolution_sentence(n_test: int) -> str:
     return f"{n_test} test image{'s' if n_test != 1 else ''}: one image = {points} point{'' if points == '1' else 's'}."
 
 
+EDGE_MARGIN = 0.01  # a grid edge matters when it beats its inner neighbour by more than 1% of the metric
+
+
 def limit_warnings(best_epoch: int | None, epoch_cap: int | None, epochs_flag: str,
                    chosen: Mapping[str, object], grids: Mapping[str, Sequence], wise_alpha: float | None = None,
-                   epochs_run: int | None = None, patience: int | None = None) -> list[str]:
+                   epochs_run: int | None = None, patience: int | None = None,
+                   scores: Mapping[str, Mapping[float, float]] | None = None, metric: str = "val_xent") -> list[str]:
     """Warnings where a choice sits at a limit of what was tried.
 
-    A run is not converged when the epoch cap, not early stopping, ended it: its best epoch is the
-    last (`best_epoch` = `epoch_cap`), or it ran all `epoch_cap` epochs (`epochs_run`) still within
-    its `patience` of the best (best epoch 99 of 100, patience 15). `chosen` maps a grid's flag (``--lr``) to the value
-    chosen, `grids` the flag to the values tried; a grid of one value has no edge. `wise_alpha` 0
-    means the interpolation kept the probe.
+    Not converged: the best epoch is the last (`best_epoch` = `epoch_cap`), or the cap, not early
+    stopping, ended the run (`epochs_run` = `epoch_cap`) with the best epoch in its last tenth and
+    within `patience` (best epoch 99 of 100): a run whose best epoch is 3 of 15 has had 12 epochs to
+    improve and did not. A grid edge: the chosen value is the largest (or smallest non-zero) of its
+    grid; with `scores` ({flag: {value: best `metric` over the grid's runs at that value}}) only when
+    it beats its inner neighbour by more than EDGE_MARGIN (relative), with both numbers said, since a
+    difference in the fourth digit says nothing about what lies beyond the grid. A grid of one value
+    has no edge. `wise_alpha` 0 means the interpolation kept the probe.
     """
     warnings = []
     if best_epoch is not None and epoch_cap is not None and epoch_cap > 0:
+        window = min(patience if patience else epoch_cap, math.ceil(epoch_cap / 10))
         if best_epoch >= epoch_cap:
             warnings.append(f"best epoch {best_epoch} of {epoch_cap}: not converged, raise {epochs_flag}")
-        elif epochs_run is not None and epochs_run >= epoch_cap and (patience is None or epochs_run - best_epoch < patience):
+        elif epochs_run is not None and epochs_run >= epoch_cap and epoch_cap - best_epoch < window:
             warnings.append(f"best epoch {best_epoch} of {epoch_cap}, and the epoch cap, not early stopping, ended the run: "
                             f"not converged, raise {epochs_flag}")
+    label = {"val_xent": "val xent", "val_err": "val err"}.get(metric, metric)
     for flag, values in grids.items():
         tried = sorted({float(v) for v in values})
         value = chosen.get(flag)
@@ -144,9 +165,17 @@ def limit_warnings(best_epoch: int | None, epoch_cap: int | None, epochs_flag: s
             continue
         v = float(value)  # type: ignore[arg-type]
         if v == tried[-1]:
-            warnings.append(f"{flag} {v:g} is at the top of its grid: extend the grid")
+            where, inner = "top", tried[-2]
         elif v == tried[0] and v > 0:  # zero (no regularisation) is a floor, not an edge
-            warnings.append(f"{flag} {v:g} is at the bottom of its grid: extend the grid")
+            where, inner = "bottom", tried[1]
+        else:
+            continue
+        by_value = (scores or {}).get(flag)
+        if by_value is None or v not in by_value or inner not in by_value:
+            warnings.append(f"{flag} {v:g} is at the {where} of its grid: extend the grid")
+        elif by_value[inner] - by_value[v] > EDGE_MARGIN * abs(by_value[inner]):
+            warnings.append(f"{flag} {v:g} is at the {where} of its grid ({label} {by_value[v]:.4g} there, {by_value[inner]:.4g} "
+                            f"at {inner:g}): extend the grid")
     if wise_alpha == 0:
         warnings.append("interpolation a = 0: fine-tuning did not help; the probe stands")
     return warnings
