@@ -64,10 +64,13 @@ def test_the_positional_arguments_are_checked_by_name(tmp_path, argument, value,
 
 def test_numpy_numbers_are_numbers_and_the_config_holds_plain_ones(tmp_path, monkeypatch):
     built = []
-    monkeypatch.setattr(transferlab.study, "run_probe", lambda cfg, out: built.append((cfg, out)) or {})
+    monkeypatch.setattr(transferlab.study, "run_probe", lambda cfg, out, command: built.append((cfg, out, command)) or {})
     transferlab.probe(tmp_path, tmp_path / "out", lr=np.float32(1e-3), epochs=np.int64(7), l2=1,
                       wise_alphas=[np.float64(0.5), 1], max_per_class=np.int32(4))
-    cfg, out = built[0]
+    cfg, out, command = built[0]
+    # run.json records the call that reproduces the run, with the plain values the config holds
+    assert command == (f"transferlab.probe({str(tmp_path)!r}, {str(tmp_path / 'out')!r}, backbone='efficientnet_lite0', "
+                       "lr=0.0010000000474974513, epochs=7, l2=1.0, wise_alphas=(0.5, 1.0), max_per_class=4)")
     assert out == str(tmp_path / "out") and cfg.data.data == str(tmp_path)  # os.PathLike taken as its path text
     # float32 1e-3 is 0.0010000000474974513 as a float: the same number, as a Python float
     assert type(cfg.train.lr) is float and cfg.train.lr == float(np.float32(1e-3)) == 0.0010000000474974513
@@ -91,6 +94,8 @@ def test_a_probe_from_python_with_numpy_numbers_writes_plain_numbers(tiny_folder
     written = json.loads((out / "run.json").read_text())
     assert written["config"]["train"]["lr"] == float(np.float32(1e-2)) and written["config"]["train"]["epochs"] == 1
     assert written["config"]["data"]["data"] == str(tiny_folder) and record["epochs_run"] == 1
+    assert written["command"] == (f"transferlab.probe({str(tiny_folder)!r}, {str(out)!r}, backbone='efficientnet_lite0', "
+                                  f"lr={float(np.float32(1e-2))!r}, epochs=1, device='cpu', num_workers=0, progress=False)")
 
 
 def test_signature_and_docstring_list_every_field_with_its_default():

@@ -6,6 +6,7 @@ import html
 import io
 import json
 import re
+import shlex
 import shutil
 
 import numpy as np
@@ -36,12 +37,15 @@ def probe(data, cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe") / "out"
     stdout = io.StringIO()  # capsys is per test; this fixture runs once for the module
     with contextlib.redirect_stdout(stdout):
-        code = main(["probe", "--data", str(data), "--epochs", "2", "--lr", "1e-2", "--out", str(out),
-                     "--cache-dir", str(cache), *FAST])
+        code = main(PROBE_ARGS(data, out, cache))
     assert code == 0
     record = json.loads((out / "run.json").read_text())
     assert record["best_epoch"] == 2 and record["config"]["train"]["epochs"] == 2  # the situation under test
     return out, record, stdout.getvalue()
+
+
+def PROBE_ARGS(data, out, cache) -> list[str]:
+    return ["probe", "--data", str(data), "--epochs", "2", "--lr", "1e-2", "--out", str(out), "--cache-dir", str(cache), *FAST]
 
 
 def wilson_reference(correct: int, n: int) -> tuple[float, float]:
@@ -115,14 +119,16 @@ def test_report_of_a_folder_that_is_neither_a_sweep_nor_a_probe_says_so(tmp_path
 
 
 def test_a_probe_without_test_split_reports_without_test_numbers(data, cache, tmp_path, capsys):
-    out = tmp_path / "no_test"
+    out = tmp_path / "no_test"  # with its feature cache in OUT/cache/ (no --cache-dir)
     assert main(["probe", "--data", str(data), "--epochs", "3", "--patience", "1", "--lr", "1e-2", "--test-split", "none",
-                 "--out", str(out), "--cache-dir", str(cache), *FAST]) == 0
+                 "--out", str(out), *FAST]) == 0
     stdout = capsys.readouterr().out
-    assert listed_outputs(stdout) == [str(out / n) for n in ("run.json", "head.safetensors", "curves.png", "report.html")]
-    assert {p.name for p in out.iterdir()} == {"run.json", "head.safetensors", "curves.png", "report.html"}
+    assert listed_outputs(stdout) == [str(out / n) for n in ("run.json", "head.safetensors", "curves.png", "report.html")] + [
+        f"{out / 'cache'}/ (feature cache)"]
+    assert {p.name for p in out.iterdir()} == {"run.json", "head.safetensors", "curves.png", "report.html", "cache"}
     page = (out / "report.html").read_text()
     assert "No test split" in page and "Wilson" not in page and "Per-class insight" not in page
+    assert "test split is evaluated" not in page  # there is none to evaluate
     record = json.loads((out / "run.json").read_text())
     best, run = record["best_epoch"], record["epochs_run"]
     if best < 3:  # patience 1: one epoch without improvement stops the run
@@ -148,3 +154,36 @@ def test_the_report_says_whether_early_stopping_or_the_epoch_cap_ended_the_run(p
     assert "Early stopping ended the run at epoch 40, 15 epoch(s) after the best (--patience 15)." in page(25, 40, 100, 15)
     # 15 epochs without improvement at the cap: early stopping would have stopped there too
     assert "Early stopping ended the run at epoch 100, 15 epoch(s)" in page(85, 100, 100, 15)
+
+
+def test_the_report_says_how_to_reproduce_the_run_and_when_the_test_split_is_evaluated(probe, data, cache):
+    out, record, _ = probe
+    command = "transferlab " + shlex.join(PROBE_ARGS(data, out, cache))  # the command line as the user typed it
+    assert record["command"] == command
+    page = (out / "report.html").read_text()
+    assert f"<h2>Reproduce</h2><pre>{html.escape(command)}</pre>" in page
+    assert page.index("<h2>Timings</h2>") < page.index("<h2>Reproduce</h2>")  # last, as in the sweep's report
+    assert "The test split is evaluated once, for the best epoch's weights." in page
+
+
+def test_a_record_without_a_command_has_no_reproduce_section(probe):
+    from transferlab.reporting.probe_report import render_probe_html
+
+    _, record, _ = probe
+    older = {k: v for k, v in record.items() if k != "command"}  # run.json written before commands were recorded
+    assert "Reproduce" not in render_probe_html(older, b"", None)
+    assert "<pre>transferlab.probe(&#x27;d&#x27;)</pre>" in render_probe_html(dict(record, command="transferlab.probe('d')"), b"", None)
+
+
+def test_the_feature_cache_is_listed_only_when_it_is_inside_out(tmp_path):
+    from transferlab.study import feature_cache_in
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert feature_cache_in(out, None) is None  # no OUT/cache/ written
+    (out / "cache").mkdir()
+    assert feature_cache_in(out, None) == out / "cache"
+    (out / "mine").mkdir()
+    assert feature_cache_in(out, str(out / "mine")) == out / "mine"  # --cache-dir inside OUT
+    (tmp_path / "shared").mkdir()
+    assert feature_cache_in(out, str(tmp_path / "shared")) is None  # the user's cache elsewhere is no output of the run

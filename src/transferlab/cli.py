@@ -46,9 +46,13 @@ def _print_result(record: dict, out: Path) -> None:
     )
     for warning in record.get("warnings", []):
         print(f"warning: {warning}")
-    from .study import run_outputs_in
+    from .study import feature_cache_in, run_outputs_in
 
-    print("outputs: " + ", ".join(f"{path}/" if path.is_dir() else str(path) for path in run_outputs_in(out)))
+    outputs = [f"{path}/" if path.is_dir() else str(path) for path in run_outputs_in(out)]
+    cache = feature_cache_in(out, record["config"]["engine"]["cache_dir"])
+    if cache is not None:
+        outputs.append(f"{cache}/ (feature cache)")
+    print("outputs: " + ", ".join(outputs))
 
 
 def cmd_backbones(args) -> int:
@@ -75,12 +79,13 @@ def cmd_backbones(args) -> int:
 def cmd_probe(args) -> int:
     from .cli_flags import field_values
     from .study import ProbeConfig, run_probe
+    from .sweep_cli import reproduce_command
     from .utils import build_config
 
     flags = [fl for _, group in _probe_flag_groups() for fl in group]
     cfg = build_config(ProbeConfig, field_values(flags, vars(args)))
     out = Path(args.out)
-    record = run_probe(cfg, out)
+    record = run_probe(cfg, out, command=reproduce_command(args.argv))
     _print_result(record, out)
     return 0
 
@@ -89,6 +94,7 @@ def cmd_demo(args) -> int:
     from .data import DataConfig
     from .demo import write_digits_folder
     from .study import EngineConfig, ProbeConfig, run_probe
+    from .sweep_cli import reproduce_command
     from .training import TrainConfig
 
     out = Path(args.out)
@@ -100,7 +106,7 @@ def cmd_demo(args) -> int:
         train=TrainConfig(lr=1e-2, l2=1.0, seed=0, epochs=100, patience=15),
         engine=EngineConfig(device=args.device, progress=not args.no_progress),
     )
-    record = run_probe(cfg, out / "probe")
+    record = run_probe(cfg, out / "probe", command=reproduce_command(args.argv))
     _print_result(record, out / "probe")
     return 0
 

@@ -47,14 +47,17 @@ def build_workbench(cfg: ProbeConfig, out: Path) -> Workbench:
     return Workbench(backbone, splits, cfg.engine, cache_dir, cfg.data.on_bad_image, layer_order=cfg.train.layer_order)
 
 
-def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: float | None, seconds: dict) -> dict:
-    """The JSON-ready record of a finished run."""
+def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: float | None, seconds: dict,
+               command: str | None = None) -> dict:
+    """The JSON-ready record of a finished run; `command` is what reproduces it (the command line, or the
+    ``transferlab.probe(...)`` call), None when unknown."""
     best = result.best
     spec = bench.backbone.spec
     k = cfg.n_trainable_layers
     setup = bench.setup(k)
     return {
         "config": dataclasses.asdict(cfg),
+        "command": command,
         "backbone": {
             "name": spec.name, "zoo": spec.zoo, "arch": spec.arch, "source": spec.source,
             "source_top1": spec.source_top1, "weights": bench.backbone.weights,
@@ -97,6 +100,15 @@ def run_outputs_in(out: Path) -> list[Path]:
     return [out / name for name in RUN_OUTPUTS if (out / name).exists()]
 
 
+def feature_cache_in(out: Path, cache_dir: str | None) -> Path | None:
+    """The feature cache folder a probe with ``cache_dir`` (None: ``out/cache``) used, when it exists inside
+    `out` (the probe wrote it there; one elsewhere is the user's shared cache, not an output of this run)."""
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    if not cache.is_dir():
+        return None
+    return cache if cache.resolve().is_relative_to(out.resolve()) else None
+
+
 def clear_run_outputs(out: Path) -> None:
     """Remove the outputs of an earlier run from `out` (run.json first: a half-cleared folder is no run)."""
     import shutil
@@ -109,18 +121,19 @@ def clear_run_outputs(out: Path) -> None:
             path.unlink()
 
 
-def run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
+def run_probe(cfg: ProbeConfig, out: str | Path, command: str | None = None) -> dict:
     """Train one probe (or last-k-layers fine-tune) and write run.json, head.safetensors, curves.png and
     report.html (and with a test split test_predictions.json, insight.html, insight/). An earlier run's outputs in
     `out` are kept until this run has its results, then all replaced (:data:`RUN_OUTPUTS`).
 
+    `command` (the command line or Python call that reproduces the run) goes into run.json and the report.
     Returns the run record (also in ``out/run.json``). A failure leaves no new, empty `out` behind.
     """
     with created_dirs_removed_on_failure():
-        return _run_probe(cfg, out)
+        return _run_probe(cfg, out, command)
 
 
-def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
+def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None) -> dict:
     from safetensors.torch import save
 
     from .reporting.probe_report import build_probe_report
@@ -156,7 +169,7 @@ def _run_probe(cfg: ProbeConfig, out: str | Path) -> dict:
         "load_s": t_load - t0, "inputs_s": t_inputs - t_load, "fit_s": t_fit - t_inputs,
         "train_loop_s": result.train_seconds, "test_s": t_test - t_fit, "total_s": t_test - t0,
     }
-    record = run_record(cfg, bench, result, None if test is None else test.accuracy, seconds)
+    record = run_record(cfg, bench, result, None if test is None else test.accuracy, seconds, command)
     tensors = {k: v.detach().cpu().contiguous() for k, v in result.best_state.items()}
     atomic_write_bytes(out / "head.safetensors", save(tensors, metadata={"backbone": bench.backbone.spec.name}))
     write_json(out / "run.json", record)
@@ -177,7 +190,9 @@ def probe(data: str | os.PathLike, out: str | os.PathLike, backbone: str = DEFAU
     if not isinstance(backbone, str):
         raise ConfigError("backbone", repr(backbone), f"expected str, got {type(backbone).__name__}")
     checked = check_keywords(PROBE_FIELDS, fields, _sweep_options())
-    return run_probe(build_config(ProbeConfig, {**checked, "data": data_text, "backbone": backbone}), out_text)
+    call = ", ".join([repr(data_text), repr(out_text), f"backbone={backbone!r}", *(f"{k}={v!r}" for k, v in checked.items())])
+    return run_probe(build_config(ProbeConfig, {**checked, "data": data_text, "backbone": backbone}), out_text,
+                     command=f"transferlab.probe({call})")
 
 
 def _sweep_options() -> dict[str, str]:

@@ -139,7 +139,8 @@ def _verdict(record: Mapping[str, Any], numbers: dict | None) -> list[str]:
     lines.append(f"<p>{e(name)}, {record['n_trainable_layers']} trainable layer(s) ({record['trainable_params']:,} parameters): "
                  f"best epoch {record['best_epoch']} of the {record.get('epochs_run', '?')} run (--epochs {train['epochs']}, "
                  f"--patience {train['patience']}, early stopping on {e(select)}), val cross-entropy {_fmt(record.get('val_xent'))}, "
-                 f"val error {_fmt(record.get('val_err'))}. The test split is evaluated once, for the best epoch's weights.</p>")
+                 f"val error {_fmt(record.get('val_err'))}."
+                 + (" The test split is evaluated once, for the best epoch's weights." if numbers is not None else "") + "</p>")
     warnings = record.get("warnings")
     if warnings is None:  # a record written before warnings were recorded
         warnings = probe_warnings(record.get("best_epoch"), train.get("epochs"), record.get("epochs_run"), train.get("patience"))
@@ -218,7 +219,7 @@ def _data(record: Mapping[str, Any]) -> str:
 
 def render_probe_html(record: Mapping[str, Any], curves_png: bytes, numbers: dict | None, insight: str = "") -> str:
     """The self-contained page of one run: the verdict, the curves, the model, the data, the config,
-    the per-class insight (`insight`, an HTML fragment) and the timings."""
+    the per-class insight (`insight`, an HTML fragment), the timings and the command that reproduces it."""
     e = html.escape
     name = record["backbone"]["name"]
     curves = base64.b64encode(curves_png).decode()
@@ -237,7 +238,10 @@ def render_probe_html(record: Mapping[str, Any], curves_png: bytes, numbers: dic
     ]
     if insight:
         parts += ["<h2>Per-class insight (test)</h2>", insight]
-    parts += ["<h2>Timings</h2>", _table(timings), "</body></html>\n"]
+    parts += ["<h2>Timings</h2>", _table(timings)]
+    if record.get("command"):  # records written before the command was recorded have none
+        parts.append(f"<h2>Reproduce</h2><pre>{e(str(record['command']))}</pre>")
+    parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
