@@ -332,3 +332,33 @@ def test_a_rebuilt_report_leaves_no_figure_or_insight_of_another_grid(tmp_path):
     build_report(out)
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(drawn + ["notes.txt"])
     assert sorted(p.name for p in (out / "insight").iterdir()) == insight
+
+
+def test_the_fine_tuning_panels_do_not_zoom_to_noise(tmp_path):
+    lp = history(10, 9)
+    ft = [dict(epoch=e, train_loss=None, train_xent=None, train_err=None, val_xent=0.05076 - 0.00007 * e, val_err=0.02)
+          for e in range(3)]  # a 0.3% change of val xent, a flat val error
+    fig = figures.plot_lpft(lp, 9, ft, 2, tmp_path / "l.png")
+    ax_ft, err_ft = fig.axes[1], fig.axes[3]
+    low, high = ax_ft.get_ylim()
+    assert high - low >= 0.10 * 0.05069 - 1e-12  # at least 10% of the level
+    low, high = err_ft.get_ylim()
+    assert high - low >= 0.02 - 1e-12 and low >= 0  # at least 2 points of error
+
+
+def test_a_model_without_source_top1_gets_no_legend_entry_for_a_point_not_drawn(tmp_path):
+    rows = [dict(source="imagenet1k", source_top1=75.1, arch="lite0", method="LP", test_acc=0.9),
+            dict(source="unknown", source_top1=None, arch="hf:x", method="LP", test_acc=0.97)]
+    fig = figures.plot_transfer(rows, tmp_path / "t.png")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["LP", "lite0"]
+
+
+def test_class_names_are_not_read_as_maths_in_the_confusion_matrix(monkeypatch):
+    from transferlab.reporting import insight
+
+    drawn = []
+    monkeypatch.setattr(insight, "_png", lambda fig: drawn.append(fig) or b"")
+    insight.plot_confusion(np.eye(2, dtype=int), ["$x^2$", "p$_{low}$q"], "a $b$ model")
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [r"\$x^2\$", r"p\$_{low}\$q"]
+    assert ax.get_title() == r"a \$b\$ model"

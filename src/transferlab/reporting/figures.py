@@ -119,9 +119,27 @@ def plot_lpft(lp_history: Sequence[Mapping[str, Any]], lp_best: int, ft_history:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="best")
             _no_negative_axis(ax, values)
+        level = [v for v in fy if v is not None] or [0.0]
+        at_least_span(ax_ft, FT_MIN_SPAN_XENT * abs(sum(level) / len(level)) if key == "val_xent" else FT_MIN_SPAN_ERR)
     if title:
         fig.suptitle(_plain(title), fontsize=11)
     return _save(fig, path)
+
+
+# The fine-tuning panels' smallest y span: 10% of the cross-entropy's level, 2 points of error; a change in
+# the fourth digit then looks like one, not like a cliff.
+FT_MIN_SPAN_XENT = 0.10
+FT_MIN_SPAN_ERR = 0.02
+
+
+def at_least_span(ax, span: float) -> None:
+    """Widen a linear y axis to at least `span` around its middle (never below 0): an axis must not zoom to noise."""
+    bottom, top = ax.get_ylim()
+    if ax.get_yscale() != "linear" or span <= 0 or top - bottom >= span:
+        return
+    middle = (top + bottom) / 2
+    low = max(0.0, middle - span / 2) if bottom >= 0 else middle - span / 2
+    ax.set_ylim(low, low + span)
 
 
 def _no_negative_axis(ax, values: Sequence[float]) -> None:
@@ -186,7 +204,7 @@ def plot_transfer(rows: list[dict], path: str | Path) -> Figure:
     if not sources:
         sources = ["(none)"]
     fig, axes = plt.subplots(1, len(sources), figsize=(6.2 * len(sources), 3.8), squeeze=False)
-    archs = sorted({r["arch"] for r in rows})
+    archs = sorted({r["arch"] for r in rows if r.get("source_top1") is not None})  # only what is drawn has a legend entry
     colours = {a: f"C{i % 10}" for i, a in enumerate(archs)}
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m not in METHOD_MARKERS, m))
     width_in = 4.6  # of one panel's axes, roughly: marker separation in data units follows from it

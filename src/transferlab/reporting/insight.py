@@ -143,19 +143,26 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _plain_title(title: str) -> str:
+    from .figures import _plain
+
+    return _plain(title) if title else ""
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], title: str = "") -> bytes:
     """PNG of the confusion matrix with class names (cell counts written up to 25 classes)."""
     import matplotlib.pyplot as plt
 
-    from . import figures  # noqa: F401  (selects the Agg backend)
+    from . import figures  # also selects the Agg backend
 
     n = len(classes)
     side = min(14.0, 2.5 + 0.16 * n)
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
     shown = ax.imshow(cm, cmap="Blues", interpolation="nearest")
     font = max(3.0, min(9.0, 260.0 / max(n, 1)))
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
+    names = [figures._plain(c) for c in classes]  # a class named '$x^2$' is shown as written, not as maths
+    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= 25:
@@ -166,7 +173,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str = "") -> bytes
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=font,
                             color="white" if cm[i, j] > top / 2 else "black")
     fig.colorbar(shown, ax=ax, fraction=0.04)
-    ax.set_title(title or "confusion matrix (test)")
+    ax.set_title(figures._plain(title) if title else "confusion matrix (test)")
     return _png(fig)
 
 
@@ -188,7 +195,7 @@ def plot_reliability(bins: list[dict], ece: float, title: str = "") -> bytes:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title or f"reliability (ECE {ece:.4f}, {len(bins)} bins)", fontsize=10)
+    ax.set_title(_plain_title(title) or f"reliability (ECE {ece:.4f}, {len(bins)} bins)", fontsize=10)
     ax_n.bar([b["lo"] for b in bins], [b["n"] for b in bins], width=width, align="edge", color="#999999")
     ax_n.set_xlabel("confidence (max probability)")
     ax_n.set_ylabel("images")

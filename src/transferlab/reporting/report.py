@@ -244,8 +244,10 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
     if rows:
         plot_rows = [dict(r, arch=r["backbone"].removesuffix("_cub")) for r in rows]
         figures.plot_transfer(plot_rows, fig_dir / "transfer.png")
+        unplaced = sorted({r["backbone"] for r in rows if r.get("source_top1") is None})
+        left_out = f"; not drawn, their source top-1 being unknown: {', '.join(unplaced)}" if unplaced else ""
         made.append(("Target test accuracy (bars: 95% Wilson interval) vs source top-1 accuracy, one panel per source data set; "
-                     "points of one backbone are spread sideways so none hides another", fig_dir / "transfer.png", False))
+                     f"points of one backbone are spread sideways so none hides another{left_out}", fig_dir / "transfer.png", False))
     for name in ledger.get_meta("backbones", []):
         file_name = safe_filename(name)
         lp_hash = ledger.choice(name, "LP")
