@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 from transferlab.cli import main
+from transferlab.ledger import Ledger
 from transferlab.reporting.verdict import wilson_interval
 from transferlab.search import PhasePlan, plan_line, progress_desc, time_left_text
-from transferlab.sweep_cli import summary_lines
+from transferlab.sweep_cli import n_test_images, summary_lines
 from transferlab.workbench import Workbench
 
 # 2 probes (lr 1e-3, 3e-2) and 2 fine-tuning runs (ft lr 1e-4, 2e-4): grids with no value in common.
@@ -59,6 +60,46 @@ def test_summary_lines_show_the_fine_tuning_choice_the_interval_and_the_warnings
     assert ft_line.endswith("test_acc=0.9900")  # a row without the report's verdict keys still prints
 
 
+def _row(backbone, method, rank, val_xent, val_err):
+    return {"backbone": backbone, "method": method, "lr": 1e-3, "l2": 0.0, "seed": 0, "val_xent": val_xent, "val_err": val_err,
+            "test_acc": 0.9, "select": "val_err", "rank": rank}
+
+
+def test_summary_lines_are_best_first_then_what_export_takes_and_what_one_image_is_worth():
+    rows = [_row("lite0", "LP", 3, 0.30, 0.20), _row("lite1", "LP", 1, 0.50, 0.05), _row("lite2", "LP", None, 0.10, 0.30),
+            _row("lite1", "LP-FT", 2, 0.20, 0.10), _row("lite3", "LP", None, 0.40, 0.40)]
+    for r in rows[3:4]:
+        r.update(ft_unit="blocks:1", ft_augment="none", wise_alpha=1.0)
+    lines = summary_lines(rows, n_test=300)
+    # by rank (1, 2, 3), then the unranked rows in sweep order (lite2 before lite3)
+    assert [line.split()[:3] for line in lines[:5]] == [["#1", "lite1", "LP"], ["#2", "lite1", "LP-FT"], ["#3", "lite0", "LP"],
+                                                        ["lite2", "LP", "lr=0.001"], ["lite3", "LP", "lr=0.001"]]
+    # the rows' select is val_err: the #1 row has the lowest val_err (0.05), not the lowest val_xent (lite2's 0.10)
+    assert lines[5] == ("export takes #1 lite1 LP (lowest val_err 0.0500 among the chosen models; "
+                        "the test split played no part in the choice)")
+    assert lines[6] == "300 test images: one image = 0.33 points."  # 100 / 300 = 0.333..., two significant digits
+    assert len(lines) == 7
+
+
+def test_summary_lines_without_a_ranked_best_or_a_test_count_add_nothing():
+    rows = [_row("lite0", "LP", None, 0.3, 0.2), _row("lite1", "LP", None, 0.2, 0.1)]
+    assert [line.split()[0] for line in summary_lines(rows)] == ["lite0", "lite1"]  # sweep order, no export or resolution line
+    assert summary_lines([]) == []
+
+
+def test_the_test_image_count_comes_from_the_ledger_data_summary(tmp_path):
+    assert n_test_images(tmp_path) is None  # no ledger
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert n_test_images(tmp_path) is None  # a ledger without a data summary
+    ledger.set_meta("data_summary", {"train": {"n": 24}, "val": {"n": 9}})
+    assert n_test_images(tmp_path) is None  # no test split
+    ledger.set_meta("data_summary", {"train": {"n": 24}, "val": {"n": 9}, "test": {"n": 9}})
+    ledger.close()
+    assert n_test_images(tmp_path) == 9
+    (tmp_path / "ledger.sqlite").write_bytes(b"not a database")
+    assert n_test_images(tmp_path) is None
+
+
 # -- whole sweeps -----------------------------------------------------------------------------------
 def test_a_fresh_sweep_prints_its_plan_the_phase_in_the_bar_and_lpft_rows_with_their_own_lr(tiny_folder, tmp_path):
     """The CLI as a user runs it: default logging (no -v), progress bar on (stderr)."""
@@ -76,6 +117,15 @@ def test_a_fresh_sweep_prints_its_plan_the_phase_in_the_bar_and_lpft_rows_with_t
     ft_line = next(line for line in proc.stdout.splitlines() if " LP-FT " in line)
     assert f"ft_lr={ft['lr']:<8g} unit={ft['ft_unit']} augment=none a={ft['wise_alpha']:g}" in ft_line
     assert "l2=" not in ft_line and "seed=" not in ft_line
+    # best first, then what export takes (the rank-1 row of summary.json) and the tiny folder's 9 test images
+    stdout = proc.stdout.splitlines()
+    best = next(r for r in rows if r["rank"] == 1)
+    assert stdout[0].startswith(f"#1 {best['backbone']:20s} {best['method']:6s} ")
+    assert [int(line.split()[0][1:]) for line in stdout if line.startswith("#")] == sorted(r["rank"] for r in rows)
+    assert (f"export takes #1 efficientnet_lite0 {best['method']} (lowest val_xent {best['val_xent']:.4f} among the chosen "
+            "models; the test split played no part in the choice)") in stdout
+    assert stdout[-2] == "9 test images: one image = 11 points."  # 100 / 9 = 11.1: two significant digits
+    assert stdout[-1].startswith("outputs: ")
 
 
 def test_a_resumed_sweep_counts_what_is_done_in_each_phase(tiny_folder, tmp_path, monkeypatch, caplog):
@@ -115,5 +165,8 @@ def test_the_time_left_is_estimated_after_the_first_backbone(tiny_folder, tmp_pa
                             "efficientnet_lite0: LP 1 run (0 done, 1 to run)", "efficientnet_lite1: LP 1 run (0 done, 1 to run)"]
     estimates = [m for m in messages if " left" in m]
     assert len(estimates) == 1  # after lite0, none after the last backbone
-    assert re.fullmatch(r"efficientnet_lite0 finished; (under a minute|about \d+ min) left \(1 run\(s\) to go, "
-                        r"from \d+ s per run so far\)", estimates[0])
+    found = re.fullmatch(r"efficientnet_lite0 finished; (under a minute|about \d+ min) left \(1 run\(s\) to go, "
+                         r"from (\d+(?:\.\d)?) s per run so far\)", estimates[0])
+    assert found, estimates[0]
+    per_run = found.group(2)  # one decimal below 10 s (never "0 s"), whole seconds from there
+    assert ("." in per_run) == (float(per_run) < 10) and float(per_run) > 0

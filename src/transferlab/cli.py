@@ -113,13 +113,13 @@ def cmd_demo(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .search import sweep
-    from .sweep_cli import build_configs, reproduce_command, resolve, summary_lines
+    from .sweep_cli import build_configs, n_test_images, reproduce_command, resolve, summary_lines
 
     values = resolve(args)
     cfg, executor = build_configs(values)
     out = Path(values["out"])
     rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor)
-    for line in summary_lines(rows):
+    for line in summary_lines(rows, n_test_images(out)):
         print(line)
     print(f"outputs: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'report.html'}, {out / 'ledger.sqlite'}")
     return 0

@@ -468,8 +468,10 @@ class Sweep:
                     left = sum(p.to_run for later in names[i + 1:] for p in plans[later])
                     estimate = time_left_text(time.perf_counter() - started, self.runs_executed, left)
                     if estimate:
-                        progress_log.info("%s finished; %s (%d run(s) to go, from %.0f s per run so far)", name, estimate,
-                                          left, (time.perf_counter() - started) / self.runs_executed)
+                        # one decimal below 10 s (never "0 s"); 9.95 rounds to "10.0", so it is whole seconds from there
+                        per_run = (time.perf_counter() - started) / self.runs_executed
+                        progress_log.info("%s finished; %s (%d run(s) to go, from %s s per run so far)", name, estimate,
+                                          left, f"{per_run:.1f}" if per_run < 9.95 else f"{per_run:.0f}")
         finally:
             self.bar.close()
         from .reporting.report import build_report

@@ -80,35 +80,70 @@ def reproduce_command(argv: list[str] | None) -> str:
     return "transferlab " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
-    """The terminal summary of a sweep, one line per summary row (plus one per warning).
+def summary_lines(rows: list[dict], n_test: int | None = None) -> list[str]:
+    """The terminal summary of a sweep: one line per summary row (plus one per warning), best first, then
+    which model ``export`` takes and why, and what one of the `n_test` test images is worth.
 
-    A probe's line names its lr, l2 and seed; an LP-FT line what the fine-tuning grid chose (its own lr,
-    unit, augmentation and interpolation a; L2-SP and label smoothing when used), never the probe's l2
-    and seed. Where the report put them in the rows: the rank by the selection metric, the test accuracy's
-    95% interval, the paired difference from the best and the warnings.
+    Rows are printed by their ``rank`` under the selection metric (rows without one, which no verdict
+    ranked, after the ranked ones in sweep order). A probe's line names its lr, l2 and seed; an LP-FT line
+    what the fine-tuning grid chose (its own lr, unit, augmentation and interpolation a; L2-SP and label
+    smoothing when used), never the probe's l2 and seed. Where the report put them in the rows: the test
+    accuracy's 95% interval, the paired difference from the best and the warnings.
     """
+    from .reporting.verdict import model_name, resolution_sentence
+
+    ordered = sorted(rows, key=lambda r: (0, r["rank"]) if r.get("rank") is not None else (1, 0))  # stable: sweep order
     lines = []
-    for r in rows:
-        if r["method"] == "LP-FT":
-            chose = f"ft_lr={r['lr']:<8g} unit={r.get('ft_unit')} augment={r.get('ft_augment')} a={_g(r.get('wise_alpha'))}"
-            for key, name in (("ft_l2sp", "l2sp"), ("label_smoothing", "smoothing")):
-                if r.get(key):
-                    chose += f" {name}={r[key]:g}"
-        else:
-            chose = f"lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']}"
-        rank = f"#{r['rank']} " if r.get("rank") is not None else ""
-        acc = "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
-        if r.get("test_acc_ci_low") is not None and r.get("test_acc_ci_high") is not None:
-            acc += f" [{r['test_acc_ci_low']:.4f}, {r['test_acc_ci_high']:.4f}]"
-        line = (f"{rank}{r['backbone']:20s} {r['method']:6s} {chose}  val_xent={_f(r.get('val_xent'))} "
-                f"val_err={_f(r.get('val_err'))} test_acc={acc}")
-        if r.get("diff_vs_best") is not None:
-            line += (f"  vs best {100 * r['diff_vs_best']:+.1f} pt [{100 * r['ci_low_vs_best']:+.1f}, "
-                     f"{100 * r['ci_high_vs_best']:+.1f}], McNemar p = {r['p_vs_best']:.2g}")
-        lines.append(line)
+    for r in ordered:
+        lines.append(_row_line(r))
         lines += [f"    warning: {w}" for w in r.get("warnings") or []]
+    best = next((r for r in ordered if r.get("rank") == 1), None)
+    if best is not None:
+        select = best.get("select") or "val_xent"
+        lines.append(f"export takes #1 {model_name(best)} (lowest {select} {_f(best.get(select))} among the chosen models; "
+                     "the test split played no part in the choice)")
+    if n_test:
+        lines.append(resolution_sentence(n_test))
     return lines
+
+
+def _row_line(r: dict) -> str:
+    if r["method"] == "LP-FT":
+        chose = f"ft_lr={r['lr']:<8g} unit={r.get('ft_unit')} augment={r.get('ft_augment')} a={_g(r.get('wise_alpha'))}"
+        for key, name in (("ft_l2sp", "l2sp"), ("label_smoothing", "smoothing")):
+            if r.get(key):
+                chose += f" {name}={r[key]:g}"
+    else:
+        chose = f"lr={r['lr']:<8g} l2={r['l2']:<6g} seed={r['seed']}"
+    rank = f"#{r['rank']} " if r.get("rank") is not None else ""
+    acc = "n/a" if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
+    if r.get("test_acc_ci_low") is not None and r.get("test_acc_ci_high") is not None:
+        acc += f" [{r['test_acc_ci_low']:.4f}, {r['test_acc_ci_high']:.4f}]"
+    line = (f"{rank}{r['backbone']:20s} {r['method']:6s} {chose}  val_xent={_f(r.get('val_xent'))} "
+            f"val_err={_f(r.get('val_err'))} test_acc={acc}")
+    if r.get("diff_vs_best") is not None:
+        line += (f"  vs best {100 * r['diff_vs_best']:+.1f} pt [{100 * r['ci_low_vs_best']:+.1f}, "
+                 f"{100 * r['ci_high_vs_best']:+.1f}], McNemar p = {r['p_vs_best']:.2g}")
+    return line
+
+
+def n_test_images(out: Path) -> int | None:
+    """How many test images the sweep in `out` has (its ledger's data summary), None when unknown."""
+    import sqlite3
+
+    from .ledger import Ledger
+
+    if not (out / "ledger.sqlite").is_file():
+        return None
+    try:
+        ledger = Ledger(out / "ledger.sqlite", readonly=True)
+        try:
+            n = (ledger.get_meta("data_summary", {}).get("test") or {}).get("n")
+        finally:
+            ledger.close()
+    except (sqlite3.Error, UserError):  # the summary is printed all the same, without this line
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _g(v) -> str:
@@ -119,4 +154,5 @@ def _f(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-__all__ = ["SWEEP_FLAGS", "ConfigError", "add_sweep_flags", "build_configs", "reproduce_command", "resolve", "summary_lines"]
+__all__ = ["SWEEP_FLAGS", "ConfigError", "add_sweep_flags", "build_configs", "n_test_images", "reproduce_command", "resolve",
+           "summary_lines"]
