@@ -112,6 +112,16 @@ def test_report_rebuilds_a_probe_folder(probe, tmp_path, capsys):
     assert (copy / "insight" / "per_class.csv").read_bytes() == (out / "insight" / "per_class.csv").read_bytes()
 
 
+def test_report_accepts_no_progress_as_the_other_commands_do(probe, tmp_path, capsys):
+    out, _, _ = probe
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.html").unlink()
+    assert main(["report", str(copy), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {copy / 'report.html'}"
+    assert (copy / "report.html").read_bytes() == (out / "report.html").read_bytes()
+
+
 def test_report_of_a_folder_that_is_neither_a_sweep_nor_a_probe_says_so(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

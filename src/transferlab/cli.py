@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.html: a sweep's summary, figures and report from its ledger, "
                        "or a probe's curves, insight and report from its run.json and test_predictions.json")
     p.add_argument("dir", help="the sweep's or the probe's output folder")
+    # report draws no progress bar; the flag is accepted so the same flags work on every command
+    p.add_argument("--no-progress", action="store_true", help="accepted for consistency with the other commands (no effect)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="offline demo: digits images + efficientnet_lite0 linear probe")
