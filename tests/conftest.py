@@ -23,8 +23,9 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int = 40, seed: int = 0) -> Path:
-    """Write ``root/<split>/<class>/img_i.png`` images whose colour depends on the class (learnable)."""
+def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int = 40, seed: int = 0, ext: str = "png") -> Path:
+    """Write ``root/<split>/<class>/img_i.<ext>`` images whose colour depends on the class (learnable);
+    as BMP every image of one size has the same byte size."""
     rng = np.random.default_rng(seed)
     classes = sorted({c for per in counts.values() for c in per})
     for split, per_class in counts.items():
@@ -36,8 +37,56 @@ def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: int 
             for i in range(n):
                 noise = rng.integers(0, 80, size=(size, size, 3))
                 arr = np.clip(base + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(arr, "RGB").save(folder / f"img_{i:03d}.png")
+                Image.fromarray(arr, "RGB").save(folder / f"img_{i:03d}.{ext}")
     return root
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippet() -> str:
+    """The README's load-without-transferlab snippet."""
+    import re
+
+    match = re.search(r"<!-- snippet: load-without-transferlab[^>]*-->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert match, "README lost its load-without-transferlab snippet"
+    return match.group(1)
+
+
+def run_readme_snippet(model_dir: Path, image: Path) -> tuple[str, float]:
+    """(class, probability) the README snippet prints for `image`, run in a child process where
+    transferlab cannot be imported: the snippet must need only the zoo."""
+    import subprocess
+    import sys
+
+    prelude = (
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'transferlab':\n"
+        "            raise ImportError('transferlab is blocked in this test')\n"
+        "sys.meta_path.insert(0, _Block())\n"
+        f"model_dir = {str(model_dir)!r}\n"
+        f"image_path = {str(image)!r}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", prelude + readme_snippet()], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, prob = proc.stdout.split()
+    return name, float(prob)
+
+
+def write_tiny_hf_vit(folder: Path, layers: int = 2) -> Path:
+    """A tiny HF ViT (hidden 32, `layers` layers, 32 px) saved like a hub snapshot: config, weights, image processor."""
+    import torch
+
+    transformers = require("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    transformers.ViTModel(config).save_pretrained(folder)
+    processor_cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    processor_cls(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
 
 
 def require(module: str):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import require, write_image_folder
+from conftest import require, run_readme_snippet, write_image_folder
 from transferlab.cli import main
 from transferlab.utils import UserError
 
@@ -114,33 +114,13 @@ def test_onnx_gives_the_pytorch_probabilities_with_a_dynamic_batch(model_dir, da
         assert (probs.argmax(1) == torch_probs[: len(batch)].argmax(1)).all()
 
 
-def _readme_snippet() -> str:
-    text = README.read_text()
-    match = re.search(r"<!-- snippet: load-without-transferlab[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its load-without-transferlab snippet"
-    return match.group(1)
-
-
 def test_the_readme_snippet_loads_the_model_without_transferlab(model_dir, data):
     import transferlab
 
     image = sorted((data / "test" / "b").glob("*.png"))[0]
-    # transferlab is made unimportable in the child process: the snippet must need only the zoo.
-    prelude = (
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'transferlab':\n"
-        "            raise ImportError('transferlab is blocked in this test')\n"
-        "sys.meta_path.insert(0, _Block())\n"
-        f"model_dir = {str(model_dir)!r}\n"
-        f"image_path = {str(image)!r}\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", prelude + _readme_snippet()], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    name, prob = proc.stdout.split()
+    name, prob = run_readme_snippet(model_dir, image)
     row = transferlab.load_classifier(model_dir, device="cpu").predict([image])[0]
-    assert name == row.predicted and float(prob) == pytest.approx(row.probability, abs=1e-5)
+    assert name == row.predicted and prob == pytest.approx(row.probability, abs=1e-5)
 
 
 def test_trained_tensors_must_fit_the_model_exactly(probe_dir, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_image_folder
 from transferlab.data import load_rgb
 
 
@@ -105,22 +106,6 @@ def test_an_image_still_too_large_at_reduced_scale_is_refused(tmp_path, monkeypa
 
 
 # -- item 4: caches and data-change detection follow the files' contents ------------------------------
-def write_bmp_folder(root, counts, size=24, seed=0):
-    """Like conftest.write_image_folder, as BMP: every image of one size has the same byte size."""
-    rng = np.random.default_rng(seed)
-    classes = sorted({c for per in counts.values() for c in per})
-    for split, per_class in counts.items():
-        for c, n in per_class.items():
-            folder = root / split / c
-            folder.mkdir(parents=True, exist_ok=True)
-            base = np.zeros(3)
-            base[classes.index(c) % 3] = 200
-            for i in range(n):
-                arr = np.clip(base + rng.integers(0, 80, size=(size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr, "RGB").save(folder / f"img_{i:03d}.bmp")
-    return root
-
-
 def swap_keeping_size_and_mtime(a, b):
     """Swap two files' contents as `cp -p` / `rsync -a` would leave them: sizes and mtimes as before."""
     import os
@@ -144,8 +129,9 @@ def size_and_mtime(paths):
 
 @pytest.fixture
 def bmp_data(tmp_path):
-    return write_bmp_folder(tmp_path / "data", {"train": {c: 6 for c in "abc"}, "val": {c: 3 for c in "abc"},
-                                                "test": {c: 3 for c in "abc"}})
+    # BMP: every image of one size has the same byte size, so swapped images keep their sizes
+    return write_image_folder(tmp_path / "data", {"train": {c: 6 for c in "abc"}, "val": {c: 3 for c in "abc"},
+                                                  "test": {c: 3 for c in "abc"}}, size=24, ext="bmp")
 
 
 def test_the_feature_cache_key_changes_when_contents_are_swapped_with_size_and_mtime_kept(bmp_data, tmp_path, resnet10_random):

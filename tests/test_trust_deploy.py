@@ -3,9 +3,7 @@ folder is enough on its own and says exactly how to feed it, a failed command le
 
 import csv
 import json
-import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import require, write_image_folder
+from conftest import run_readme_snippet, write_image_folder, write_tiny_hf_vit
 from transferlab.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -177,16 +175,8 @@ def test_predict_data_refuses_a_model_without_split_settings(model_dir, data, tm
 # -- 8. a model folder is enough on its own and says how to feed it ----------------------------------
 @pytest.fixture
 def hf_folder(tmp_path):
-    """A tiny HF ViT (hidden 32, 2 layers, 32 px, squash) saved like a hub snapshot, as in test_zoos."""
-    transformers = require("transformers")
-    folder = tmp_path / "hf_vit"
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    transformers.ViTModel(config).save_pretrained(folder)
-    processor_cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
-    processor_cls(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    """A tiny HF ViT (squash preprocessing), as in test_zoos."""
+    return write_tiny_hf_vit(tmp_path / "hf_vit")
 
 
 def test_an_hf_export_predicts_after_the_original_model_folder_is_gone(hf_folder, data, tmp_path):
@@ -220,30 +210,6 @@ def test_config_json_spells_out_every_preprocessing_step(model_dir):
     assert set(pre["client_differences"]) == {"opencv_bicubic", "no_draft"}
 
 
-def _readme_snippet() -> str:
-    text = README.read_text()
-    match = re.search(r"<!-- snippet: load-without-transferlab[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its load-without-transferlab snippet"
-    return match.group(1)
-
-
-def _run_snippet(model: Path, image: Path) -> tuple[str, float]:
-    prelude = (
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'transferlab':\n"
-        "            raise ImportError('transferlab is blocked in this test')\n"
-        "sys.meta_path.insert(0, _Block())\n"
-        f"model_dir = {str(model)!r}\n"
-        f"image_path = {str(image)!r}\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", prelude + _readme_snippet()], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    name, prob = proc.stdout.split()
-    return name, float(prob)
-
-
 @pytest.mark.parametrize("squash", [False, True])
 def test_the_readme_snippet_follows_config_json(model_dir, tmp_path, squash):
     """The README's lines without transferlab give predict's numbers on a large EXIF-rotated JPEG (reduced-scale
@@ -260,7 +226,7 @@ def test_the_readme_snippet_follows_config_json(model_dir, tmp_path, squash):
     assert clf.preprocessing.squash is squash
     for image in (_exif_rotated_jpeg(tmp_path / "portrait.jpg"), _sixteen_bit_png(tmp_path / "deep.png")):
         row = clf.predict([image])[0]
-        name, prob = _run_snippet(model, image)
+        name, prob = run_readme_snippet(model, image)
         assert name == row.predicted and prob == pytest.approx(row.probability, abs=1e-5), image.name
 
 

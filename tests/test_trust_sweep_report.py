@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from conftest import write_tiny_hf_vit
 from transferlab.cli import main
 from transferlab.ledger import Ledger
 
@@ -219,13 +220,7 @@ def test_safe_filename_keeps_plain_names_and_gives_every_other_name_its_own_file
 
 
 def test_a_backbone_whose_weights_do_not_load_is_refused_before_anything_is_written(tiny_folder, tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
-    broken = tmp_path / "hf_broken"
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                    image_size=32, patch_size=8)
-    transformers.ViTModel(config).save_pretrained(broken)
-    processor = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
-    processor(size={"height": 32, "width": 32}).save_pretrained(broken)
+    broken = write_tiny_hf_vit(tmp_path / "hf_broken", layers=1)
     (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # present, but not a safetensors file
     out = tmp_path / "s"
     grid = ["--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "1"]

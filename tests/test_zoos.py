@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require
+from conftest import require, write_tiny_hf_vit
 from transferlab.backbones import load_backbone
 from transferlab.data import build_transform, load_splits
 from transferlab.features import Chain
@@ -25,16 +25,7 @@ MODELS = [
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """A tiny HF ViT (hidden 32, 2 layers, 32 px) saved like a hub snapshot: config, weights, image processor."""
-    transformers = require("transformers")
-    folder = tmp_path_factory.mktemp("hf_vit")
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    transformers.ViTModel(config).save_pretrained(folder)
-    processor_cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
-    processor_cls(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return write_tiny_hf_vit(tmp_path_factory.mktemp("hf_vit"))
 
 
 def build(name, hf_folder=None, size=None):
