@@ -17,7 +17,6 @@ from conftest import require, run_readme_snippet, write_image_folder
 from transferlab.cli import main
 from transferlab.utils import UserError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 FAST = ["--device", "cpu", "--workers", "0", "--no-progress"]
 COUNTS = {"train": {c: 8 for c in "abc"}, "val": {c: 3 for c in "abc"}, "test": {c: 3 for c in "abc"}}
 

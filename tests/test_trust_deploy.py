@@ -15,7 +15,6 @@ from PIL import Image
 from conftest import run_readme_snippet, write_image_folder, write_tiny_hf_vit
 from transferlab.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 FAST = ["--device", "cpu", "--workers", "0", "--no-progress"]
 COUNTS = {"train": {c: 8 for c in "abc"}, "val": {c: 3 for c in "abc"}, "test": {c: 3 for c in "abc"}}
 # Split settings other than the defaults: the run's test split is the val/ folder, its validation set is
