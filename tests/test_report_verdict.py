@@ -362,3 +362,32 @@ def test_class_names_are_not_read_as_maths_in_the_confusion_matrix(monkeypatch):
     ax = drawn[0].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == [r"\$x^2\$", r"p\$_{low}\$q"]
     assert ax.get_title() == r"a \$b\$ model"
+
+
+def test_models_with_the_same_predicted_classes_share_one_per_class_section_with_each_ones_calibration(tmp_path):
+    out = make_sweep(tmp_path / "s")
+    ledger = Ledger(out / "ledger.sqlite", readonly=True)
+    try:
+        ft_hash = ledger.choice(ALPHA, "LP-FT")
+    finally:
+        ledger.close()
+    # alpha LP-FT: the same predicted class as alpha LP on every image, with other confidences (0.6, not 0.8)
+    predicted = np.where(ALPHA_RIGHT, LABELS, (LABELS + 1) % len(CLASSES))
+    probs = np.full((N, len(CLASSES)), 0.1)
+    probs[np.arange(N), predicted] = 0.6
+    write_test_predictions(sweep_predictions_path(out, ft_hash), CLASSES, FILES, LABELS, probs)
+    build_report(out)
+    page = (out / "report.html").read_text()
+    insight = page.split("Per-class insight (test)</h2>")[1]
+    assert insight.count("<details") - insight.count("<details><summary>Per-class recall") == 2  # beta's, and alpha's shared one
+    assert html.escape("the same predicted class on every test image: the per-class numbers apply to 2 models") in insight
+    # ECE by hand: one confidence level per model, so one bin: |accuracy - confidence| = |0.9 - 0.8| and |0.9 - 0.6|
+    assert f"{ALPHA} LP 0.1000, {ALPHA} LP-FT 0.3000" in html.unescape(insight)
+
+
+def test_the_grid_outlines_the_chosen_probe(tmp_path):
+    cells = [dict(lr=lr, l2=l2, status="done", val_xent=x, val_err=0.1) for (lr, l2), x in
+             {(1e-3, 0.0): 0.5, (1e-2, 0.0): 0.3, (1e-3, 1.0): 0.6, (1e-2, 1.0): 0.4}.items()]
+    fig = figures.plot_grid(cells, [1e-3, 1e-2], [0.0, 1.0], tmp_path / "g.png", metric="val_xent", chosen=(1e-2, 0.0))
+    outlined = [p for p in fig.axes[0].patches if p.get_label() == "chosen"]
+    assert len(outlined) == 1 and outlined[0].get_xy() == (0.5, -0.5)  # column lr 1e-2 (j = 1), row l2 0 (i = 0)

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..utils import atomic_write_bytes  # noqa: E402
@@ -275,10 +275,11 @@ def colour_range(values: Sequence[float]) -> tuple[float, float]:
 
 
 def plot_grid(cells: list[dict], lrs: list[float], l2s: list[float], path: str | Path, title: str = "",
-              metric: str = "val_err") -> Figure:
+              metric: str = "val_err", chosen: tuple[float, float] | None = None) -> Figure:
     """Heatmap of the best `metric` (over seeds; the sweep's selection metric, val_err or val_xent) for
     each (lr, l2); `cells` are runs, each with lr, l2, status and the metric, and a cell without a done
-    run says why (grid_cell_text). The colour range is :func:`colour_range` of the cells' values."""
+    run says why (grid_cell_text). The colour range is :func:`colour_range` of the cells' values. The
+    `chosen` (lr, l2) cell is outlined in red: the probe the sweep chose."""
     import numpy as np
 
     by_cell: dict[tuple[int, int], list[dict]] = {}
@@ -301,6 +302,9 @@ def plot_grid(cells: list[dict], lrs: list[float], l2s: list[float], path: str |
     for (i, j), text in texts.items():
         shade = (grid[i, j] - vmin) / (vmax - vmin) if np.isfinite(grid[i, j]) else 0.0
         ax.text(j, i, text, ha="center", va="center", color="w" if shade > 0.5 else "k", fontsize=9)  # readable on its cell
+    if chosen is not None and chosen[0] in lrs and chosen[1] in l2s:
+        j, i = lrs.index(chosen[0]), l2s.index(chosen[1])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5, label="chosen"))
     label = METRIC_LABELS.get(metric, metric)
     fig.colorbar(im, ax=ax, label=f"{label} (best over seeds)")
     ax.set_title(_plain(title) if title else label, fontsize=10)

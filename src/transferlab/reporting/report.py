@@ -263,8 +263,10 @@ def _draw(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
         if cells:  # also without a choice: the figure then says which cells failed, diverged or did not run
             path = fig_dir / f"grid_{file_name}.png"
             label = figures.METRIC_LABELS.get(select, select)
-            figures.plot_grid(cells, lrs, l2s, path, f"{name}: best {label} over seeds", metric=select)
-            grids.append((f"{name}: {label} (the selection metric, --select {select}) over the lr x l2 grid", path, True))
+            chosen = (lp["config"]["lr"], lp["config"]["l2"]) if lp is not None else None
+            figures.plot_grid(cells, lrs, l2s, path, f"{name}: best {label} over seeds", metric=select, chosen=chosen)
+            grids.append((f"{name}: {label} (the selection metric, --select {select}) over the lr x l2 grid; "
+                          "red outline: the chosen probe", path, True))
         if lp is None:
             continue
         ft_hash = ledger.choice(name, "LP-FT")
@@ -503,39 +505,58 @@ def same_predictions(a: dict, b: dict, atol: float = 1e-6) -> bool:
     class for every image and probabilities within `atol` (LP-FT that kept the probe, a = 0, is the probe)."""
     import numpy as np
 
+    return same_predicted_classes(a, b) and bool(np.abs(a["probs"] - b["probs"]).max(initial=0.0) <= atol)
+
+
+def same_predicted_classes(a: dict, b: dict) -> bool:
+    """Whether two stored prediction files predict the same class for every one of the same images: their
+    per-class numbers, confusion matrices and misclassified images are then identical (calibration may not be)."""
+    import numpy as np
+
     return (a["files"] == b["files"] and a["classes"] == b["classes"] and np.array_equal(a["labels"], b["labels"])
-            and a["probs"].shape == b["probs"].shape and np.array_equal(a["probs"].argmax(1), b["probs"].argmax(1))
-            and bool(np.abs(a["probs"] - b["probs"]).max(initial=0.0) <= atol))
+            and a["probs"].shape == b["probs"].shape and np.array_equal(a["probs"].argmax(1), b["probs"].argmax(1)))
 
 
 def _insights(ledger: Ledger, out: Path, rows: list[dict]) -> str:
     """Per-class insight of every chosen run whose per-image test predictions were stored, each in a
-    collapsible section; runs with the same predictions (same_predictions) share one section that names
-    them all (every run's files are still written, to insight/<backbone>_<method>/)."""
-    from .insight import insight_html, read_test_predictions, sweep_predictions_path
+    collapsible section. Runs that predict the same class for every test image (same_predicted_classes)
+    share one section that names them all: its per-class numbers, confusion matrix and misclassified images
+    are theirs alike, and where their probabilities differ, each one's calibration error is given. Every
+    run's own files are still written, to insight/<backbone>_<method>/."""
+    from .insight import insight, insight_html, read_test_predictions, sweep_predictions_path
 
-    groups: list[tuple[dict, list[dict], Path]] = []  # (predictions, rows, predictions file)
+    groups: list[tuple[dict, list[tuple[dict, Path, dict]]]] = []  # (first predictions, [(row, file, predictions)])
     for r in rows:
         run_hash = ledger.choice(r["backbone"], r["method"])
         path = sweep_predictions_path(out, run_hash) if run_hash else None
         if path is None or not path.is_file():
             continue
         pred = read_test_predictions(path)
-        twin = next((g for g in groups if same_predictions(g[0], pred)), None)
+        twin = next((g for g in groups if same_predicted_classes(g[0], pred)), None)
         if twin is not None:
-            twin[1].append(r)
+            twin[1].append((r, path, pred))
         else:
-            groups.append((pred, [r], path))
+            groups.append((pred, [(r, path, pred)]))
     parts = []
-    for _pred, members, path in groups:
-        names = " and ".join(model_name(r) for r in members)
-        for r in members:
+    for first, members in groups:
+        names = " and ".join(model_name(r) for r, _, _ in members)
+        fragment = ""
+        for r, path, _pred in members:
             folder = out / "insight" / f"{safe_filename(r['backbone'])}_{r['method']}"  # METHODS are plain names
-            fragment = insight_html(path, folder, names)
-        r0 = members[0]
-        same = (f" (identical test predictions: this section applies to {len(members)} models)" if len(members) > 1 else "")
+            own = insight_html(path, folder, names if len(members) == 1 else model_name(r))
+            fragment = fragment or own  # the section shows the first model's figures
+        r0 = members[0][0]
+        same = ""
+        if len(members) > 1:
+            identical = all(same_predictions(first, pred) for _, _, pred in members[1:])
+            same = (f" (identical test predictions: this section applies to {len(members)} models)" if identical else
+                    f" (the same predicted class on every test image: the per-class numbers apply to {len(members)} models)")
+            if not identical:
+                eces = ", ".join(f"{model_name(r)} {insight(path)['ece']:.4f}" for r, path, _ in members)
+                fragment = (f"<p>Calibration differs: the reliability diagram below is {html.escape(model_name(r0))}'s; "
+                            f"expected calibration error of each: {html.escape(eces)}.</p>") + fragment
         acc = "" if r0["test_acc"] is None else f": test accuracy {100 * r0['test_acc']:.1f}%"
-        is_best = any(r["rank"] == 1 for r in members)  # the chosen model's section is open
+        is_best = any(r["rank"] == 1 for r, _, _ in members)  # the chosen model's section is open
         parts.append(f"<details{' open' if is_best else ''}><summary>{html.escape(names)}{acc}{html.escape(same)}; per-class recall and precision, "
                      f"confusion matrix, reliability, misclassified images</summary>{fragment}</details>")
     return ("<h2>Per-class insight (test)</h2>\n" + "\n".join(parts) + "\n") if parts else ""
