@@ -206,8 +206,7 @@ def resolve_backbones(cfg: SweepConfig) -> tuple[list[str], dict[str, str]]:
                 except UserError:
                     raise
                 except Exception as e:  # a model folder that is there but unreadable is bad input too
-                    first = str(e).splitlines()[0][:200] if str(e) else ""
-                    raise UserError(f"--backbones {name}: cannot be read ({type(e).__name__}: {first})") from None
+                    raise unreadable_backbone(name, "cannot be read", e) from None
             elif name not in CATALOGUE:
                 try:
                     get_spec(name.removesuffix("_cub"))  # unknown architecture: an error with suggestions
@@ -283,30 +282,27 @@ def claim_folder(ledger: Ledger, out: Path, data: DataConfig, splits: ImageSplit
     return stable_hash(fingerprint)
 
 
-def check_ft_grid(cfg: SweepConfig, names: list[str], splits: ImageSplits) -> None:
-    """A ConfigError, before anything is written, for a fine-tuning grid that some backbone cannot run:
-    --ft-layers / --ft-blocks beyond it, or an --ft-augment whose cache it would not have (no --no-cache, a
-    cut with spatial maps for map, views within --cache-max-gb). Planned on random weights: no image is read."""
-    check_ft_augment_path(cfg)
-    for name in names:
-        backbone = load_backbone(name, pretrained=False)
-        n_layers = len(layer_names(backbone.model))
-        for unit, n in cfg.ft_units():
-            if unit == "blocks":
-                layers_of_last_blocks(backbone, n)
-            elif n > n_layers:
-                raise ConfigError("ft_layers", n, f"{name} has only {n_layers} layers")
-        if all(augment == "none" for augment in cfg.ft_augment):
-            continue
-        ft_ks = ft_layer_counts(cfg, backbone)
-        bench = Workbench(backbone, splits, cfg.engine, None, cfg.data.on_bad_image, share_cut_layers=max(ft_ks.values()),
-                          layer_order=cfg.train.layer_order)
-        for k in dict.fromkeys(ft_ks.values()):
-            for augment in cfg.ft_augment:
-                try:
-                    bench.check_feature_augment_planned(augment, k)
-                except ConfigError as e:
-                    raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
+def check_ft_grid(cfg: SweepConfig, name: str, backbone: Backbone, splits: ImageSplits) -> None:
+    """A ConfigError, before anything is written, for a fine-tuning grid that `backbone` cannot run:
+    --ft-layers / --ft-blocks beyond it, or an --ft-augment whose cache it would not have (a cut with
+    spatial maps for map, views within --cache-max-gb). Planned from one dummy forward: no image is read."""
+    n_layers = len(layer_names(backbone.model))
+    for unit, n in cfg.ft_units():
+        if unit == "blocks":
+            layers_of_last_blocks(backbone, n)
+        elif n > n_layers:
+            raise ConfigError("ft_layers", n, f"{name} has only {n_layers} layers")
+    if all(augment == "none" for augment in cfg.ft_augment):
+        return
+    ft_ks = ft_layer_counts(cfg, backbone)
+    bench = Workbench(backbone, splits, cfg.engine, None, cfg.data.on_bad_image, share_cut_layers=max(ft_ks.values()),
+                      layer_order=cfg.train.layer_order)
+    for k in dict.fromkeys(ft_ks.values()):
+        for augment in cfg.ft_augment:
+            try:
+                bench.check_feature_augment_planned(augment, k)
+            except ConfigError as e:
+                raise ConfigError("ft_augment", e.value, f"{e.reason} ({name})") from None
 
 
 def load_checked(name: str, model_dir: str) -> Backbone:
@@ -317,15 +313,25 @@ def load_checked(name: str, model_dir: str) -> Backbone:
     except UserError:
         raise
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"--backbones {name}: its weights cannot be loaded ({type(e).__name__}: {first})") from None
+        raise unreadable_backbone(name, "its weights cannot be loaded", e) from None
 
 
-def check_backbones_load(names: list[str], model_dir: str) -> None:
-    """Load every backbone once before anything is written, so a broken weights file is refused while
-    the folder still shows its previous choices."""
+def unreadable_backbone(name: str, what: str, error: Exception) -> UserError:
+    """One line naming the backbone and the first line of why its files could not be used."""
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    return UserError(f"--backbones {name}: {what} ({type(error).__name__}: {first})")
+
+
+def preflight(cfg: SweepConfig, names: list[str], splits: ImageSplits) -> None:
+    """Everything a sweep can refuse, for every backbone, before anything is written: each backbone's
+    weights load (a broken file is refused while the folder still shows its previous choices), and
+    with LP-then-FT its fine-tuning grid fits it (:func:`check_ft_grid`, on that same loaded backbone)."""
+    if cfg.lpft:
+        check_ft_augment_path(cfg)
     for name in names:
-        load_checked(name, model_dir)
+        backbone = load_checked(name, cfg.model_dir)
+        if cfg.lpft:
+            check_ft_grid(cfg, name, backbone, splits)
 
 
 def check_ft_augment_path(cfg: SweepConfig) -> None:
@@ -436,9 +442,7 @@ class Sweep:
         # anything else is written: a refused re-run keeps the folder's previous choices.
         self.splits = splits = cfg.data.load()
         names, skipped = resolve_backbones(cfg)
-        check_backbones_load(names, cfg.model_dir)
-        if cfg.lpft:
-            check_ft_grid(cfg, names, splits)
+        preflight(cfg, names, splits)
         self.numerics = numerics_identity(cfg.engine)
         self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device, self._on_epoch)
         self.data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force,

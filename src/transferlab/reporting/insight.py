@@ -143,12 +143,6 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _plain_title(title: str) -> str:
-    from .figures import _plain
-
-    return _plain(title) if title else ""
-
-
 def plot_confusion(cm: np.ndarray, classes: list[str], title: str = "") -> bytes:
     """PNG of the confusion matrix with class names (cell counts written up to 25 classes)."""
     import matplotlib.pyplot as plt
@@ -181,7 +175,7 @@ def plot_reliability(bins: list[dict], ece: float, title: str = "") -> bytes:
     """PNG of the reliability diagram: accuracy per confidence bin against the diagonal, counts below."""
     import matplotlib.pyplot as plt
 
-    from . import figures  # noqa: F401
+    from . import figures  # also selects the Agg backend
 
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = bins[0]["hi"] - bins[0]["lo"]
@@ -195,7 +189,7 @@ def plot_reliability(bins: list[dict], ece: float, title: str = "") -> bytes:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(_plain_title(title) or f"reliability (ECE {ece:.4f}, {len(bins)} bins)", fontsize=10)
+    ax.set_title(figures._plain(title) if title else f"reliability (ECE {ece:.4f}, {len(bins)} bins)", fontsize=10)
     ax_n.bar([b["lo"] for b in bins], [b["n"] for b in bins], width=width, align="edge", color="#999999")
     ax_n.set_xlabel("confidence (max probability)")
     ax_n.set_ylabel("images")
