@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from transferlab.cli import main as transferlab_main
-from transferlab.ledger import Ledger
+from transferlab.cli.main import main as transferlab_main
+from transferlab.sweep.ledger import Ledger
 
 
 def main(argv=None) -> dict:

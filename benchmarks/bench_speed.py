@@ -27,15 +27,15 @@ import time
 
 import torch
 
-from transferlab.backbones import load_backbone
+from transferlab.core.devices import Placement
+from transferlab.core.errors import UserError
 from transferlab.data import load_splits
-from transferlab.devices import Placement
-from transferlab.features import Chain, extract
-from transferlab.runtimes import PrefixRunner, is_installed, onnx_export_key, prepare_prefix_runner, resolve_runtime
-from transferlab.study import EngineConfig, Workbench
-from transferlab.tasks import train_probes
-from transferlab.training import TrainConfig
-from transferlab.utils import UserError
+from transferlab.features.cache import Chain, extract
+from transferlab.features.runtimes import PrefixRunner, is_installed, onnx_export_key, prepare_prefix_runner, resolve_runtime
+from transferlab.models import load_backbone
+from transferlab.sweep.tasks import train_probes
+from transferlab.train.probe_run import EngineConfig, Workbench
+from transferlab.train.training import TrainConfig
 
 GRID_LRS, GRID_L2S, GRID_SEEDS, GRID_EPOCHS = (1e-4, 1e-3, 1e-2), (0.0, 1e-2, 1.0), (0, 1), 30
 

@@ -115,6 +115,6 @@ def tiny_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def resnet10_random():
     """resnet10 with random weights, built once; tests must not modify it (use copy.deepcopy)."""
-    from transferlab.backbones import load_backbone
+    from transferlab.models import load_backbone
 
     return load_backbone("resnet10", pretrained=False)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import require
-from transferlab.backbones import load_backbone
-from transferlab.backbones.registry import get_spec
+from transferlab.core.errors import UserError
 from transferlab.data import build_transform
-from transferlab.features import Chain
-from transferlab.utils import UserError
+from transferlab.features.cache import Chain
+from transferlab.models import load_backbone
+from transferlab.models.registry import get_spec
 
 
 def test_missing_pytorchcv_weights_name_the_file_and_folder(tmp_path):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from transferlab.cli import main
+from transferlab.cli.main import main
 
 
 def run_cli(*args):

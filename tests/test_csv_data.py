@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_image_folder
-from transferlab.cli import main
+from transferlab.cli.main import main
+from transferlab.core.errors import UserError
 from transferlab.data import load_splits
-from transferlab.utils import UserError
 
 COUNTS = {"train": {c: 6 for c in ("a", "b", "c")}, "val": {c: 2 for c in ("a", "b", "c")}, "test": {c: 2 for c in ("a", "b", "c")}}
 

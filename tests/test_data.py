@@ -3,9 +3,9 @@ import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from transferlab.backbones.registry import PYTORCHCV_PRE
+from transferlab.core.errors import UserError
 from transferlab.data import build_transform, load_rgb, load_splits
-from transferlab.utils import UserError
+from transferlab.models.registry import PYTORCHCV_PRE
 
 
 def test_folder_splits_keep_class_order_and_counts(tiny_folder):
@@ -100,7 +100,7 @@ def test_an_image_loader_with_workers_leaves_the_sigchld_handler_as_it_was(tiny_
 
     script = """
 import signal, sys, torch
-from transferlab.backbones.registry import PYTORCHCV_PRE
+from transferlab.models.registry import PYTORCHCV_PRE
 from transferlab.data import ImageDataset, image_loader, load_splits
 train = load_splits(sys.argv[1]).train
 before = signal.getsignal(signal.SIGCHLD)

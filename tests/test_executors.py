@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import require
-from transferlab.cli import main
-from transferlab.tasks import ProbeGroupTask
+from transferlab.cli.main import main
+from transferlab.sweep.tasks import ProbeGroupTask
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,1e-2,3e-2", "--l2", "0,1e-2,1", "--seeds", "0,1",
         "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-augment", "none,views:2", "--epochs", "5", "--ft-epochs", "5",
@@ -88,8 +88,8 @@ class ProbeGroupTaskDyingOnSeed1(ProbeGroupTask):
 
 @pytest.mark.slow
 def test_a_dead_worker_fails_its_runs_and_a_rerun_redoes_them(local_summary, tmp_path, monkeypatch):
-    import transferlab.tasks as tasks
-    from transferlab.ledger import Ledger
+    import transferlab.sweep.tasks as tasks
+    from transferlab.sweep.ledger import Ledger
 
     data, expected = local_summary
     out = tmp_path / "p"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import require, run_readme_snippet, write_image_folder
-from transferlab.cli import main
-from transferlab.utils import UserError
+from transferlab.cli.main import main
+from transferlab.core.errors import UserError
 
 FAST = ["--device", "cpu", "--workers", "0", "--no-progress"]
 COUNTS = {"train": {c: 8 for c in "abc"}, "val": {c: 3 for c in "abc"}, "test": {c: 3 for c in "abc"}}
@@ -125,7 +125,7 @@ def test_the_readme_snippet_loads_the_model_without_transferlab(model_dir, data)
 def test_trained_tensors_must_fit_the_model_exactly(probe_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from transferlab.export import load_trained_tensors
+    from transferlab.deploy.export import load_trained_tensors
 
     net = torch.nn.Sequential()
     net.add_module("classifier", torch.nn.Linear(4, 3))
@@ -185,7 +185,7 @@ def test_predict_errors_are_one_line_exit_2(model_dir, data, args, needle, capsy
 
 def test_export_and_predict_a_sweeps_chosen_run(data, probe_dir, tmp_path, capsys):
     import transferlab
-    from transferlab.ledger import Ledger
+    from transferlab.sweep.ledger import Ledger
 
     out = tmp_path / "sweep"
     # Same data, backbone and cut as the probe: its feature cache serves the sweep (no second extraction).
@@ -210,7 +210,7 @@ def test_export_and_predict_a_sweeps_chosen_run(data, probe_dir, tmp_path, capsy
     assert "no chosen run for LP-FT (chosen runs: efficientnet_lite0/LP)" in capsys.readouterr().err
     # The sweep stored the per-image predictions of its one test evaluation: they give its test accuracy,
     # and the exported model predicts the same probabilities on the same files.
-    from transferlab.reporting.insight import read_test_predictions, sweep_predictions_path
+    from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
 
     stored = read_test_predictions(sweep_predictions_path(out, chosen["hash"]))
     assert (stored["probs"].argmax(1) == stored["labels"]).mean() == chosen["test_acc"]

@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 
+from transferlab.core.devices import Placement
 from transferlab.data import load_splits
-from transferlab.devices import Placement
-from transferlab.features import Chain, FeatureCache, cached_split_inputs
-from transferlab.freezing import plan_cut
-from transferlab.training import TrainConfig
-from transferlab.workbench import EngineConfig, Workbench
+from transferlab.features.cache import Chain, FeatureCache, cached_split_inputs
+from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.models.freezing import plan_cut
+from transferlab.train.training import TrainConfig
 
 METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
 
@@ -75,7 +75,7 @@ def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path)
     other = copy.deepcopy(bb)
     with torch.no_grad():
         other.model.features.init_block.conv.conv.weight.add_(1.0)
-    from transferlab.backbones import weights_digest
+    from transferlab.models import weights_digest
 
     other.weights_digest = weights_digest(other.model, "output")
     assert cache.key(other, "output", splits.val, other.spec.preprocessing, cpu) != cache.key(bb, "output", splits.val, bb.spec.preprocessing, cpu)

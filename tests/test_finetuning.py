@@ -10,22 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transferlab.core.devices import Placement
+from transferlab.core.errors import ConfigError
 from transferlab.data import load_splits
-from transferlab.devices import Placement
-from transferlab.features import Chain
-from transferlab.heads import new_head
-from transferlab.sources import ImageSource, SplitInputs, TensorSource, ViewSource, crop_and_flip_maps, view_seed
-from transferlab.training import (
-    TrainConfig,
-    evaluate,
-    fit,
-    interpolate_states,
-    lr_factor,
-    parse_feature_augment,
-    selection_key,
-)
-from transferlab.utils import ConfigError
-from transferlab.workbench import EngineConfig, Workbench
+from transferlab.features.cache import Chain
+from transferlab.features.sources import ImageSource, SplitInputs, TensorSource, ViewSource, crop_and_flip_maps, view_seed
+from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.models.heads import new_head
+from transferlab.train.training import TrainConfig, evaluate, fit, interpolate_states, lr_factor, parse_feature_augment, selection_key
 
 CPU = Placement(torch.device("cpu"))
 ENGINE = EngineConfig(device="cpu", progress=False, num_workers=0, runtime="torch")
@@ -247,7 +239,7 @@ def test_views_path_equals_the_uncached_augmented_path_for_one_view(tiny_folder,
 
 
 def test_sweep_fine_tuning_flags_are_checked_by_their_own_names(tiny_folder, tmp_path, capsys):
-    from transferlab.cli import main
+    from transferlab.cli.main import main
 
     base = ["sweep", "--data", str(tiny_folder), "--out", str(tmp_path / "o"), "--lpft", "--device", "cpu", "--no-progress"]
     for flags, expected in [(["--ft-wise", "1.5"], "--ft-wise 1.5: every a must be in [0, 1]"),

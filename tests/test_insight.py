@@ -13,16 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.reporting.insight import (
-    calibration_bins,
-    confusion,
-    insight_html,
-    most_confused,
-    per_class,
-    predictions,
-    read_test_predictions,
-    write_test_predictions,
-)
+from transferlab.core.predictions import read_test_predictions, write_test_predictions
+from transferlab.reporting.insight import calibration_bins, confusion, insight_html, most_confused, per_class, predictions
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLASSES = ["crow", "finch", "gull"]
@@ -137,7 +129,8 @@ def test_insight_needs_no_torch(tmp_path):
         "            raise ImportError('torch is blocked in this test')\n"
         "sys.meta_path.insert(0, _Block())\n"
         f"pkg = types.ModuleType('transferlab'); pkg.__path__ = [{str(SRC / 'transferlab')!r}]; sys.modules['transferlab'] = pkg\n"
-        "from transferlab.reporting.insight import insight_html, write_test_predictions\n"
+        "from transferlab.reporting.insight import insight_html\n"
+        "from transferlab.core.predictions import write_test_predictions\n"
         f"write_test_predictions({str(tmp_path / 'p.json')!r}, ['a', 'b'], ['x.jpg', 'y.jpg'], [0, 1], [[0.7, 0.3], [0.6, 0.4]])\n"
         f"html = insight_html({str(tmp_path / 'p.json')!r}, {str(tmp_path / 'out')!r})\n"
         "assert 'x.jpg' not in html and 'y.jpg unreadable' in html\n"

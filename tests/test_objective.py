@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.data import load_splits
-from transferlab.objective import Objective, describe_objective, stacked_loss
-from transferlab.training import TrainConfig
-from transferlab.workbench import EngineConfig, Workbench
+from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.train.objective import Objective, describe_objective, stacked_loss
+from transferlab.train.training import TrainConfig
 
 
 def test_label_smoothing_is_the_mix_of_cross_entropy_and_the_uniform_target():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import write_image_folder
-from transferlab.cli import main
+from transferlab.cli.main import main
 
 CLASSES = ("a", "b<i>", "c&d")  # names that must reach the page escaped
 FAST = ["--device", "cpu", "--workers", "0", "--no-progress"]
@@ -186,7 +186,7 @@ def test_a_record_without_a_command_has_no_reproduce_section(probe):
 
 
 def test_the_feature_cache_is_listed_only_when_it_is_inside_out(tmp_path):
-    from transferlab.study import feature_cache_in
+    from transferlab.train.probe_run import feature_cache_in
 
     out = tmp_path / "out"
     out.mkdir()

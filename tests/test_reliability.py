@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_image_folder
-from transferlab.cli import main
+from transferlab.cli.main import main
 from transferlab.data import load_rgb
 
 FAST = ["--epochs", "3", "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -218,7 +218,7 @@ def test_sigkill_at_three_points_then_resume_gives_the_same_summary(two_class, t
 def test_disk_full_during_a_run_is_one_line_and_exit_2(two_class, tmp_path, capsys, monkeypatch):
     import errno
 
-    import transferlab.study as study
+    import transferlab.train.probe_run as study
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "run.json"))

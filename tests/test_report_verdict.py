@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from transferlab.ledger import Ledger
+from transferlab.core.predictions import sweep_predictions_path, write_test_predictions
 from transferlab.reporting import figures
-from transferlab.reporting.insight import sweep_predictions_path, write_test_predictions
 from transferlab.reporting.report import SUMMARY_KEYS, build_report
+from transferlab.sweep.ledger import Ledger
 
 N, CLASSES = 50, ["a", "b", "c", "d", "e"]
 LABELS = np.arange(N) % len(CLASSES)
@@ -131,7 +131,7 @@ def test_limits_are_flagged_per_row(tmp_path):
 
 
 def test_the_ranking_follows_select_and_export_takes_the_top_row(tmp_path):
-    from transferlab.export import pick_choice, sweep_choices
+    from transferlab.deploy.export import pick_choice, sweep_choices
 
     for select, order in (("val_xent", [BETA, ALPHA, ALPHA]), ("val_err", [ALPHA, ALPHA, BETA])):
         out = make_sweep(tmp_path / select, select)
@@ -262,8 +262,8 @@ def test_grid_colours_by_the_selection_metric_with_a_sane_range_for_a_constant_g
 
 # -- a real sweep ---------------------------------------------------------------------------------
 def test_a_tiny_sweep_stores_the_verdict_numbers_and_export_takes_its_top_row(tiny_folder, tmp_path):
-    from transferlab.cli import main
-    from transferlab.reporting.insight import read_test_predictions
+    from transferlab.cli.main import main
+    from transferlab.core.predictions import read_test_predictions
 
     out = tmp_path / "s"
     assert main(["sweep", "--data", str(tiny_folder), "--out", str(out), "--backbones", "efficientnet_lite0",

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import require
-from transferlab import runtimes
-from transferlab.backbones import load_backbone
+from transferlab.core.devices import Placement
+from transferlab.core.errors import ConfigError
 from transferlab.data import build_transform, load_splits
-from transferlab.devices import Placement
-from transferlab.features import Chain, FeatureCache, cached_split_inputs
-from transferlab.freezing import plan_cut
-from transferlab.runtimes import onnx_export_key, planned_runner, prepare_prefix_runner, resolve_runtime
-from transferlab.utils import ConfigError
+from transferlab.features import runtimes
+from transferlab.features.cache import Chain, FeatureCache, cached_split_inputs
+from transferlab.features.runtimes import onnx_export_key, planned_runner, prepare_prefix_runner, resolve_runtime
+from transferlab.models import load_backbone
+from transferlab.models.freezing import plan_cut
 
 CPU = Placement(torch.device("cpu"))
 DEFAULT = "openvino"  # what `auto` picks with the default install (pyproject.toml)
@@ -170,7 +170,7 @@ def test_a_runtime_error_midway_redoes_the_pass_in_eager_pytorch(tiny_folder, re
         return working(x)
 
     runner.fn = flaky
-    from transferlab.features import extract
+    from transferlab.features.cache import extract
 
     splits = load_splits(tiny_folder)
     with caplog.at_level("WARNING"):
@@ -182,7 +182,7 @@ def test_a_runtime_error_midway_redoes_the_pass_in_eager_pytorch(tiny_folder, re
 
 def test_a_probe_gives_the_same_test_accuracy_with_every_runtime(tiny_folder, tmp_path):
     need(DEFAULT)
-    from transferlab.study import probe
+    from transferlab.train.probe_run import probe
 
     runs = {}
     for runtime in ("torch", "onnxruntime", DEFAULT):

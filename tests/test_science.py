@@ -6,7 +6,7 @@ import pytest
 
 import transferlab
 from conftest import shared_dataset
-from transferlab.cli import main
+from transferlab.cli.main import main
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_birds10_chosen_lpft_model_exported_predicts_its_recorded_test_accuracy(
     import numpy as np
 
     from conftest import require
-    from transferlab.ledger import Ledger
+    from transferlab.sweep.ledger import Ledger
 
     ort = require("onnxruntime")
     data, out, model = shared_dataset("birds10"), tmp_path / "sweep", tmp_path / "model"

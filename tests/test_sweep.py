@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from transferlab.cli import main
-from transferlab.ledger import Ledger
+from transferlab.cli.main import main
+from transferlab.features.workbench import Workbench
 from transferlab.reporting.report import SUMMARY_KEYS
-from transferlab.workbench import Workbench
+from transferlab.sweep.ledger import Ledger
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
         "--epochs", "6", "--patience", "3", "--ft-epochs", "6", "--ft-patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
@@ -59,7 +59,7 @@ def test_sweep_chooses_on_validation_and_tests_only_the_chosen(tiny_folder, tmp_
     html = (out / "report.html").read_text()
     # 4 figures, plus a confusion matrix and a reliability diagram per per-class section: one for each of the
     # 2 chosen runs, or one shared when they predict the same class for every test image.
-    from transferlab.reporting.insight import read_test_predictions, sweep_predictions_path
+    from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
 
     chosen = [ledger.choice("efficientnet_lite0", m) for m in ("LP", "LP-FT")]
     lp_pred, ft_pred = (read_test_predictions(sweep_predictions_path(out, h))["probs"].argmax(1) for h in chosen)
@@ -127,8 +127,8 @@ def test_a_different_sweep_in_the_same_folder_is_refused(tiny_folder, tmp_path, 
 
 
 def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
-    from transferlab.cli import build_parser
-    from transferlab.sweep_cli import build_configs, resolve
+    from transferlab.cli.main import build_parser
+    from transferlab.cli.sweep import build_configs, resolve
 
     yml = tmp_path / "study.yaml"
     yml.write_text(f"data: {tiny_folder}\nout: {tmp_path / 'o'}\nlr: [0.001, 0.01]\nl2: 0,1\nseeds: [3]\nlpft: true\nft-layers: 2\n")
@@ -139,7 +139,7 @@ def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
     yml.write_text("data: x\nout: y\nlearning_rate: 3\n")
     args = build_parser().parse_args(["sweep", "--config", str(yml)])
     args.argv = []
-    from transferlab.utils import UserError
+    from transferlab.core.errors import UserError
 
     with pytest.raises(UserError, match="unknown key.*learning_rate"):
         resolve(args)

@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transferlab.core.devices import Placement
+from transferlab.core.errors import ConfigError
 from transferlab.data import load_splits
-from transferlab.devices import Placement
-from transferlab.freezing import FreezePlan, frozen_digest, layer_names, layers_of_last_blocks, ordered_layers, plan_cut, set_train_mode
-from transferlab.heads import new_head
-from transferlab.sources import SplitInputs, TensorSource
-from transferlab.training import TrainConfig, evaluate, fit
-from transferlab.utils import ConfigError
-from transferlab.workbench import EngineConfig, Workbench
+from transferlab.features.sources import SplitInputs, TensorSource
+from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.models.freezing import FreezePlan, frozen_digest, layer_names, layers_of_last_blocks, ordered_layers, plan_cut, set_train_mode
+from transferlab.models.heads import new_head
+from transferlab.train.training import TrainConfig, evaluate, fit
 
 CPU = Placement(torch.device("cpu"))
 
@@ -54,7 +54,7 @@ def test_resnet10_last_layers_follow_the_forward_pass(resnet10_random):
 def test_efficientnet_lite_last_layers_follow_the_forward_pass():
     """timm's InvertedResidual runs conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3; the model then conv_head,
     bn2, the classifier. The last block of the chain holding parameters is the head."""
-    from transferlab.backbones import load_backbone
+    from transferlab.models import load_backbone
 
     bb = load_backbone("efficientnet_lite0", pretrained=False)
     last_ir = [f"blocks.6.0.{n}" for n in ("conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3")]
@@ -148,7 +148,7 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_batched_probes_match_individual_runs(optimizer):
-    from transferlab.training import fit_linear_probes
+    from transferlab.train.training import fit_linear_probes
 
     train, val = feature_source(70, 16, 5, seed=1, shift=1.0), feature_source(25, 16, 5, seed=2, shift=1.0)
     cfgs = [TrainConfig(lr=lr, l2=l2, seed=4, epochs=25, patience=3, batch_size=16, optimizer=optimizer)
@@ -191,7 +191,7 @@ def test_augmentation_is_seeded_per_image_and_independent_of_workers(tiny_folder
 def test_augment_without_no_cache_switches_to_the_uncached_path(tiny_folder, tmp_path):
     import json
 
-    from transferlab.cli import main
+    from transferlab.cli.main import main
 
     out = tmp_path / "aug"
     assert main(["probe", "--data", str(tiny_folder), "--backbone", "mobilenet_wd4", "--weights", str(_random_ckpt(tmp_path)),
@@ -203,7 +203,7 @@ def test_augment_without_no_cache_switches_to_the_uncached_path(tiny_folder, tmp
 def _random_ckpt(tmp_path):
     from safetensors.torch import save_file
 
-    from transferlab.backbones import load_backbone
+    from transferlab.models import load_backbone
 
     path = tmp_path / "wd4.safetensors"
     save_file({k: v.contiguous() for k, v in load_backbone("mobilenet_wd4", pretrained=False).model.state_dict().items()}, str(path))

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from transferlab.cli import main
-from transferlab.ledger import Ledger
-from transferlab.tasks import ProbeGroupTask
+from transferlab.cli.main import main
+from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.tasks import ProbeGroupTask
 
 FAST = ["--backbones", "efficientnet_lite0", "--epochs", "4", "--patience", "4", "--ft-epochs", "4", "--ft-patience", "4",
         "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -139,10 +139,10 @@ def test_a_fixed_grid_tests_once_however_often_it_resumes(data, tmp_path):
 
 
 def test_batched_probe_numbers_do_not_depend_on_the_other_heads():
-    from transferlab.devices import Placement
-    from transferlab.heads import new_head
-    from transferlab.sources import SplitInputs, TensorSource
-    from transferlab.training import TrainConfig, fit_linear_probes
+    from transferlab.core.devices import Placement
+    from transferlab.features.sources import SplitInputs, TensorSource
+    from transferlab.models.heads import new_head
+    from transferlab.train.training import TrainConfig, fit_linear_probes
 
     g = torch.Generator().manual_seed(0)
     place = Placement(torch.device("cpu"))
@@ -168,7 +168,7 @@ def _tamper_frozen_weight(model):
 
 @pytest.mark.slow
 def test_a_changed_frozen_weight_fails_the_run_in_process(data, tmp_path, monkeypatch):
-    import transferlab.workbench as workbench
+    import transferlab.features.workbench as workbench
 
     real_fit = workbench.fit
 
@@ -190,7 +190,7 @@ class _TamperingTask(ProbeGroupTask):
     """A probe task that trains, then scribbles on the cached features (in a worker process)."""
 
     def __call__(self, on_epoch=None):
-        import transferlab.tasks as tasks
+        import transferlab.sweep.tasks as tasks
 
         real = tasks.fit_linear_probes
 
@@ -208,7 +208,7 @@ class _TamperingTask(ProbeGroupTask):
 
 @pytest.mark.slow
 def test_changed_cached_features_fail_the_probes_in_a_worker_process(data, tmp_path, monkeypatch):
-    import transferlab.tasks as tasks
+    import transferlab.sweep.tasks as tasks
 
     monkeypatch.setattr(tasks, "ProbeGroupTask", _TamperingTask)
     out = tmp_path / "s"
@@ -222,7 +222,7 @@ def test_changed_cached_features_fail_the_probes_in_a_worker_process(data, tmp_p
 def test_trained_state_that_does_not_fit_is_an_error_not_a_fresh_head(resnet10_random):
     import copy
 
-    from transferlab.freezing import load_state_strict
+    from transferlab.models.freezing import load_state_strict
 
     model = copy.deepcopy(resnet10_random.model)
     with pytest.raises(ValueError, match="trained tensor classifier.weight is not a tensor of the model"):
@@ -239,10 +239,10 @@ def test_trained_state_that_does_not_fit_is_an_error_not_a_fresh_head(resnet10_r
 def test_exif_orientation_is_applied_and_part_of_the_cache_key(tmp_path, resnet10_random, monkeypatch):
     import numpy as np
 
-    from transferlab import features
+    from transferlab.core.devices import Placement
     from transferlab.data import load_rgb, load_splits
-    from transferlab.devices import Placement
-    from transferlab.features import FeatureCache
+    from transferlab.features import cache as features
+    from transferlab.features.cache import FeatureCache
 
     # Stored 40 wide x 20 high, left half red. EXIF orientation 6: display rotated 90 degrees clockwise,
     # so the viewer sees 20 wide x 40 high with the red half on top.
@@ -268,10 +268,10 @@ def test_exif_orientation_is_applied_and_part_of_the_cache_key(tmp_path, resnet1
 def test_a_healthy_run_from_an_excellent_start_is_not_called_diverged():
     """Fine-tuning starts from a probe that is nearly perfect on validation (val xent ~1e-4); noisy train
     labels keep the train cross-entropy near 1, far above 100x the start but nowhere near blowing up."""
-    from transferlab.devices import Placement
-    from transferlab.heads import new_head
-    from transferlab.sources import SplitInputs, TensorSource
-    from transferlab.training import TrainConfig, divergence_threshold, fit
+    from transferlab.core.devices import Placement
+    from transferlab.features.sources import SplitInputs, TensorSource
+    from transferlab.models.heads import new_head
+    from transferlab.train.training import TrainConfig, divergence_threshold, fit
 
     place = Placement(torch.device("cpu"))
     x = torch.eye(3).repeat(20, 1) * 10
@@ -308,7 +308,7 @@ def test_probe_and_lpft_sweep_run_with_the_model_in_another_dtype(data, tmp_path
 
 # -- 11. one failure path ------------------------------------------------------------------------------
 def test_an_exception_in_an_in_process_probe_is_recorded_and_the_sweep_goes_on(data, tmp_path, monkeypatch):
-    import transferlab.tasks as tasks
+    import transferlab.sweep.tasks as tasks
 
     real = tasks.fit_linear_probes
 
@@ -358,7 +358,7 @@ def test_ctrl_c_with_worker_processes_exits_promptly(data, tmp_path):
 
 # -- 12. one sweep per output folder ---------------------------------------------------------------------
 def test_a_second_sweep_on_a_locked_folder_exits_2_naming_the_process(data, tmp_path, capsys):
-    from transferlab.utils import FolderLock
+    from transferlab.core.files import FolderLock
 
     out = tmp_path / "s"
     out.mkdir()
@@ -370,7 +370,7 @@ def test_a_second_sweep_on_a_locked_folder_exits_2_naming_the_process(data, tmp_
         lock.release()
     # A lock left by a killed process does not block the next run.
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from transferlab.utils import FolderLock; FolderLock(Path(sys.argv[1])); print('locked', flush=True); "
+                               "from transferlab.core.files import FolderLock; FolderLock(Path(sys.argv[1])); print('locked', flush=True); "
                                "time.sleep(600)", str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
@@ -382,7 +382,7 @@ def test_a_second_sweep_on_a_locked_folder_exits_2_naming_the_process(data, tmp_
 def test_atomic_write_fsyncs_file_and_folder_and_keeps_the_umask(tmp_path, monkeypatch):
     import stat
 
-    from transferlab.utils import atomic_write_bytes
+    from transferlab.core.files import atomic_write_bytes
 
     synced, umask_seen_meanwhile = [], []
     real_fsync = os.fsync

@@ -3,9 +3,9 @@
 import pytest
 import requests
 
-from transferlab.backbones import load_backbone
-from transferlab.cli import main
-from transferlab.utils import UserError
+from transferlab.cli.main import main
+from transferlab.core.errors import UserError
+from transferlab.models import load_backbone
 
 
 @pytest.mark.parametrize("command", ["probe", "sweep", "export", "predict", "report"])
@@ -36,7 +36,7 @@ def test_offline_pytorchcv_error_names_the_unreachable_host_in_whole_words(tmp_p
 
 
 def test_long_download_errors_are_cut_at_a_word_boundary():
-    from transferlab.backbones.pytorchcv_zoo import download_failure
+    from transferlab.models.pytorchcv_zoo import download_failure
 
     words = "word " * 60
     reason = download_failure(OSError(words))
@@ -45,8 +45,8 @@ def test_long_download_errors_are_cut_at_a_word_boundary():
 
 def test_a_failed_command_never_removes_a_folder_another_sweep_has_locked(tmp_path):
     """The race of two sweeps into one new folder: the refused one must not take the running one's folder."""
-    from transferlab.cli import _holds_results
-    from transferlab.utils import FolderLock, check_writable_dir, created_dirs_removed_on_failure
+    from transferlab.cli.main import _holds_results
+    from transferlab.core.files import FolderLock, check_writable_dir, created_dirs_removed_on_failure
 
     out = tmp_path / "new"
     with pytest.raises(UserError):

@@ -135,9 +135,9 @@ def bmp_data(tmp_path):
 
 
 def test_the_feature_cache_key_changes_when_contents_are_swapped_with_size_and_mtime_kept(bmp_data, tmp_path, resnet10_random):
+    from transferlab.core.devices import Placement
     from transferlab.data import load_splits
-    from transferlab.devices import Placement
-    from transferlab.features import FeatureCache
+    from transferlab.features.cache import FeatureCache
 
     cache, placement = FeatureCache(tmp_path / "cache"), Placement.of("cpu", "float32")
     pre = resnet10_random.spec.preprocessing
@@ -159,7 +159,7 @@ SWEEP = ["--backbones", "efficientnet_lite0", "--epochs", "2", "--patience", "2"
 
 
 def test_a_sweep_rerun_after_a_swap_with_size_and_mtime_kept_says_the_images_changed(bmp_data, tmp_path, capsys):
-    from transferlab.cli import main
+    from transferlab.cli.main import main
 
     out = tmp_path / "sweep"
     assert main(["sweep", "--data", str(bmp_data), "--out", str(out), *SWEEP]) == 0
@@ -184,7 +184,7 @@ def test_a_fingerprint_recorded_from_sizes_and_mtimes_is_not_reported_as_modifie
 def test_a_digest_is_remembered_until_the_ctime_changes_and_a_bad_memo_is_rebuilt(tmp_path, monkeypatch):
     import time
 
-    from transferlab import digests
+    from transferlab.core import digests
 
     monkeypatch.setattr(digests, "RACY_NS", 50_000_000)  # 50 ms instead of 2 s, so the test need not wait
     monkeypatch.setattr(digests, "_process_memo", {})
@@ -236,7 +236,7 @@ def _one_error_line(capsys) -> str:
 @pytest.mark.parametrize("flag, value", [("--workers", "-1"), ("--cache-max-gb", "-1"), ("--cache-max-gb", "nan"),
                                          ("--cache-max-gb", "inf")])
 def test_a_negative_worker_count_or_cache_budget_exits_2_naming_the_flag(tiny_folder, tmp_path, capsys, flag, value):
-    from transferlab.cli import main
+    from transferlab.cli.main import main
 
     out = tmp_path / "out"
     code = main(["probe", "--data", str(tiny_folder), "--out", str(out), *PROBE, flag, value])
@@ -249,9 +249,9 @@ def test_the_views_refusal_states_sizes_that_are_true(tiny_folder, resnet10_rand
     import copy
     import re
 
+    from transferlab.core.errors import ConfigError
     from transferlab.data import load_splits
-    from transferlab.utils import ConfigError
-    from transferlab.workbench import EngineConfig, Workbench
+    from transferlab.features.workbench import EngineConfig, Workbench
 
     splits = load_splits(tiny_folder)
     n_views, budget_gb = 4, 1e-4  # the probe cache (512 floats x 42 images = 86 kB) fits, 4 views of train do not
@@ -285,7 +285,7 @@ def _csv_with_missing_rows(root):
 def test_a_labels_csv_lists_every_missing_file_with_its_line_or_skips_and_records_them(tiny_folder, tmp_path, capsys):
     import json
 
-    from transferlab.cli import main
+    from transferlab.cli.main import main
 
     csv_path, missing = _csv_with_missing_rows(tiny_folder)
     assert main(["probe", "--data", str(csv_path), "--out", str(tmp_path / "o"), *PROBE]) == 2

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import run_readme_snippet, write_image_folder, write_tiny_hf_vit
-from transferlab.cli import main
+from transferlab.cli.main import main
 
 FAST = ["--device", "cpu", "--workers", "0", "--no-progress"]
 COUNTS = {"train": {c: 8 for c in "abc"}, "val": {c: 3 for c in "abc"}, "test": {c: 3 for c in "abc"}}
@@ -240,7 +240,7 @@ def test_export_both_without_the_onnx_extra_exits_2_and_writes_no_model_folder(p
 
 def test_a_failed_export_keeps_the_earlier_model_folder_and_a_new_one_drops_stale_files(probe_dir, model_dir, tmp_path,
                                                                                         monkeypatch, capsys):
-    from transferlab import export
+    from transferlab.deploy import export
 
     out = tmp_path / "m"
     shutil.copytree(model_dir, out)

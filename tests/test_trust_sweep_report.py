@@ -10,8 +10,8 @@ import statistics
 import pytest
 
 from conftest import write_tiny_hf_vit
-from transferlab.cli import main
-from transferlab.ledger import Ledger
+from transferlab.cli.main import main
+from transferlab.sweep.ledger import Ledger
 
 NAME = "efficientnet_lite0"
 FAST = ["--backbones", NAME, "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -94,7 +94,7 @@ def test_a_refused_rerun_writes_nothing_and_keeps_the_choices(tiny_folder, tmp_p
     assert not fresh_cache.exists() or not any(fresh_cache.rglob("*"))  # refused before any image was extracted
     assert main(["report", str(out)]) == 0
     assert summary(out) == rows
-    from transferlab.export import pick_choice, sweep_choices
+    from transferlab.deploy.export import pick_choice, sweep_choices
 
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     try:
@@ -105,10 +105,10 @@ def test_a_refused_rerun_writes_nothing_and_keeps_the_choices(tiny_folder, tmp_p
 
 @pytest.mark.slow
 def test_the_planned_views_check_refuses_exactly_what_the_set_up_check_refuses(tiny_folder):
-    from transferlab.backbones import load_backbone
+    from transferlab.core.errors import ConfigError
     from transferlab.data import DataConfig
-    from transferlab.utils import ConfigError
-    from transferlab.workbench import EngineConfig, Workbench
+    from transferlab.features.workbench import EngineConfig, Workbench
+    from transferlab.models import load_backbone
 
     splits = DataConfig(data=str(tiny_folder)).load()
     engine = EngineConfig(device="cpu", num_workers=0, progress=False)
@@ -175,7 +175,7 @@ CLIMBER = "hf:../../../../m"
 @pytest.mark.slow
 def test_backbone_names_are_escaped_in_html_and_never_lead_files_out_of_the_folder(tiny_folder, tmp_path, monkeypatch):
     """Two hostile names stand for efficientnet_lite0 (monkeypatched), through a whole LP-then-FT sweep."""
-    import transferlab.search as search
+    import transferlab.sweep.search as search
 
     real_load = search.load_backbone
 
@@ -198,7 +198,7 @@ def test_backbone_names_are_escaped_in_html_and_never_lead_files_out_of_the_fold
     # Nothing was written outside OUT, and every file name under OUT is one plain component.
     outside = [p for p in (tmp_path / "d1").rglob("*") if p.is_file() and out not in p.parents]
     assert outside == []
-    from transferlab.utils import safe_filename
+    from transferlab.core.files import safe_filename
 
     for name in (EVIL, CLIMBER):
         for figure in ("curves", "grid", "lpft"):
@@ -208,7 +208,7 @@ def test_backbone_names_are_escaped_in_html_and_never_lead_files_out_of_the_fold
 
 
 def test_safe_filename_keeps_plain_names_and_gives_every_other_name_its_own_file():
-    from transferlab.utils import safe_filename
+    from transferlab.core.files import safe_filename
 
     assert safe_filename(NAME) == NAME  # figures/curves_efficientnet_lite0.png as before
     names = [EVIL, CLIMBER, "hf:../m", "hf:.._m", "hf_.._m", "A", "a", "..", ".", "", "x" * 300, "x" * 301]

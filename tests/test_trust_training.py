@@ -6,11 +6,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from transferlab.backbones import load_backbone
 from transferlab.data import load_splits
-from transferlab.freezing import FreezePlan, set_train_mode
-from transferlab.training import TrainConfig
-from transferlab.workbench import EngineConfig, Workbench
+from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.models import load_backbone
+from transferlab.models.freezing import FreezePlan, set_train_mode
+from transferlab.train.training import TrainConfig
 
 ENGINE = EngineConfig(device="cpu", progress=False, num_workers=0, runtime="torch")
 

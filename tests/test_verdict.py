@@ -4,15 +4,7 @@ import numpy as np
 import pytest
 
 from transferlab.reporting.compare import paired_comparison
-from transferlab.reporting.verdict import (
-    ModelPredictions,
-    comparison_sentence,
-    limit_warnings,
-    rank,
-    resolution_sentence,
-    verdict_numbers,
-    wilson_interval,
-)
+from transferlab.reporting.verdict import ModelPredictions, comparison_sentence, limit_warnings, rank, resolution_sentence, verdict_numbers, wilson_interval
 
 
 def test_wilson_interval_matches_the_formula_and_scipy():

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import require, write_tiny_hf_vit
-from transferlab.backbones import load_backbone
 from transferlab.data import build_transform, load_splits
-from transferlab.features import Chain
-from transferlab.freezing import FreezePlan, layer_of, layers_of_last_blocks, ordered_layers, plan_cut
-from transferlab.training import TrainConfig
-from transferlab.workbench import EngineConfig, Workbench
+from transferlab.features.cache import Chain
+from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.models import load_backbone
+from transferlab.models.freezing import FreezePlan, layer_of, layers_of_last_blocks, ordered_layers, plan_cut
+from transferlab.train.training import TrainConfig
 
 # (name, input size for the composition check: CNNs take any size, ViTs their own)
 MODELS = [
@@ -128,7 +128,7 @@ def test_timm_preprocessing_matches_timms_own_transform(chelsea, name):
     import timm.data
     from timm.models import get_pretrained_cfg
 
-    from transferlab.backbones import get_spec
+    from transferlab.models import get_spec
 
     spec = get_spec(name)
     theirs = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=get_pretrained_cfg(name[5:]).to_dict()))
@@ -139,7 +139,7 @@ def test_timm_preprocessing_matches_timms_own_transform(chelsea, name):
 def test_torchvision_preprocessing_matches_the_weights_transforms(chelsea, name):
     from torchvision.models import get_model_weights
 
-    from transferlab.backbones import get_spec
+    from transferlab.models import get_spec
 
     spec = get_spec(name)
     theirs = get_model_weights(spec.arch)[spec.tag].transforms()
@@ -149,8 +149,8 @@ def test_torchvision_preprocessing_matches_the_weights_transforms(chelsea, name)
 
 def test_hf_preprocessing_matches_the_image_processor(chelsea, hf_folder, tmp_path):
     transformers = require("transformers")
-    from transferlab.backbones import get_spec
-    from transferlab.backbones.hf_zoo import _processor
+    from transferlab.models import get_spec
+    from transferlab.models.hf_zoo import _processor
 
     # ViT: squash to 32x32, bilinear, mean = std = 0.5; DINOv2-style: short side 256 bicubic, crop 224, ImageNet stats
     bit = tmp_path / "bit"
@@ -192,7 +192,7 @@ def test_local_weights_round_trip(tmp_path, name, request):
 
 
 def run_cli(argv, capsys):
-    from transferlab.cli import main
+    from transferlab.cli.main import main
 
     code = main(argv)
     return code, capsys.readouterr().err.strip()
@@ -219,15 +219,15 @@ def test_offline_missing_weights_is_one_line_exit_2(tiny_folder, tmp_path, monke
 
 def test_backbones_lists_a_zoo_with_local_weights_status(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code = __import__("transferlab.cli", fromlist=["main"]).main(["backbones", "--zoo", "timm", "--filter", "convnext_a*"])
+    code = __import__("transferlab.cli.main", fromlist=["main"]).main(["backbones", "--zoo", "timm", "--filter", "convnext_a*"])
     out = capsys.readouterr().out
     assert code == 0 and "timm:convnext_atto.d2_in1k" in out and "missing (" in out
 
 
 def test_sweep_backbone_info_overrides_are_validated():
+    from transferlab.core.errors import ConfigError
     from transferlab.data import DataConfig
-    from transferlab.search import SweepConfig
-    from transferlab.utils import ConfigError
+    from transferlab.sweep.search import SweepConfig
 
     SweepConfig(DataConfig("x"), backbones=("timm:resnet18",), backbone_info={"timm:resnet18": {"source": "imagenet1k", "source_top1": 69.7}}).validate()
     with pytest.raises(ConfigError, match="source_top1"):

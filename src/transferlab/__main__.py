@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from transferlab.cli.main import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..utils import atomic_write_bytes  # noqa: E402
+from transferlab.core.files import atomic_write_bytes
 
 CURVE_PANELS = (
     ("train_loss", "train loss (xent + L2)"),

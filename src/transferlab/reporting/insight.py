@@ -32,49 +32,18 @@ import base64
 import csv
 import html
 import io
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write_bytes, write_json
+from transferlab.core.files import atomic_write_bytes, write_json
+from transferlab.core.predictions import read_test_predictions
 
-PREDICTIONS_FORMAT = "transferlab-test-predictions"
 N_BINS = 15
 MAX_GALLERY = 60  # misclassified thumbnails per run: keeps a 100-class report page light
 THUMB_SIZE = 96
 THUMB_QUALITY = 70
-
-
-# -- the per-image predictions file ---------------------------------------------------------------
-def write_test_predictions(path: str | os.PathLike, classes, files, labels, probs) -> None:
-    """Write ``test_predictions.json`` (see the module docstring); lists or numpy arrays in."""
-    probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    classes, files = [str(c) for c in classes], [os.fspath(f) for f in files]
-    _check(classes, files, labels, probs, str(path))
-    data = {"format": PREDICTIONS_FORMAT, "version": 1, "classes": classes, "files": files,
-            "labels": labels.tolist(), "probs": probs.tolist()}
-    atomic_write_bytes(path, (json.dumps(data, separators=(",", ":")) + "\n").encode())
-
-
-def read_test_predictions(path: str | os.PathLike) -> dict:
-    """The predictions file as {"classes": list, "files": list, "labels": int array, "probs": (N, C) array}."""
-    data = json.loads(Path(path).read_text())
-    out = {"classes": list(data["classes"]), "files": list(data["files"]),
-           "labels": np.asarray(data["labels"], dtype=np.int64).reshape(-1),
-           "probs": np.asarray(data["probs"], dtype=np.float64).reshape(len(data["labels"]), len(data["classes"]))}
-    _check(out["classes"], out["files"], out["labels"], out["probs"], str(path))
-    return out
-
-
-def _check(classes, files, labels, probs, where: str) -> None:
-    n, c = len(labels), len(classes)
-    if probs.ndim != 2 or probs.shape != (n, c) or len(files) != n:
-        raise ValueError(f"{where}: probs must be (n_images, n_classes) = ({n}, {c}), got {probs.shape} and {len(files)} files")
-    if n and (labels.min() < 0 or labels.max() >= c):
-        raise ValueError(f"{where}: labels must be in 0..{c - 1}")
 
 
 # -- the numbers ----------------------------------------------------------------------------------
@@ -147,7 +116,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], title: str = "") -> bytes
     """PNG of the confusion matrix with class names (cell counts written up to 25 classes)."""
     import matplotlib.pyplot as plt
 
-    from . import figures  # also selects the Agg backend
+    from transferlab.reporting import figures
 
     n = len(classes)
     side = min(14.0, 2.5 + 0.16 * n)
@@ -175,7 +144,7 @@ def plot_reliability(bins: list[dict], ece: float, title: str = "") -> bytes:
     """PNG of the reliability diagram: accuracy per confidence bin against the diagonal, counts below."""
     import matplotlib.pyplot as plt
 
-    from . import figures  # also selects the Agg backend
+    from transferlab.reporting import figures
 
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = bins[0]["hi"] - bins[0]["lo"]
@@ -312,8 +281,3 @@ def insight_page(pred_file: str | os.PathLike, out_dir: str | os.PathLike, title
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title or 'transferlab')} insight</title>"
             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
             f"img{{max-width:100%}}</style></head><body>\n{fragment}\n</body></html>\n")
-
-
-def sweep_predictions_path(out: str | os.PathLike, run_hash: str) -> Path:
-    """Where a sweep keeps a chosen run's per-image test predictions: ``OUT/predictions/<hash>.json``."""
-    return Path(out) / "predictions" / f"{run_hash}.json"

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import UserError, atomic_write_bytes
-from .verdict import limit_warnings, resolution_sentence, wilson_interval
+from transferlab.core.errors import UserError
+from transferlab.core.files import atomic_write_bytes
+from transferlab.reporting.verdict import limit_warnings, resolution_sentence, wilson_interval
 
 RECORD_FILE = "run.json"
 PREDICTIONS_FILE = "test_predictions.json"
@@ -63,7 +64,7 @@ def curves_title(record: Mapping[str, Any]) -> str:
 def accuracy_with_interval(predictions_file: str | Path) -> dict:
     """The test verdict of one run from its stored predictions: images, correct ones (prediction = argmax,
     ties to the lower label), accuracy and its 95% Wilson interval (None for an empty test set)."""
-    from .insight import read_test_predictions
+    from transferlab.core.predictions import read_test_predictions
 
     d = read_test_predictions(predictions_file)
     n = int(len(d["labels"]))
@@ -75,8 +76,8 @@ def accuracy_with_interval(predictions_file: str | Path) -> dict:
 def build_probe_report(out: str | Path) -> Path:
     """Write ``curves.png``, the per-class insight (with a test split) and ``report.html`` into `out` from
     its ``run.json`` and ``test_predictions.json``; returns the report's path."""
-    from . import figures  # matplotlib: imported when a report is drawn, not with transferlab
-    from .insight import insight_html
+    from transferlab.reporting import figures
+    from transferlab.reporting.insight import insight_html
 
     out = Path(out)
     record = read_record(out)

@@ -12,10 +12,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..ledger import METHODS, Ledger, Method, RunRow
-from ..utils import UserError, atomic_write_bytes, safe_filename, write_json
-from . import figures
-from .verdict import (
+from transferlab.core.errors import UserError
+from transferlab.core.files import atomic_write_bytes, safe_filename, write_json
+from transferlab.reporting import figures
+from transferlab.reporting.verdict import (
     METRIC_TEXT,
     ModelPredictions,
     comparison_sentence,
@@ -25,6 +25,7 @@ from .verdict import (
     resolution_sentence,
     verdict_numbers,
 )
+from transferlab.sweep.ledger import METHODS, Ledger, Method, RunRow
 
 SUMMARY_KEYS = (
     "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
@@ -90,7 +91,7 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
 
 def chosen_predictions(ledger: Ledger, out: Path | None, rows: list[dict]) -> list[ModelPredictions | None]:
     """Per summary row: the chosen run's stored per-image test predictions (None where there are none)."""
-    from .insight import read_test_predictions, sweep_predictions_path
+    from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
 
     found: list[ModelPredictions | None] = []
     for r in rows:
@@ -181,8 +182,8 @@ def _against_lp(ledger: Ledger, out: Path | None, name: str, method: Method, run
     lp_hash = ledger.choice(name, "LP")
     if method != "LP-FT" or lp_hash is None or out is None:
         return empty
-    from .compare import paired_comparison
-    from .insight import read_test_predictions, sweep_predictions_path
+    from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
+    from transferlab.reporting.compare import paired_comparison
 
     paths = sweep_predictions_path(out, lp_hash), sweep_predictions_path(out, run_hash)
     if not all(p.is_file() for p in paths):
@@ -523,7 +524,8 @@ def _insights(ledger: Ledger, out: Path, rows: list[dict]) -> str:
     share one section that names them all: its per-class numbers, confusion matrix and misclassified images
     are theirs alike, and where their probabilities differ, each one's calibration error is given. Every
     run's own files are still written, to insight/<backbone>_<method>/."""
-    from .insight import insight, insight_html, read_test_predictions, sweep_predictions_path
+    from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
+    from transferlab.reporting.insight import insight, insight_html
 
     groups: list[tuple[dict, list[tuple[dict, Path, dict]]]] = []  # (first predictions, [(row, file, predictions)])
     for r in rows:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .compare import paired_comparison
+from transferlab.reporting.compare import paired_comparison
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 

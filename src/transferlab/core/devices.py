@@ -1,0 +1,46 @@
+"""Where tensors live: resolving ``--device`` and the numeric type runs compute in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from transferlab.core.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a ConfigError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError("device", device, "expected auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", device, "no CUDA device is available (use --device cpu or auto)")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device and dtype of a model: every tensor fed to it is moved here first.
+
+    Creating an input with ``torch.zeros(...)`` (CPU, float32) and feeding it to a model that lives
+    elsewhere is the bug class this guards against; float64 on CPU exercises the same paths in CI.
+    """
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, device: str, dtype: str = "float32") -> Placement:
+        if dtype not in DTYPES:
+            raise ConfigError("dtype", dtype, f"expected one of {', '.join(DTYPES)}")
+        return cls(resolve_device(device), DTYPES[dtype])
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on this device; floating tensors also in this dtype."""
+        if x.is_floating_point():
+            return x.to(self.device, self.dtype, non_blocking=True)
+        return x.to(self.device, non_blocking=True)

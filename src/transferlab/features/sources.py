@@ -1,0 +1,165 @@
+"""What a training loop iterates over: cached tensors (index lookups) or images decoded every pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from transferlab.core.devices import Placement
+from transferlab.core.errors import UserError
+from transferlab.data import DEFAULT_MIN_SCALE, Preprocessing, Split, default_num_workers, image_loader
+
+
+def draw_seed(what: str, seed: int, n_pass: int) -> int:
+    """A generator seed for `what` ("pick" a view, "map" crops) in pass `n_pass` of a run seeded by `seed`:
+    a stream of its own, unrelated to the batch order's (seeded by `seed`) and to the views' crops."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{what}:{seed}:{n_pass}".encode()).digest()[:7], "little")
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The augmentation seed of pass (or cached view) number `view` of a run seeded by `seed`.
+
+    One rule for both paths: cached view v of ``--ft-augment views:K`` is exactly what the
+    uncached ``--augment`` path shows in its pass v.
+    """
+    return seed * 100_003 + view
+
+
+class BatchSource(Protocol):
+    """Minibatches ``(inputs, labels)`` in a given order of item indices."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class SplitInputs:
+    """What the trainable suffix sees for one split: inputs, labels, and files that failed to decode."""
+
+    inputs: torch.Tensor  # (N, ...) float32, on CPU
+    labels: torch.Tensor  # (N,) int64
+    bad_files: list[str]
+    runtime: dict | None = None  # what computed `inputs` (PrefixRunner.describe()), when a frozen prefix did
+
+
+class TensorSource:
+    """Training inputs held as one tensor on the model's placement; minibatches are index lookups."""
+
+    def __init__(self, item: SplitInputs, placement: Placement):
+        self.inputs = placement.put(item.inputs)
+        self.labels = placement.put(item.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = order.to(self.inputs.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.inputs[idx], self.labels[idx]
+
+
+class ImageSource:
+    """Training inputs decoded from image files for every batch (the uncached path).
+
+    With `augment_seed` set, every pass over the data draws fresh augmented views, seeded by
+    (augment_seed, pass number, image index): reproducible, and independent of the worker count.
+    """
+
+    def __init__(self, split: Split, pre: Preprocessing, placement: Placement, num_workers: int | None = None,
+                 augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
+        self.split, self.pre, self.placement = split, pre, placement
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.augment_seed, self.min_scale = augment_seed, min_scale
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def augmented(self, seed: int, min_scale: float = DEFAULT_MIN_SCALE) -> ImageSource:
+        """The same images with augmented views seeded by `seed`."""
+        return ImageSource(self.split, self.pre, self.placement, self.num_workers, augment_seed=seed, min_scale=min_scale)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        chunks = [order[s : s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+        seed = None if self.augment_seed is None else view_seed(self.augment_seed, self.passes)
+        self.passes += 1
+        loader = image_loader(self.split, self.pre, batch_size, self.num_workers, batch_sampler=chunks, augment_seed=seed,
+                              min_scale=self.min_scale)
+        for x, y, idx, ok in loader:
+            if not bool(ok.all()):
+                bad = [self.split.files[i] for i in idx[~ok].tolist()]
+                raise UserError(f"image(s) cannot be decoded: {'; '.join(bad)}")
+            yield self.placement.put(x), self.placement.put(y)
+
+
+class ViewSource:
+    """K cached augmented views of every training image; each pass shows one view per image.
+
+    The view of each image is drawn anew every pass from a generator seeded by (seed, pass number):
+    reproducible, and as cheap per epoch as a plain cached pass.
+    """
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor, placement: Placement, seed: int):
+        self.views = placement.put(views)  # (K, N, ...)
+        self.labels = placement.put(labels)
+        self.seed, self.passes = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(draw_seed("pick", self.seed, self.passes))
+        self.passes += 1
+        which = torch.randint(len(self.views), (len(self),), generator=gen).to(self.views.device)
+        order = order.to(self.views.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.views[which[idx], idx], self.labels[idx]
+
+
+def crop_and_flip_maps(maps: torch.Tensor, gen: torch.Generator, min_scale: float) -> torch.Tensor:
+    """Random square crops (`min_scale`-100% of the area) of spatial maps (B, C, H, W), resized back to
+    (H, W) bilinearly, each mirrored with probability 1/2; every draw comes from `gen`."""
+    import torch.nn.functional as F
+
+    _b, _c, h, w = maps.shape
+    out = []
+    for m in maps:
+        area = min_scale + (1 - min_scale) * torch.rand(1, generator=gen).item()
+        ch, cw = max(1, round(h * area**0.5)), max(1, round(w * area**0.5))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        crop = m[None, :, y0 : y0 + ch, x0 : x0 + cw]
+        if (ch, cw) != (h, w):
+            crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+        if torch.rand(1, generator=gen).item() < 0.5:
+            crop = crop.flip(3)
+        out.append(crop)
+    return torch.cat(out)
+
+
+class MapAugmentSource:
+    """Cached spatial activation maps, randomly cropped and mirrored in every batch (feature-level
+    augmentation: free, and valid only where the cache holds maps, before global pooling)."""
+
+    def __init__(self, item: SplitInputs, placement: Placement, seed: int, min_scale: float = DEFAULT_MIN_SCALE):
+        if item.inputs.dim() != 4:
+            raise ValueError(f"map augmentation needs cached (N, C, H, W) maps, not shape {tuple(item.inputs.shape)}")
+        self.plain = TensorSource(item, placement)
+        self.seed, self.min_scale, self.passes = seed, min_scale, 0
+
+    def __len__(self) -> int:
+        return len(self.plain)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(draw_seed("map", self.seed, self.passes))
+        self.passes += 1
+        for x, y in self.plain.batches(order, batch_size):
+            yield crop_and_flip_maps(x, gen, self.min_scale), y

@@ -1,0 +1,207 @@
+"""Where a sweep's tasks execute: in the coordinating process, in local worker processes, or on Ray.
+
+Every executor has the same small interface (:class:`Executor`), so the sweep has one way to run a
+unit of work whatever runs it. Workers return results and never touch the ledger.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from transferlab.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Runs tasks (callables returning a list of results) somewhere and hands their results back."""
+
+    threads: int  # intra-op threads every task uses, wherever it runs
+    capacity: int | None  # tasks worth having in flight at once (None: as many as there are)
+
+    def put(self, obj: Any) -> Any:
+        """A reference to `obj` that tasks can take as an argument (shipped once, used by many tasks)."""
+
+    def submit(self, task: Callable[..., Any]) -> Any:
+        """Start `task`; returns a handle."""
+
+    def wait_any(self, handles: list) -> Any:
+        """The first of `handles` whose task has finished (successfully or not)."""
+
+    def result(self, handle: Any) -> Any:
+        """The task's return value, or its exception raised here."""
+
+    def close(self) -> None: ...
+
+
+def coordinator_threads() -> int:
+    """Intra-op threads every run uses, wherever it executes.
+
+    Float reductions in matmuls and convolutions depend on the thread count, so runs shipped to
+    workers use the coordinator's count: that is what makes a Ray or multi-process sweep reproduce
+    the in-process sweep bit for bit (at the price of oversubscribing cores when runs overlap).
+    """
+    import torch
+
+    return torch.get_num_threads()
+
+
+class _Deferred:
+    """An in-process task, run when its result is first waited for."""
+
+    def __init__(self, task: Callable[..., Any], on_epoch: Callable | None):
+        self.task, self.on_epoch = task, on_epoch
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.task(on_epoch=self.on_epoch)
+        except Exception as e:  # reported by result(); KeyboardInterrupt goes straight up
+            self.error = e
+
+
+class InProcessExecutor:
+    """Runs each task in this process, one at a time, when the sweep asks for its result."""
+
+    capacity: int | None = 1
+
+    def __init__(self, on_epoch: Callable | None = None):
+        self.threads = coordinator_threads()
+        self.on_epoch = on_epoch
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def submit(self, task: Callable[..., Any]) -> _Deferred:
+        return _Deferred(task, self.on_epoch)
+
+    def wait_any(self, handles: list) -> _Deferred:
+        handles[0].run()
+        return handles[0]
+
+    def result(self, handle: _Deferred) -> Any:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def close(self) -> None:
+        pass
+
+
+def _call_pickled(blob: bytes) -> bytes:
+    task = pickle.loads(blob)
+    return pickle.dumps(task())
+
+
+class ProcessExecutor:
+    """`jobs` local worker processes (spawned, so no forked torch thread pools).
+
+    Tasks and results travel as plain pickled bytes: multiprocessing's own pickler would hand torch
+    tensors over as *shared memory*, and concurrent fine-tuning runs would then train one shared copy
+    of the weights. Every worker uses the device the sweep was given (they share a GPU).
+    """
+
+    def __init__(self, jobs: int):
+        if jobs < 1:
+            raise ConfigError("jobs", jobs, "must be at least 1")
+        self.threads = coordinator_threads()
+        # No more tasks than workers in flight: a worker that dies breaks the pool, and fails only the
+        # tasks that were running, not ones still waiting their turn.
+        self.jobs = jobs
+        self.capacity: int | None = jobs
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def submit(self, task: Callable[..., Any]) -> cf.Future:
+        try:
+            return self.pool.submit(_call_pickled, pickle.dumps(task))
+        except cf.process.BrokenProcessPool:  # a worker died earlier (its tasks failed): start afresh
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            return self.pool.submit(_call_pickled, pickle.dumps(task))
+
+    def wait_any(self, handles: list) -> cf.Future:
+        done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
+        return next(h for h in handles if h in done)
+
+    def result(self, handle: cf.Future) -> Any:
+        return pickle.loads(handle.result())
+
+    def close(self) -> None:
+        # Terminate rather than wait: after Ctrl-C, running tasks would otherwise finish first.
+        processes = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join(timeout=5)
+
+
+def _short_temp_dir(out: Path) -> Path:
+    """Ray's temp dir under the output folder, unless that path is too long for its Unix sockets."""
+    wanted = (out / "ray").resolve()
+    if len(str(wanted)) <= 60:
+        wanted.mkdir(parents=True, exist_ok=True)
+        return wanted
+    fallback = Path(tempfile.mkdtemp(prefix="transferlab-ray-"))
+    log.warning("Ray temp dir %s is too long for Unix sockets; using %s", wanted, fallback)
+    return fallback
+
+
+def _run_task(task: Callable[..., Any]) -> Any:
+    return task()
+
+
+class RayExecutor:
+    """Runs tasks as Ray tasks, each with its CPU/GPU request; inputs travel through the object store."""
+
+    def __init__(self, out: Path, address: str | None, cpus_per_run: float = 1, gpus_per_run: float = 0, num_cpus: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("executor", "ray", "Ray is not installed (pip install 'transferlab[ray]')") from None
+        self.ray = ray
+        self.threads = coordinator_threads()
+        self.capacity: int | None = None  # Ray schedules tasks by their CPU/GPU requests
+        if address in (None, "", "local"):
+            # A private local instance: state under the output folder, loopback only, no auth token needed there.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(num_cpus=num_cpus, _temp_dir=str(_short_temp_dir(out)), _node_ip_address="127.0.0.1",
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ConfigError("ray_address", address, f"cannot connect ({str(e).splitlines()[0][:160]})") from None
+        self._remote = ray.remote(_run_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+
+    def put(self, obj: Any) -> Any:
+        return self.ray.put(obj)
+
+    def submit(self, task: Callable[..., Any]) -> Any:
+        return self._remote.remote(task)
+
+    def wait_any(self, handles: list) -> Any:
+        done, _ = self.ray.wait(handles, num_returns=1)
+        return done[0]
+
+    def result(self, handle: Any) -> Any:
+        return self.ray.get(handle)
+
+    def close(self) -> None:
+        self.ray.shutdown()
