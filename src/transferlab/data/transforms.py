@@ -1,0 +1,92 @@
+"""Preprocessing as data, and the two views of an image made from it: the deterministic evaluation
+transform (resize, center crop, normalise) and the seeded augmented view (random resized crop, mirror)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Deterministic evaluation preprocessing: resize the short side, center crop, normalise.
+
+    The short side goes to `resize` pixels when given (torchvision's weights transforms, HF image
+    processors), else to ``int(input_size / crop_pct)`` (timm's crop_pct). With `squash` the image is
+    resized to input_size x input_size directly, aspect ratio not kept, and not cropped (HF ViT).
+    """
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"  # one of INTERPOLATIONS
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: int | None = None
+    squash: bool = False
+
+    @property
+    def resize_size(self) -> int:
+        """The short side before the center crop (input_size itself with `squash`)."""
+        if self.squash:
+            return self.input_size
+        return self.resize if self.resize is not None else int(self.input_size / self.crop_pct)
+
+
+# PIL resampling filters by the names timm, torchvision and HF use.
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+
+def build_transform(pre: Preprocessing):
+    """The torchvision transform for `pre` (PIL RGB image -> normalised float tensor)."""
+    from torchvision import transforms
+
+    interp = transforms.InterpolationMode(pre.interpolation)
+    if pre.squash:
+        resize = [transforms.Resize((pre.input_size, pre.input_size), interpolation=interp)]
+    else:
+        resize = [transforms.Resize(pre.resize_size, interpolation=interp), transforms.CenterCrop(pre.input_size)]
+    return transforms.Compose(
+        [
+            *resize,
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+DEFAULT_MIN_SCALE = 0.35  # smallest crop, as a fraction of the image's area
+
+
+def augmented_view(img: Image.Image, pre: Preprocessing, gen: torch.Generator, min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
+    """A random resized crop (`min_scale`-100% of the area, aspect 3/4-4/3) and a coin-flip horizontal
+    mirror, drawn from `gen` alone, then resized to the input size and normalised like the evaluation view."""
+    from torchvision.transforms import functional as TF
+
+    w, h = img.size
+
+    def uniform(a: float, b: float) -> float:
+        return a + (b - a) * torch.rand(1, generator=gen).item()
+
+    box = None
+    for _ in range(10):
+        area = w * h * uniform(min_scale, 1.0)
+        ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            box = (x0, y0, x0 + cw, y0 + ch)
+            break
+    if box is None:  # extreme aspect ratios: the central square
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    resample = INTERPOLATIONS[pre.interpolation]
+    img = img.crop(box).resize((pre.input_size, pre.input_size), resample)
+    if torch.rand(1, generator=gen).item() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return TF.normalize(TF.to_tensor(img), pre.mean, pre.std)
