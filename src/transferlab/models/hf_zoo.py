@@ -20,9 +20,11 @@ from transferlab.core.errors import ConfigError
 from transferlab.data import Preprocessing
 from transferlab.models import hub_cache
 from transferlab.models.blocks import Call, call_rest, split_sequential
-from transferlab.models.registry import BackboneSpec
+from transferlab.models.spec import BackboneSpec
 
-PREFIX = "hf:"
+NAME = "hf"
+REF_FORM = "MODEL_ID"  # hf:MODEL_ID or hf:LOCAL_FOLDER
+PREFIX = NAME + ":"
 CLASSIFIER = "head"
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 

@@ -13,17 +13,35 @@ import re
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
-from transferlab.core.errors import UserError
+from transferlab.core.errors import ConfigError, UserError
 from transferlab.core.hashing import file_digest
-from transferlab.models.registry import BackboneSpec
+from transferlab.models.spec import BackboneSpec
 
+NAME = "pytorchcv"
+REF_FORM = None  # its models are the catalogue's names (resnet10, resnet10_cub): no "pytorchcv:" names
 CLASSIFIER = "output"
 
 
 def classifier_name(model: nn.Module) -> str:
     return CLASSIFIER
+
+
+def resolve(ref: str) -> BackboneSpec:
+    """Never reached through the registry (REF_FORM is None): pytorchcv models have catalogue names only."""
+    raise ConfigError("backbone", f"{NAME}:{ref}", "pytorchcv models are used by their catalogue names (transferlab backbones)")
+
+
+def list_available(pattern: str, model_dir: str) -> list[dict]:
+    """None by zoo (REF_FORM is None): pytorchcv models are listed in the catalogue (``list_backbones``)."""
+    return []
+
+
+def adapt_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """pytorchcv checkpoints use the model's own tensor names: nothing to adapt."""
+    return state
 
 
 def expected_weights_file(arch: str) -> tuple[str, str]:

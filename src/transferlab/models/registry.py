@@ -1,36 +1,22 @@
-"""The catalogue of known backbones: names, zoo, source data set, source accuracy, preprocessing.
+"""Backbone names to specs: the catalogue of known backbones (zoo, source data set, source accuracy,
+preprocessing) and the ``PREFIX:NAME`` names the registered zoos resolve.
 
-Pure data: importing this module imports no model zoo.
+Importing this module imports no model library (the zoo adapters import theirs when called).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, replace
 
 from transferlab.core.errors import ConfigError
 from transferlab.data import Preprocessing
+from transferlab.models.spec import BackboneSpec
+from transferlab.models.zoo import ZOOS, prefixed_zoos
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PYTORCHCV_PRE = Preprocessing(224, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What a backbone is: how to build it, what it was trained on, how to feed it."""
-
-    name: str
-    zoo: str  # "pytorchcv" | "timm" | "torchvision" | "hf"
-    arch: str  # the zoo's own model name (hf: the model id or local folder)
-    source: str  # "imagenet1k" | "cub" | "imagenet21k" | ... | "local"; "unknown" when the library does not say
-    source_top1: float | None  # percent, from the zoo's published table or the library's metadata
-    preprocessing: Preprocessing
-    tag: str = ""  # timm pretrained tag, torchvision weights enum name
-
-    def with_local_weights(self, path: str) -> BackboneSpec:
-        return replace(self, name=f"{self.name}@{path}", source="local", source_top1=None)
 
 
 # Top-1 = 100 - top-1 error from pytorchcv's published tables (ImageNet-1k and CUB-200-2011).
@@ -68,31 +54,27 @@ CATALOGUE: dict[str, BackboneSpec] = _build_catalogue()
 
 SOURCE_SUFFIX = {"imagenet1k": "", "cub": "_cub"}
 
-# Name prefix -> adapter module (imported only when a name with that prefix is resolved).
-ZOO_PREFIXES = {"timm": "timm_zoo", "torchvision": "torchvision_zoo", "hf": "hf_zoo"}
-
 
 def resolve_spec(name: str) -> BackboneSpec:
     """The spec of a prefixed name (``timm:resnet50.a1_in1k``), built from the library's own metadata."""
-    import importlib
-
     prefix, _, ref = name.partition(":")
-    if prefix not in ZOO_PREFIXES or not ref:
-        raise ConfigError("backbone", name, f"expected PREFIX:NAME with PREFIX one of {', '.join(ZOO_PREFIXES)}")
-    zoo = importlib.import_module(f"{__package__}.{ZOO_PREFIXES[prefix]}")
-    return zoo.resolve(ref)
+    prefixes = prefixed_zoos()
+    if prefix not in prefixes or not ref:
+        raise ConfigError("backbone", name, f"expected PREFIX:NAME with PREFIX one of {', '.join(prefixes)}")
+    return ZOOS[prefix].resolve(ref)
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The spec of backbone `name` (a catalogue name or a prefixed one), or a UserError suggesting close names."""
-    if ":" in name and name.partition(":")[0] in ZOO_PREFIXES:
+    prefixes = prefixed_zoos()
+    if ":" in name and name.partition(":")[0] in prefixes:
         return resolve_spec(name)
     try:
         return CATALOGUE[name]
     except KeyError:
         close = difflib.get_close_matches(name, CATALOGUE, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(CATALOGUE)}"
-        hint += "; or timm:NAME, torchvision:NAME, hf:MODEL_ID"
+        hint += "; or " + ", ".join(f"{zoo}:{ZOOS[zoo].REF_FORM}" for zoo in prefixes)
         raise ConfigError("backbone", name, f"unknown backbone{hint}") from None
 
 

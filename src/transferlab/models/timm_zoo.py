@@ -28,11 +28,13 @@ from transferlab.core.errors import ConfigError, UserError
 from transferlab.data import Preprocessing
 from transferlab.models import hub_cache
 from transferlab.models.blocks import Call, call_rest, get_path, split_sequential
-from transferlab.models.registry import BackboneSpec
+from transferlab.models.spec import BackboneSpec
 
 log = logging.getLogger(__name__)
 
-PREFIX = "timm:"
+NAME = "timm"
+REF_FORM = "NAME"  # timm:NAME[.TAG]
+PREFIX = NAME + ":"
 
 # Pretrained-tag words naming the data the weights were trained on; the last one in a tag is the
 # source (``augreg_in21k_ft_in1k`` -> imagenet1k: the weights were last trained on ImageNet-1k).
@@ -165,6 +167,11 @@ def map_by_position(source: OrderedDict[str, torch.Tensor], target: dict[str, to
             )
         mapped[dst_name] = tensor
     return mapped
+
+
+def adapt_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm checkpoints use the model's own tensor names: nothing to adapt."""
+    return state
 
 
 def _create(name: str, pretrained: bool, **kw: Any) -> nn.Module:

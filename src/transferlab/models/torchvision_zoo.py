@@ -13,14 +13,17 @@ import fnmatch
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from transferlab.core.errors import ConfigError
 from transferlab.data import Preprocessing
 from transferlab.models.blocks import Call, get_path, last_linear, split_sequential, uncovered, without_classifier
-from transferlab.models.registry import BackboneSpec
+from transferlab.models.spec import BackboneSpec
 
-PREFIX = "torchvision:"
+NAME = "torchvision"
+REF_FORM = "NAME"  # torchvision:NAME[:WEIGHTS]
+PREFIX = NAME + ":"
 
 
 def _weights(arch: str, tag: str) -> Any:
@@ -87,6 +90,11 @@ def build(spec: BackboneSpec, pretrained: bool, model_dir: str) -> nn.Module:
     return model
 
 
+def adapt_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """torchvision checkpoints use the model's own tensor names: nothing to adapt."""
+    return state
+
+
 def classifier_name(model: nn.Module) -> str:
     """The last Linear layer: ``fc``, ``classifier.1``, ``classifier.3``, ``heads.head``."""
     return last_linear(model)
@@ -94,8 +102,6 @@ def classifier_name(model: nn.Module) -> str:
 
 def _feature_blocks(model: Any) -> list[tuple[str, nn.Module]] | None:
     """Blocks up to the classifier's Sequential for the families whose forward we know, else None."""
-    import torch
-
     kind = type(model).__name__
     if kind == "ResNet":
         chain = [(n, getattr(model, n)) for n in ("conv1", "bn1", "relu", "maxpool")]
