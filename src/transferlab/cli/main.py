@@ -182,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list the known backbones")
     p.add_argument("--json", action="store_true")
-    from transferlab.models import DEFAULT_MODEL_DIR
+    from transferlab.models import DEFAULT_MODEL_DIR, prefixed_zoos
 
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
-    p.add_argument("--zoo", choices=("timm", "torchvision", "hf"), help="list a library's models (name prefix zoo:) instead of the catalogue")
+    p.add_argument("--zoo", choices=prefixed_zoos(), help="list a library's models (name prefix zoo:) instead of the catalogue")
     p.add_argument("--filter", default="*", help="with --zoo: shell pattern on model names, e.g. 'convnext*'")
     p.set_defaults(func=cmd_backbones)
 
