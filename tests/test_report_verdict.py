@@ -16,7 +16,8 @@ from scipy.stats import binomtest
 
 from transferlab.core.predictions import sweep_predictions_path, write_test_predictions
 from transferlab.reporting import figures
-from transferlab.reporting.report import SUMMARY_KEYS, build_report
+from transferlab.reporting.report import build_report
+from transferlab.reporting.summary import SUMMARY_KEYS
 from transferlab.sweep.ledger import Ledger
 
 N, CLASSES = 50, ["a", "b", "c", "d", "e"]
@@ -131,7 +132,7 @@ def test_limits_are_flagged_per_row(tmp_path):
 
 
 def test_the_ranking_follows_select_and_export_takes_the_top_row(tmp_path):
-    from transferlab.deploy.export import pick_choice, sweep_choices
+    from transferlab.deploy.trained import pick_choice, sweep_choices
 
     for select, order in (("val_xent", [BETA, ALPHA, ALPHA]), ("val_err", [ALPHA, ALPHA, BETA])):
         out = make_sweep(tmp_path / select, select)
