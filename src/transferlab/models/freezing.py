@@ -104,7 +104,7 @@ def layers_of_last_blocks(backbone: Backbone, n_blocks: int) -> int:
     """
     blocks = [(name, b) for name, b in backbone.chain() if next(b.parameters(), None) is not None]
     if not 1 <= n_blocks <= len(blocks):
-        raise ConfigError("ft_blocks", n_blocks, f"must be between 1 and {len(blocks)} ({backbone.spec.name}'s blocks with parameters)")
+        raise ConfigError("ft.blocks", n_blocks, f"must be between 1 and {len(blocks)} ({backbone.spec.name}'s blocks with parameters)")
     owner = {id(p): layer_of(name) for name, p in backbone.model.named_parameters()}
     return len({owner[id(p)] for _, b in blocks[-n_blocks:] for p in b.parameters() if id(p) in owner})
 

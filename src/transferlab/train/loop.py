@@ -1,0 +1,142 @@
+"""One training run: minibatch Adam (or SGD) with early stopping on a validation criterion.
+
+The loss is the :class:`~transferlab.objective.Objective`. Epoch 0 evaluates the untrained model on
+validation before any update. After every epoch the selection criterion (``--select``: validation
+cross-entropy, ties broken by validation error, or the reverse) decides: a strict improvement keeps a
+copy of the trainable state in memory; `patience` epochs without one stop training; the best state is
+restored at the end. A run that started from another run's state (LP-then-FT) can then be
+interpolated in weight space with its start (WiSE-FT, :func:`wise_interpolate`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferlab.core.errors import UserError
+from transferlab.features.sources import BatchSource
+from transferlab.models.freezing import load_state_strict, set_train_mode, trainable_parameters, trainable_state
+from transferlab.train.config import TrainConfig
+from transferlab.train.early_stopping import EarlyStopping
+from transferlab.train.objective import Objective
+from transferlab.train.results import EpochRecord, FitResult
+from transferlab.train.schedule import lr_factor
+
+
+def make_optimizer(model: nn.Module, head: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over `model`'s trainable parameters: the head at ``cfg.lr``, the backbone's at
+    ``cfg.lr * cfg.backbone_lr_mult``. Each group remembers its ``base_lr`` for the schedule."""
+    head_ids = {id(p) for p in head.parameters()}
+    params = list(trainable_parameters(model).values())
+    groups = [{"params": [p for p in params if id(p) in head_ids], "base_lr": cfg.lr},
+              {"params": [p for p in params if id(p) not in head_ids], "base_lr": cfg.lr * cfg.backbone_lr_mult}]
+    groups = [dict(g, lr=g["base_lr"]) for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, source: BatchSource, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy, error rate) of `net` on `source`, in eval mode, in the source's order."""
+    xent_sum, wrong, n = 0.0, 0, 0
+    order = torch.arange(len(source))
+    for x, y in source.batches(order, batch_size):
+        logits = net(x)
+        xent_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        wrong += (logits.argmax(1) != y).sum().item()
+        n += len(y)
+    return xent_sum / n, wrong / n
+
+
+@torch.no_grad()
+def predict_proba(net: nn.Module, source: BatchSource, batch_size: int = 512) -> torch.Tensor:
+    """Softmax probabilities (N, C), float64 on CPU, in the source's order."""
+    order = torch.arange(len(source))
+    return torch.cat([torch.softmax(net(x).double(), 1).cpu() for x, _y in source.batches(order, batch_size)])
+
+
+def epoch_zero(val_xent: float, val_err: float) -> EpochRecord:
+    """The record of epoch 0: the model before any update, on validation only."""
+    return EpochRecord(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=val_xent, val_err=val_err)
+
+
+def fit(
+    model: nn.Module,
+    net: nn.Module,
+    head: nn.Linear,
+    train: BatchSource,
+    val: BatchSource,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    pretrained: dict[str, torch.Tensor] | None = None,
+    first_candidate: int = 0,
+) -> FitResult:
+    """Train `model`'s trainable parameters; `net` maps a source's inputs to logits.
+
+    The best epoch is chosen among epochs >= `first_candidate` (when any ran): 1 makes a run that
+    will be interpolated with its start (WiSE-FT) return a trained state, the start being a = 0.
+
+    `pretrained` holds the pretrained values of the fine-tuned backbone tensors (by parameter name),
+    the anchors of the L2-SP term when ``cfg.l2sp`` > 0.
+
+    `net` is either the whole model (images in) or the suffix of its chain after a cache (cached
+    activations in); the modules are shared, so both paths train the same parameters. The batch
+    order comes from a generator seeded with ``cfg.seed``, identically in both paths.
+    """
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("training and validation splits must both hold at least one image")
+    optimizer = make_optimizer(model, head, cfg)
+    objective = Objective(cfg.l2, len(train), cfg.label_smoothing, cfg.l2sp)
+    named = trainable_parameters(model)
+    anchors: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+        [(named[n], w0) for n, w0 in (pretrained or {}).items() if n in named] if cfg.l2sp else None)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+
+    set_train_mode(model, False)
+    history = [epoch_zero(*evaluate(net, val))]
+    start_state = best_state = trainable_state(model)
+    stopping = EarlyStopping(cfg.select, cfg.patience, head.out_features, history[0], first_candidate)
+    step, n_train = 0, len(train)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    if on_epoch:
+        on_epoch(history[-1])
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        set_train_mode(model, True, cfg.train_bn)
+        loss_sum = xent_sum = 0.0
+        wrong = 0
+        for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
+            factor = lr_factor(cfg, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            logits = net(x)
+            loss, xent = objective.loss(logits, y, head.weight, anchors)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            b = len(y)
+            loss_sum += loss.item() * b
+            xent_sum += xent.item() * b
+            wrong += (logits.detach().argmax(1) != y).sum().item()
+        set_train_mode(model, False)
+        val_xent, val_err = evaluate(net, val)
+        record = EpochRecord(epoch=epoch, train_loss=loss_sum / n_train, train_xent=xent_sum / n_train,
+                             train_err=wrong / n_train, val_xent=val_xent, val_err=val_err)
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if stopping.update(record):
+            best_state = trainable_state(model)
+        if stopping.stopped:
+            break
+    train_seconds = time.perf_counter() - start
+    load_state_strict(model, best_state)
+    set_train_mode(model, False)
+    return FitResult(history, stopping.best_epoch, stopping.status, best_state, train_seconds, start_state)
