@@ -18,10 +18,10 @@ import time
 
 from transferlab.features.sources import TensorSource
 from transferlab.models import load_backbone
-from transferlab.sweep.search import choose
+from transferlab.sweep.select import choose
 from transferlab.sweep.tasks import train_probes
 from transferlab.train.probe_run import DataConfig, EngineConfig, Workbench
-from transferlab.train.training import TrainConfig
+from transferlab.train.config import TrainConfig
 
 LRS, L2S, CS = (1e-4, 1e-3, 1e-2), (0.0, 1e-2, 1.0), (0.01, 0.1, 1.0, 10.0, 100.0)
 

@@ -12,7 +12,7 @@ from transferlab.cli.sweep import n_test_images, summary_lines
 from transferlab.features.workbench import Workbench
 from transferlab.reporting.verdict import wilson_interval
 from transferlab.sweep.ledger import Ledger
-from transferlab.sweep.search import PhasePlan, plan_line, progress_desc, time_left_text
+from transferlab.sweep.plan import PhasePlan, plan_line, progress_desc, time_left_text
 
 # 2 probes (lr 1e-3, 3e-2) and 2 fine-tuning runs (ft lr 1e-4, 2e-4): grids with no value in common.
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0", "--seeds", "0", "--epochs", "3",

@@ -113,7 +113,7 @@ def add_flags(group: argparse._ActionsContainer, flags: list[Flag], suppress: bo
             kw["help"] = fl.help
         else:
             kw["help"] = help_text(fl)
-            if fl.choices:
+            if fl.choices and fl.kind != "list":  # a list's items are checked one by one (Flag.parse)
                 kw["choices"] = fl.choices
             kw["metavar"] = "LIST" if fl.kind == "list" else None
         kw["default"] = argparse.SUPPRESS if suppress else (False if fl.kind == "bool" else None)
@@ -124,7 +124,7 @@ def help_text(fl: Flag) -> str | None:
     """`fl`'s help with its default appended, unless there is none to show or the help already says it."""
     if not fl.help:
         return None
-    shown = ",".join(map(str, fl.default)) if fl.kind == "list" else fl.default
+    shown = ",".join(map(str, fl.default)) if fl.kind == "list" and fl.default is not None else fl.default
     if shown in (None, "") or "default" in fl.help:
         return fl.help
     return f"{fl.help} (default: {shown})"

@@ -21,8 +21,8 @@ DEFAULT_DEMO_OUT = "transferlab-demo"
 def _probe_flag_groups():
     from transferlab.cli.flags import config_flags
     from transferlab.data import DataConfig
+    from transferlab.train.config import TrainConfig
     from transferlab.train.probe_run import EngineConfig, ProbeConfig
-    from transferlab.train.training import TrainConfig
 
     return [("data", config_flags(DataConfig)), ("backbone", config_flags(ProbeConfig)),
             # A probe run has no start state to interpolate with (WiSE-FT is the sweep's --ft-wise).
@@ -95,8 +95,8 @@ def cmd_demo(args) -> int:
     from transferlab.cli.sweep import reproduce_command
     from transferlab.data import DataConfig
     from transferlab.data.demo import write_digits_folder
+    from transferlab.train.config import TrainConfig
     from transferlab.train.probe_run import EngineConfig, ProbeConfig, run_probe
-    from transferlab.train.training import TrainConfig
 
     out = Path(args.out)
     data = write_digits_folder(out / "digits")
@@ -114,12 +114,14 @@ def cmd_demo(args) -> int:
 
 def cmd_sweep(args) -> int:
     from transferlab.cli.sweep import build_configs, n_test_images, reproduce_command, resolve, summary_lines
-    from transferlab.sweep.search import sweep
+    from transferlab.reporting.report import build_report
+    from transferlab.sweep.coordinator import sweep
 
     values = resolve(args)
     cfg, executor = build_configs(values)
     out = Path(values["out"])
-    rows = sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor)
+    sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor)
+    rows = build_report(out)
     for line in summary_lines(rows, n_test_images(out)):
         print(line)
     print(f"outputs: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'report.html'}, {out / 'ledger.sqlite'}")

@@ -1,12 +1,15 @@
 """Flags and YAML for ``transferlab sweep``: a YAML file gives values, flags given on the command line override them.
 
-Flags and YAML keys are generated from the config fields (``cli_flags``); a YAML key is the flag's
-name without dashes (``ft_lr: [1e-5, 1e-4]``, ``no_cache: true``).
+Flags and YAML keys are generated from the config fields (``cli.flags``); a YAML key is the flag's
+name without dashes (``ft_lr: [1e-5, 1e-4]``, ``no_cache: true``). Each phase's grid has one flag per
+TrainConfig field (``--lr``, ``--ft-lr``; ``sweep.config.phase_flag``), and YAML ``lp:`` / ``ft:``
+mappings by field name (``ft: {lr: [1e-5, 1e-4], blocks: [2, 4]}``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -16,19 +19,41 @@ from transferlab.cli.flags import Flag, add_flags, config_flags, field_values
 from transferlab.core.errors import ConfigError, UserError
 from transferlab.core.fields import build_config
 from transferlab.data import DataConfig
-from transferlab.features.workbench import EngineConfig
-from transferlab.sweep.search import ExecutorConfig, SweepConfig
-from transferlab.train.training import TrainConfig
+from transferlab.features.engine import EngineConfig
+from transferlab.sweep.config import PHASE_HELP, PHASES, UNIT_FIELDS, ExecutorConfig, PhaseGrid, SweepConfig, is_tuple_field, phase_flag, train_fields
+from transferlab.train.config import TrainConfig
 
-# (argparse group title, flags): everything a sweep accepts, the grid's lists in place of lr / l2 / seed.
+
+def phase_flags(phase: str) -> list[Flag]:
+    """One flag per TrainConfig field for `phase` (and fine-tuning's blocks and layers): a comma list, one
+    value fixing the field for the phase, several making it an axis of the phase's grid."""
+    defaults = dict(PhaseGrid.of(phase).values)
+    flags = []
+    units = [Flag(f"ft.{n}", phase_flag("ft", n), "list", int, False, None, PHASE_HELP[("ft", n)], ()) for n in UNIT_FIELDS]
+    for fl in config_flags(TrainConfig):
+        kind = "bool" if fl.kind == "bool" else "list"
+        text = fl.help + ("" if kind == "bool" or is_tuple_field(fl.field) else "; a comma list is a grid axis")
+        if phase == "ft" and fl.field not in defaults:
+            default, text = None, text + " (default: the chosen probe's)"
+        else:
+            default = defaults.get(fl.field, (fl.default,))
+            default = default[0] if is_tuple_field(fl.field) else default
+        flags.append(dataclasses.replace(fl, field=f"{phase}.{fl.field}", flag=phase_flag(phase, fl.field), kind=kind,
+                                         help=text, default=default))
+    return (units if phase == "ft" else []) + flags
+
+
+# (argparse group title, flags): everything a sweep accepts.
 SWEEP_FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
     ("data", config_flags(DataConfig)),
     ("sweep", config_flags(SweepConfig)),
-    ("training (every run)", config_flags(TrainConfig, exclude=SweepConfig.NOT_SWEPT)),
+    ("probe grid (lp: every TrainConfig field; YAML lp: {field: [values]})", phase_flags("lp")),
+    ("fine-tuning grid (ft: from the chosen probe; YAML ft: {field: [values]})", phase_flags("ft")),
     ("engine", config_flags(EngineConfig)),
     ("executor", config_flags(ExecutorConfig)),
 ]
 SWEEP_FLAGS = [fl for _, group in SWEEP_FLAG_GROUPS for fl in group]
+PHASE_FLAGS = {fl.field: fl for fl in SWEEP_FLAGS if "." in fl.field}
 OTHER_KEYS = ("out",)
 
 
@@ -54,6 +79,18 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of keys to values")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for phase in PHASES:  # lp: {lr: [...]} is --lr, ft: {lr: [...]} is --ft-lr
+        grid = data.pop(phase, None)
+        if grid is None:
+            continue
+        if not isinstance(grid, dict):
+            raise UserError(f"--config {path}: {phase} must be a mapping of training fields to values")
+        for name, values in grid.items():
+            fl = PHASE_FLAGS.get(f"{phase}.{str(name).replace('-', '_')}")
+            if fl is None:
+                raise UserError(f"--config {path}: {phase}.{name} is not a training field (TrainConfig fields"
+                                f"{', blocks, layers' if phase == 'ft' else ''}: {', '.join(train_fields())})")
+            data[fl.key] = values
     unknown = sorted(set(data) - {fl.key for fl in SWEEP_FLAGS} - set(OTHER_KEYS))
     if unknown:
         raise UserError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
@@ -72,9 +109,19 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_configs(values: dict[str, Any]) -> tuple[SweepConfig, ExecutorConfig]:
-    """The sweep's configs, built by field name from resolved flag values."""
+    """The sweep's configs, built by field name from resolved flag values; the phase flags fill the grids."""
     fields = field_values(SWEEP_FLAGS, values)
-    return build_config(SweepConfig, fields), build_config(ExecutorConfig, fields)
+    grids: dict[str, dict[str, tuple]] = {phase: {} for phase in PHASES}
+    for key in [k for k in fields if "." in k]:
+        phase, name = key.split(".", 1)
+        value = fields.pop(key)
+        grids[phase][name] = (value,) if PHASE_FLAGS[key].kind == "bool" or is_tuple_field(name) else value
+    try:
+        grid = {phase: PhaseGrid.of(phase, given) for phase, given in grids.items()}
+    except ConfigError as e:  # cannot happen from flags (each names a field), kept for the Python API
+        raise UserError(str(e)) from None
+    cfg = dataclasses.replace(build_config(SweepConfig, fields), **grid)
+    return cfg, build_config(ExecutorConfig, fields)
 
 
 def reproduce_command(argv: list[str] | None) -> str:

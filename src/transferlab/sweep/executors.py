@@ -1,7 +1,10 @@
 """Where a sweep's tasks execute: in the coordinating process, in local worker processes, or on Ray.
 
 Every executor has the same small interface (:class:`Executor`), so the sweep has one way to run a
-unit of work whatever runs it. Workers return results and never touch the ledger.
+unit of work whatever runs it. Workers return results and never touch the ledger. A task is called as
+``task(on_epoch)``; its ``on_epoch(member, record)`` calls reach the callback given to ``submit`` in the
+coordinating process, wherever the task runs: directly in-process, through a manager queue from worker
+processes, through a Ray queue from Ray tasks (drained while the coordinator waits).
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from transferlab.core.devices import resolve_device
 from transferlab.core.errors import ConfigError
+from transferlab.sweep.config import ExecutorConfig
 
 log = logging.getLogger(__name__)
+
+OnEvent = Callable[[int, Any], None]  # (member of the task, epoch record)
+POLL_S = 0.2  # how often a waiting coordinator delivers the epoch events of running tasks
 
 
 class Executor(Protocol):
@@ -30,11 +38,12 @@ class Executor(Protocol):
     def put(self, obj: Any) -> Any:
         """A reference to `obj` that tasks can take as an argument (shipped once, used by many tasks)."""
 
-    def submit(self, task: Callable[..., Any]) -> Any:
-        """Start `task`; returns a handle."""
+    def submit(self, task: Callable[..., Any], on_epoch: OnEvent | None = None) -> Any:
+        """Start `task`; returns a handle. The task's epoch events reach `on_epoch(member, record)` here."""
 
     def wait_any(self, handles: list) -> Any:
-        """The first of `handles` whose task has finished (successfully or not)."""
+        """The first of `handles` whose task has finished (successfully or not), delivering epoch events
+        of running tasks meanwhile."""
 
     def result(self, handle: Any) -> Any:
         """The task's return value, or its exception raised here."""
@@ -57,7 +66,7 @@ def coordinator_threads() -> int:
 class _Deferred:
     """An in-process task, run when its result is first waited for."""
 
-    def __init__(self, task: Callable[..., Any], on_epoch: Callable | None):
+    def __init__(self, task: Callable[..., Any], on_epoch: OnEvent | None):
         self.task, self.on_epoch = task, on_epoch
         self.value: Any = None
         self.error: Exception | None = None
@@ -74,15 +83,14 @@ class InProcessExecutor:
 
     capacity: int | None = 1
 
-    def __init__(self, on_epoch: Callable | None = None):
+    def __init__(self) -> None:
         self.threads = coordinator_threads()
-        self.on_epoch = on_epoch
 
     def put(self, obj: Any) -> Any:
         return obj
 
-    def submit(self, task: Callable[..., Any]) -> _Deferred:
-        return _Deferred(task, self.on_epoch)
+    def submit(self, task: Callable[..., Any], on_epoch: OnEvent | None = None) -> _Deferred:
+        return _Deferred(task, on_epoch)
 
     def wait_any(self, handles: list) -> _Deferred:
         handles[0].run()
@@ -97,9 +105,32 @@ class InProcessExecutor:
         pass
 
 
-def _call_pickled(blob: bytes) -> bytes:
+class _QueueEvents:
+    """A task's on_epoch in a worker: its events go to the coordinator's queue, tagged with the task's key."""
+
+    def __init__(self, queue: Any, key: int):
+        self.queue, self.key = queue, key
+
+    def __call__(self, member: int, record: Any) -> None:
+        self.queue.put((self.key, member, record))
+
+
+def _drain(queue: Any, callbacks: dict[int, OnEvent]) -> None:
+    """Deliver every queued (key, member, record) event to its task's callback."""
+    import queue as queue_module
+
+    while True:
+        try:
+            key, member, record = queue.get_nowait()
+        except (queue_module.Empty, EOFError, OSError):  # ray.util.queue.Empty is a queue.Empty too
+            return
+        if key in callbacks:
+            callbacks[key](member, record)
+
+
+def _call_pickled(blob: bytes, queue: Any, key: int) -> bytes:
     task = pickle.loads(blob)
-    return pickle.dumps(task())
+    return pickle.dumps(task(_QueueEvents(queue, key)))
 
 
 class ProcessExecutor:
@@ -119,6 +150,10 @@ class ProcessExecutor:
         self.jobs = jobs
         self.capacity: int | None = jobs
         self.pool = self._new_pool()
+        self._manager = multiprocessing.get_context("spawn").Manager()
+        self.events = self._manager.Queue()
+        self._callbacks: dict[int, OnEvent] = {}
+        self._keys: dict[cf.Future, int] = {}
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -126,19 +161,29 @@ class ProcessExecutor:
     def put(self, obj: Any) -> Any:
         return obj
 
-    def submit(self, task: Callable[..., Any]) -> cf.Future:
+    def submit(self, task: Callable[..., Any], on_epoch: OnEvent | None = None) -> cf.Future:
+        key = len(self._keys)
+        if on_epoch is not None:
+            self._callbacks[key] = on_epoch
         try:
-            return self.pool.submit(_call_pickled, pickle.dumps(task))
+            future = self.pool.submit(_call_pickled, pickle.dumps(task), self.events, key)
         except cf.process.BrokenProcessPool:  # a worker died earlier (its tasks failed): start afresh
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
-            return self.pool.submit(_call_pickled, pickle.dumps(task))
+            future = self.pool.submit(_call_pickled, pickle.dumps(task), self.events, key)
+        self._keys[future] = key
+        return future
 
     def wait_any(self, handles: list) -> cf.Future:
-        done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
-        return next(h for h in handles if h in done)
+        while True:
+            done, _ = cf.wait(handles, timeout=POLL_S, return_when=cf.FIRST_COMPLETED)
+            _drain(self.events, self._callbacks)
+            if done:
+                return next(h for h in handles if h in done)
 
     def result(self, handle: cf.Future) -> Any:
+        _drain(self.events, self._callbacks)  # a finished task's last epochs first
+        self._callbacks.pop(self._keys.get(handle, -1), None)
         return pickle.loads(handle.result())
 
     def close(self) -> None:
@@ -150,6 +195,7 @@ class ProcessExecutor:
                 p.terminate()
         for p in processes:
             p.join(timeout=5)
+        self._manager.shutdown()
 
 
 def _short_temp_dir(out: Path) -> Path:
@@ -163,8 +209,8 @@ def _short_temp_dir(out: Path) -> Path:
     return fallback
 
 
-def _run_task(task: Callable[..., Any]) -> Any:
-    return task()
+def _run_task(task: Callable[..., Any], queue: Any, key: int) -> Any:
+    return task(_QueueEvents(queue, key))
 
 
 class RayExecutor:
@@ -189,19 +235,47 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError("ray_address", address, f"cannot connect ({str(e).splitlines()[0][:160]})") from None
         self._remote = ray.remote(_run_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        from ray.util.queue import Queue
+
+        self.events = Queue(actor_options={"num_cpus": 0})  # Ray's own channel for the tasks' epoch events
+        self._callbacks: dict[int, OnEvent] = {}
+        self._keys: dict[Any, int] = {}
 
     def put(self, obj: Any) -> Any:
         return self.ray.put(obj)
 
-    def submit(self, task: Callable[..., Any]) -> Any:
-        return self._remote.remote(task)
+    def submit(self, task: Callable[..., Any], on_epoch: OnEvent | None = None) -> Any:
+        key = len(self._keys)
+        if on_epoch is not None:
+            self._callbacks[key] = on_epoch
+        handle = self._remote.remote(task, self.events, key)
+        self._keys[handle] = key
+        return handle
 
     def wait_any(self, handles: list) -> Any:
-        done, _ = self.ray.wait(handles, num_returns=1)
-        return done[0]
+        while True:
+            done, _ = self.ray.wait(handles, num_returns=1, timeout=POLL_S)
+            _drain(self.events, self._callbacks)
+            if done:
+                return done[0]
 
     def result(self, handle: Any) -> Any:
+        _drain(self.events, self._callbacks)
+        self._callbacks.pop(self._keys.get(handle, -1), None)
         return self.ray.get(handle)
 
     def close(self) -> None:
         self.ray.shutdown()
+
+
+def make_executor(cfg: ExecutorConfig, out: Path, device: str) -> Executor:
+    """The executor `cfg` names; tasks run on `device` wherever they execute."""
+    if cfg.kind == "local":
+        local: Executor = InProcessExecutor() if cfg.jobs == 1 else ProcessExecutor(cfg.jobs)
+        return local
+    if cfg.kind == "ray":
+        gpus = cfg.gpus_per_run
+        if gpus is None:  # several runs share one GPU; each task sees it only if it asks for a share
+            gpus = 0.25 if resolve_device(device).type == "cuda" else 0.0
+        return RayExecutor(out, cfg.ray_address, cfg.cpus_per_run, gpus)
+    raise ConfigError("kind", cfg.kind, "expected local or ray")

@@ -1,0 +1,212 @@
+"""What a sweep runs: data, backbones x sources, and one search space per phase over `TrainConfig` fields.
+
+A phase's grid is a mapping, as Ray Tune's ``param_space``: ``{field: values}`` for any `TrainConfig`
+field. A field with one value is fixed for the phase; every combination of the fields with several
+values is one run. The probe phase (``lp``) starts from `TrainConfig`'s defaults; the fine-tuning
+phase (``ft``) starts from the chosen probe's config, so it inherits what it does not set (batch size,
+optimizer, ...). Fine-tuning also lists what it trains: ``blocks`` (the last N blocks of the chain
+holding parameters, the head counting as one) and ``layers`` (the last k layers).
+
+Every run's config is checked by `TrainConfig.validate`; its errors name the phase's flag
+(``ft.lr`` -> ``--ft-lr``, see :func:`phase_flag`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from transferlab.core.errors import ConfigError
+from transferlab.core.fields import option
+from transferlab.data import DataConfig
+from transferlab.features.engine import EngineConfig
+from transferlab.models import DEFAULT_MODEL_DIR
+from transferlab.train.config import TrainConfig
+
+PHASES = ("lp", "ft")
+UNIT_FIELDS = ("blocks", "layers")  # what fine-tuning trains: not TrainConfig fields, the outer loop of its grid
+DEFAULT_FT_BLOCKS = 4
+# The nesting of each phase's grid, outermost first (the order also breaks validation ties); fields not
+# named here follow in TrainConfig's order.
+AXIS_ORDER = {"lp": ("seed", "lr", "l2"), "ft": ("lr", "feature_augment", "l2sp", "label_smoothing")}
+DEFAULT_GRID: dict[str, dict[str, tuple]] = {
+    "lp": {"seed": (0, 1), "lr": (1e-4, 1e-3, 1e-2), "l2": (0.0, 1e-2, 1.0)},
+    "ft": {"lr": (3e-5, 1e-4), "feature_augment": ("none",), "l2sp": (0.0,), "label_smoothing": (0.0,),
+           "epochs": (10,), "patience": (5,), "lr_schedule": ("cosine",), "warmup_epochs": (1,),
+           "backbone_lr_mult": (0.3,), "wise_alphas": ((0.0, 0.25, 0.5, 0.75, 1.0),), "train_bn": (False,)},
+}
+# Flags that differ from the rule of phase_flag (kept from earlier versions of the command line).
+FLAG_NAMES = {("lp", "seed"): "--seeds", ("lp", "label_smoothing"): "--lp-label-smoothing",
+              ("ft", "feature_augment"): "--ft-augment", ("ft", "wise_alphas"): "--ft-wise",
+              ("ft", "label_smoothing"): "--label-smoothing", ("ft", "augment"): "--ft-augment-images"}
+SWEEP_WIDE = ("select", "layer_order", "augment")  # fields one value of which holds for every run of a sweep
+PHASE_HELP = {("ft", "blocks"): "LP-then-FT trains the last N blocks of the chain holding parameters, the head counting "
+                                "as one (all their layers); with neither this nor --ft-layers: 4",
+              ("ft", "layers"): "LP-then-FT trains the last k layers (see --layer-order)"}
+
+
+def train_fields() -> dict[str, dataclasses.Field]:
+    """TrainConfig's fields by name, in declaration order."""
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def phase_flag(phase: str, name: str) -> str:
+    """The command-line flag of field `name` in `phase`: ``--lr`` for the probes, ``--ft-lr`` for fine-tuning."""
+    if (phase, name) in FLAG_NAMES:
+        return FLAG_NAMES[(phase, name)]
+    dashed = name.replace("_", "-")
+    return f"--{dashed}" if phase == "lp" else f"--ft-{dashed}"
+
+
+def is_tuple_field(name: str) -> bool:
+    """Whether a TrainConfig field's value is itself a tuple (``wise_alphas``): a flat list is one value of it."""
+    hint = typing.get_type_hints(TrainConfig).get(name)
+    return typing.get_origin(hint) is tuple
+
+
+@dataclass(frozen=True)
+class PhaseGrid:
+    """One phase's search space: ``(field, values)`` pairs; one value is fixed, several are a grid axis."""
+
+    values: tuple[tuple[str, tuple], ...] = ()
+
+    @classmethod
+    def of(cls, phase: str, given: Mapping[str, Iterable] | None = None) -> PhaseGrid:
+        """The phase's default grid with `given` ``{field: values}`` replacing those fields' values."""
+        merged = {**DEFAULT_GRID[phase], **{k: tuple(v) for k, v in (given or {}).items()}}
+        known = train_fields()
+        order = [n for n in AXIS_ORDER[phase] if n in merged] + [n for n in known if n in merged and n not in AXIS_ORDER[phase]]
+        units = [n for n in UNIT_FIELDS if n in merged]
+        unknown = sorted(set(merged) - set(order) - set(units))
+        if unknown or (units and phase != "ft"):
+            bad = unknown[0] if unknown else units[0]
+            raise ConfigError(phase, bad, "not a training field (TrainConfig: " + ", ".join(known) + ")"
+                              + ("; blocks and layers are the fine-tuning phase's" if bad in UNIT_FIELDS else ""))
+        return cls(tuple((n, merged[n]) for n in units + order))
+
+    def get(self, name: str, default: Any = None) -> tuple:
+        return dict(self.values).get(name, default)
+
+    def train_values(self) -> list[tuple[str, tuple]]:
+        """The TrainConfig fields of the grid (blocks and layers left out), in nesting order."""
+        return [(n, v) for n, v in self.values if n not in UNIT_FIELDS]
+
+    def configs(self, base: TrainConfig) -> list[TrainConfig]:
+        """Every combination of the grid applied to `base`, the last field varying fastest."""
+        names = [n for n, _ in self.train_values()]
+        return [dataclasses.replace(base, **dict(zip(names, combo))) for combo in itertools.product(*(v for _, v in self.train_values()))]
+
+    def as_dict(self) -> dict[str, list]:
+        """``{field: values}`` as a config file (and the report) reads it."""
+        return {n: list(v) for n, v in self.values}
+
+
+def lp_grid_default() -> PhaseGrid:
+    return PhaseGrid.of("lp")
+
+
+def ft_grid_default() -> PhaseGrid:
+    return PhaseGrid.of("ft")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A whole study: data, backbones x sources, the probe grid and the optional LP-then-FT phase."""
+
+    data: DataConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    backbones: tuple[str, ...] = option(("efficientnet_lite0",), "comma list of architectures")
+    sources: tuple[str, ...] = option(("imagenet1k",), "comma list of source data sets: imagenet1k,cub")
+    lpft: bool = option(False, "LP-then-FT from the chosen probe")
+    model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
+    backbone_info: dict[str, dict] | None = option(None, "per backbone name, overrides of what the library says: "
+                                                   "{NAME: {source: ..., source_top1: ...}} (YAML, or JSON on the command line)")
+    lp: PhaseGrid = field(default_factory=lp_grid_default)
+    ft: PhaseGrid = field(default_factory=ft_grid_default)
+
+    @property
+    def probe_base(self) -> TrainConfig:
+        """The probes' config before the grid: TrainConfig's defaults with the probe phase's fixed values;
+        what every run of the sweep shares (selection metric, layer order, whether images are augmented)."""
+        fixed = {n: v[0] for n, v in self.lp.train_values() if len(v) == 1}
+        return dataclasses.replace(TrainConfig(), **fixed)
+
+    @property
+    def select(self) -> str:
+        """What both phases' choices minimise (the probes' --select)."""
+        return self.probe_base.select
+
+    def probe_configs(self) -> list[TrainConfig]:
+        """The LP grid in a fixed order (seed, lr, l2 by default): the order also breaks validation ties."""
+        return self.lp.configs(TrainConfig())
+
+    def ft_units(self) -> list[tuple[str, int]]:
+        """What fine-tuning trains, in grid order: ("blocks", N) for each --ft-blocks, else ("layers", k)."""
+        blocks, layers = self.ft.get("blocks", ()), self.ft.get("layers", ())
+        if not blocks and not layers:
+            return [("blocks", DEFAULT_FT_BLOCKS)]
+        return [("blocks", n) for n in blocks] + [("layers", k) for k in layers]
+
+    def finetune_configs(self, probe: TrainConfig) -> list[TrainConfig]:
+        """The fine-tuning grid from the chosen probe's config, in a fixed order (lr, augment, L2-SP,
+        label smoothing; the outer loop over units is the caller's): the order also breaks validation ties."""
+        return self.ft.configs(probe)
+
+    def validate(self) -> None:
+        """ConfigErrors naming the phase's field (``ft.lr``; the CLI shows its flag, ``--ft-lr``)."""
+        for name in ("backbones", "sources"):
+            if not getattr(self, name):
+                raise ConfigError(name, "", "needs at least one value")
+        phases = [("lp", self.lp)] + ([("ft", self.ft)] if self.lpft else [])
+        for phase, grid in phases:
+            for name, values in grid.values:
+                if not values and name not in UNIT_FIELDS:
+                    raise ConfigError(f"{phase}.{name}", "", "needs at least one value")
+        for name in SWEEP_WIDE:  # the sweep's choices, cut and cache follow one value
+            if len(self.lp.get(name, (None,))) > 1:
+                raise ConfigError(f"lp.{name}", ",".join(map(str, self.lp.get(name))), "takes one value for the whole sweep")
+            if self.lpft and name in dict(self.ft.values):
+                raise ConfigError(f"ft.{name}", ",".join(map(str, self.ft.get(name))), f"is the probes' ({phase_flag('lp', name)}), "
+                                  "one value for the whole sweep")
+        _validate_each(self.probe_configs(), "lp", self.lp)
+        if self.lpft:
+            if self.ft.get("blocks") and self.probe_base.layer_order != "forward":
+                raise ConfigError("ft.blocks", ",".join(map(str, self.ft.get("blocks"))), "counts blocks in forward order "
+                                  "(drop --layer-order definition)")
+            for unit, n in self.ft_units():
+                if n < 1:
+                    raise ConfigError(f"ft.{unit}", n, "must be at least 1")
+            _validate_each(self.finetune_configs(self.probe_configs()[0]), "ft", self.ft)
+        for name, info in (self.backbone_info or {}).items():
+            if not isinstance(info, dict) or set(info) - {"source", "source_top1"}:
+                raise ConfigError("backbone_info", name, "expected a mapping with keys source and/or source_top1")
+            top1 = info.get("source_top1")
+            if top1 is not None and not (isinstance(top1, (int, float)) and 0 <= top1 <= 100):
+                raise ConfigError("backbone_info", name, f"source_top1 {top1!r} must be a percentage")
+
+
+def _validate_each(configs: list[TrainConfig], phase: str, grid: PhaseGrid) -> None:
+    """TrainConfig.validate on every run of a phase; an error names the phase's field (a field the phase
+    does not set is the probes' own, inherited)."""
+    set_here = {n for n, _ in grid.values}
+    for cfg in configs:
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            owner = phase if e.field in set_here or phase == "lp" else "lp"
+            raise ConfigError(f"{owner}.{e.field}", e.value, e.reason) from None
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where runs execute; results are the same wherever they run."""
+
+    kind: str = option("local", "where runs execute", flag="--executor", choices=("local", "ray"))
+    jobs: int = option(1, "local worker processes (1: in this process)")
+    ray_address: str | None = option(None, "Ray cluster ('auto' or ray://host:port); default: a private local instance")
+    cpus_per_run: float = option(1.0, "CPUs each Ray task requests")
+    gpus_per_run: float | None = option(None, "GPUs each Ray task requests (default: 0 on CPU, 0.25 on CUDA)")

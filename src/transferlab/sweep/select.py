@@ -1,0 +1,55 @@
+"""Choosing on validation only, and testing once: the one owner of both, for the sweep and for export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transferlab.core.predictions import sweep_predictions_path, write_test_predictions
+from transferlab.features.workbench import Workbench
+from transferlab.sweep.ledger import Ledger, Method, RunRow
+from transferlab.sweep.plan import PlannedRun
+from transferlab.sweep.store import load_params
+from transferlab.train.config import selection_key
+from transferlab.train.observer import RunObserver
+
+log = logging.getLogger(__name__)
+
+
+def choose(rows: list[RunRow], order: list[str], select: str = "val_xent") -> RunRow | None:
+    """Among the runs whose hash is in `order`, the finished, non-diverged one that is best under `select`
+    (val_xent: lowest val xent, ties by val err; val_err: the reverse), then by position in `order`."""
+    done = [r for r in rows if r["hash"] in order and r["status"] == "done" and (r["metrics"] or {}).get("val_xent") is not None]
+    if not done:
+        return None
+    return min(done, key=lambda r: (*selection_key(select, r["metrics"]["val_xent"], r["metrics"]["val_err"]),  # type: ignore[index]
+                                    order.index(r["hash"])))
+
+
+def choose_and_test(ledger: Ledger, bench: Workbench, backbone: str, method: Method, planned: list[PlannedRun], select: str,
+                    out: Path, observers: RunObserver) -> str | None:
+    """Choose among `planned` on validation (only once every run is finished) and evaluate the test split
+    for the chosen run unless the ledger already holds its one test evaluation; the chosen hash (None: no
+    choice, and the ledger then shows none for this grid)."""
+    hashes = [p.hash for p in planned]
+    if not all(ledger.is_finished(h) for h in hashes):
+        log.warning("%s %s: some runs failed or are unfinished; re-run the same command to finish them before choosing",
+                    backbone, method)
+        ledger.unchoose(backbone, method)
+        return None
+    chosen = choose(ledger.runs(backbone, method), hashes, select)
+    if chosen is None:
+        log.warning("%s %s: every run diverged; nothing to test", backbone, method)
+        ledger.unchoose(backbone, method)
+        return None
+    h = chosen["hash"]
+    ledger.choose(backbone, method, h)
+    k = next(p.k for p in planned if p.hash == h)
+    if chosen["test_acc"] is None and bench.splits.test is not None:
+        bench.load_trained(k, load_params(out, h))
+        test = bench.evaluate_test(k)
+        assert test is not None
+        # Per-image predictions of this one evaluation: the report's per-class insight reads them.
+        write_test_predictions(sweep_predictions_path(out, h), bench.splits.classes, test.files, test.labels, test.probs.numpy())
+        observers.test(h, test.accuracy)
+    return h

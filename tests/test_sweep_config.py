@@ -1,0 +1,91 @@
+"""The sweep's grid as a mapping over TrainConfig fields per phase: flags and YAML fill it, one validator
+checks every run, and its errors name the phase's flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from transferlab.cli.main import main
+from transferlab.cli.sweep import PHASE_FLAGS, build_configs, load_yaml
+from transferlab.core.errors import ConfigError
+from transferlab.data import DataConfig
+from transferlab.sweep.config import PhaseGrid, SweepConfig, phase_flag
+from transferlab.train.config import TrainConfig
+
+
+def configs(*argv: str) -> SweepConfig:
+    from transferlab.cli.main import build_parser
+
+    args = build_parser().parse_args(["sweep", "--data", "d", "--out", "o", *argv])
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "force", "config", "argv")}
+    return build_configs(values)[0]
+
+
+def test_every_training_field_is_a_flag_and_a_yaml_key_of_both_phases(tmp_path):
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for phase in ("lp", "ft"):
+        assert {n for n in names} <= {k.split(".", 1)[1] for k in PHASE_FLAGS if k.startswith(phase + ".")}
+    yaml_file = tmp_path / "g.yaml"
+    yaml_file.write_text("lp:\n" + "".join(f"  {n}: {v!r}\n" for n, v in [("lr", [0.1]), ("batch_size", [8, 16])])
+                         + "ft:\n  lr: [0.001]\n  blocks: [2]\n  batch_size: [4]\n")
+    values = load_yaml(str(yaml_file))
+    assert values == {"lr": [0.1], "batch_size": [8, 16], "ft_lr": [0.001], "ft_blocks": [2], "ft_batch_size": [4]}
+
+
+def test_the_default_grids_nest_seed_lr_l2_and_lr_augment_l2sp_smoothing():
+    cfg = SweepConfig(DataConfig("d"), lpft=True)
+    expected = [(s, lr, l2) for s in (0, 1) for lr in (1e-4, 1e-3, 1e-2) for l2 in (0.0, 1e-2, 1.0)]
+    assert [(c.seed, c.lr, c.l2) for c in cfg.probe_configs()] == expected
+    probe = TrainConfig(lr=1e-2, l2=1.0, seed=1, batch_size=32)
+    ft = cfg.finetune_configs(probe)
+    assert [c.lr for c in ft] == [3e-5, 1e-4]
+    # fixed fine-tuning values override the probe's; what the phase does not set is inherited from it
+    assert {(c.epochs, c.patience, c.lr_schedule, c.warmup_epochs, c.backbone_lr_mult, c.wise_alphas) for c in ft} == {
+        (10, 5, "cosine", 1, 0.3, (0.0, 0.25, 0.5, 0.75, 1.0))}
+    assert {(c.l2, c.seed, c.batch_size) for c in ft} == {(1.0, 1, 32)}
+    assert cfg.ft_units() == [("blocks", 4)]
+
+
+def test_flags_fill_the_phase_mappings_and_any_field_can_be_an_axis():
+    cfg = configs("--lr", "0.1,0.01", "--batch-size", "8,16", "--lpft", "--ft-lr", "1e-4", "--ft-momentum", "0.5,0.9",
+                  "--ft-blocks", "2", "--ft-layers", "3", "--ft-train-bn", "--ft-wise", "0,1")
+    assert cfg.lp.get("lr") == (0.1, 0.01) and cfg.lp.get("batch_size") == (8, 16)
+    assert len(cfg.probe_configs()) == 2 * 2 * 2 * 3  # lr x batch size x seeds x l2
+    ft = cfg.finetune_configs(TrainConfig())
+    assert [c.momentum for c in ft] == [0.5, 0.9] and {c.train_bn for c in ft} == {True}
+    assert {c.wise_alphas for c in ft} == {(0.0, 1.0)}
+    assert cfg.ft_units() == [("blocks", 2), ("layers", 3)]
+    product = list(itertools.product((0, 1), (0.1, 0.01), (0.0, 1e-2, 1.0), (8, 16)))
+    assert [(c.seed, c.lr, c.l2, c.batch_size) for c in cfg.probe_configs()] == product
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--lpft", "--ft-lr", "-1"], "--ft-lr -1.0: must be a positive number"),
+    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    (["--lpft", "--ft-warmup-epochs", "20"], "--ft-warmup-epochs 20: must be in [0, epochs]"),
+    (["--lpft", "--ft-momentum", "0.5", "--ft-optimizer", "rmsprop"], "--ft-optimizer rmsprop: expected one of adam, sgd"),
+    (["--lpft", "--ft-l2sp", "-1"], "--ft-l2sp -1.0: must be zero or positive"),
+    (["--lpft", "--ft-blocks", "0"], "--ft-blocks 0: must be at least 1"),
+    (["--lpft", "--ft-select", "val_err"], "--ft-select val_err: is the probes' (--select), one value for the whole sweep"),
+    (["--select", "val_err,val_xent"], "--select val_err,val_xent: takes one value for the whole sweep"),
+])
+def test_one_validator_whose_errors_name_the_phase_flag(tmp_path, capsys, argv, expected):
+    code = main(["sweep", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *argv])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"transferlab: error: {expected}"
+
+
+def test_a_phase_grid_refuses_names_that_are_not_training_fields():
+    with pytest.raises(ConfigError, match="lp=blocks: not a training field"):
+        PhaseGrid.of("lp", {"blocks": (2,)})
+    with pytest.raises(ConfigError, match="ft=lrs: not a training field"):
+        PhaseGrid.of("ft", {"lrs": (1e-3,)})
+
+
+def test_phase_flags_keep_the_earlier_names():
+    assert [phase_flag("lp", n) for n in ("lr", "l2", "seed", "epochs")] == ["--lr", "--l2", "--seeds", "--epochs"]
+    assert [phase_flag("ft", n) for n in ("lr", "feature_augment", "wise_alphas", "label_smoothing", "backbone_lr_mult")] == [
+        "--ft-lr", "--ft-augment", "--ft-wise", "--label-smoothing", "--ft-backbone-lr-mult"]
