@@ -16,9 +16,11 @@ import pytest
 
 from transferlab.reporting.summary import SUMMARY_KEYS, grid_scores, planned_runs, row_warnings, summary_rows, write_summary
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import BackboneRecord, SweepManifest, write_backbone, write_manifest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-LP_CONFIG = {"train": {"epochs": 10, "patience": 3}, "lrs": [1e-3, 1e-2], "l2s": [0.0, 1e-2]}
+LP_GRID = {"lr": [1e-3, 1e-2], "l2": [0.0, 1e-2]}
+FT_GRID = {"lr": [1e-4, 1e-3], "l2sp": [0.0], "label_smoothing": [0.0]}
 
 
 def cell(lr, xent=None, status="done", **cfg):
@@ -44,19 +46,20 @@ def test_grid_scores_keep_the_best_finished_metric_per_grid_value():
 
 
 def test_row_warnings_read_each_phases_own_flags_and_grids():
-    # LP: best epoch 10 of --epochs 10; lr 1e-2 the top of --lr (l2 0 is a floor, not an edge).
-    assert row_warnings(LP_CONFIG, "LP", {"lr": 1e-2, "l2": 0.0}, {"best_epoch": 10, "epochs_run": 10}) == [
+    manifest = SweepManifest(grid={"lp": LP_GRID, "ft": FT_GRID})
+    # LP: best epoch 10 of the run's 10 epochs (--epochs); lr 1e-2 the top of --lr (l2 0 is a floor, not an edge).
+    probe = {"lr": 1e-2, "l2": 0.0, "epochs": 10, "patience": 3}
+    assert row_warnings(manifest, "LP", probe, {"best_epoch": 10, "epochs_run": 10}) == [
         "best epoch 10 of 10: not converged, raise --epochs", "--lr 0.01 is at the top of its grid: extend the grid"]
-    ft_config = {**LP_CONFIG, "ft_epochs": 5, "ft_patience": 2, "ft_lrs": [1e-4, 1e-3], "ft_l2sp": [0.0], "ft_label_smoothing": [0.0]}
-    chosen = {"lr": 1e-3, "l2": 0.0}
-    # LP-FT: --ft-lr's top, and the cap of --ft-epochs, not of --epochs.
-    assert row_warnings(ft_config, "LP-FT", chosen, {"best_epoch": 5, "epochs_run": 5}) == [
+    chosen = {"lr": 1e-3, "l2": 0.0, "epochs": 5, "patience": 2}
+    # LP-FT: the top of --ft-lr (the ft phase's grid, not the probe's), and the flag of its epochs is --ft-epochs.
+    assert row_warnings(manifest, "LP-FT", chosen, {"best_epoch": 5, "epochs_run": 5}) == [
         "best epoch 5 of 5: not converged, raise --ft-epochs", "--ft-lr 0.001 is at the top of its grid: extend the grid"]
     # With the grid's scores an edge within 1% of its inner neighbour (0.499 against 0.500) is no warning...
     scores = {"--ft-lr": {1e-4: 0.500, 1e-3: 0.499}}
-    assert row_warnings(ft_config, "LP-FT", chosen, {"best_epoch": 2, "epochs_run": 4}, scores) == []
+    assert row_warnings(manifest, "LP-FT", chosen, {"best_epoch": 2, "epochs_run": 4}, scores) == []
     # ...and a kept probe (a = 0) is.
-    assert row_warnings(ft_config, "LP-FT", chosen, {"best_epoch": 2, "wise_alpha": 0.0}, scores) == [
+    assert row_warnings(manifest, "LP-FT", chosen, {"best_epoch": 2, "wise_alpha": 0.0}, scores) == [
         "interpolation a = 0: fine-tuning did not help; the probe stands"]
 
 
@@ -72,9 +75,8 @@ def test_planned_runs_are_the_plans_rows_in_plan_order(tmp_path):
 
 def test_summary_rows_one_per_choice_in_sweep_order_with_seed_statistics_of_the_plan_only(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    for key, value in {"config": LP_CONFIG, "select": "val_xent", "backbones": ["m", "unchosen", "n"],
-                       "backbone_info:m": {"source": "imagenet1k", "source_top1": 70.0}}.items():
-        ledger.set_meta(key, value)
+    write_manifest(ledger, SweepManifest(grid={"lp": LP_GRID}, select="val_xent", backbones=["m", "unchosen", "n"]))
+    write_backbone(ledger, "m", BackboneRecord(source="imagenet1k", source_top1=70.0))
     errs = [0.10, 0.20, 0.30]  # the chosen hyperparameters over three seeds
     for seed, err in enumerate(errs):
         add_run(ledger, f"m{seed}", "m", "LP", {"lr": 1e-3, "l2": 0.0, "seed": seed}, err)
@@ -118,8 +120,7 @@ def test_the_sweep_report_builds_with_torch_blocked(tmp_path):
     out = tmp_path / "sweep"
     out.mkdir()
     ledger = Ledger(out / "ledger.sqlite")
-    ledger.set_meta("config", LP_CONFIG)
-    ledger.set_meta("backbones", ["m"])
+    write_manifest(ledger, SweepManifest(grid={"lp": LP_GRID}, backbones=["m"]))
     add_run(ledger, "m0", "m", "LP", {"lr": 1e-3, "l2": 0.0, "seed": 0}, 0.1)
     ledger.set_plan("m", "LP", ["m0"])
     ledger.choose("m", "LP", "m0")

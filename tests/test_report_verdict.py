@@ -19,13 +19,14 @@ from transferlab.reporting import figures
 from transferlab.reporting.report import build_report
 from transferlab.reporting.summary import SUMMARY_KEYS
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import BackboneRecord, SweepManifest, read_manifest, write_backbone, write_manifest
 
 N, CLASSES = 50, ["a", "b", "c", "d", "e"]
 LABELS = np.arange(N) % len(CLASSES)
 FILES = [f"/nowhere/test/{CLASSES[k]}/img_{i:03d}.png" for i, k in enumerate(LABELS)]
 ALPHA, BETA = "alpha", "beta<b onmouseover=x>"  # a hostile name: must reach the page escaped
-CONFIG = {"train": {"epochs": 10, "patience": 3}, "lrs": [1e-3, 1e-2], "l2s": [0.0, 1e-2], "ft_epochs": 5, "ft_patience": 3, "ft_lrs": [1e-4],
-          "ft_l2sp": [0.0], "ft_label_smoothing": [0.0], "ft_wise": [0.0, 1.0]}
+GRID = {"lp": {"lr": [1e-3, 1e-2], "l2": [0.0, 1e-2], "epochs": [10], "patience": [3]},
+        "ft": {"lr": [1e-4], "l2sp": [0.0], "label_smoothing": [0.0], "wise_alphas": [(0.0, 1.0)], "epochs": [5], "patience": [3]}}
 
 
 def probs_for(correct: np.ndarray) -> np.ndarray:
@@ -56,17 +57,18 @@ def make_sweep(out, select="val_xent"):
     """A finished sweep folder: beta LP, alpha LP and alpha LP-FT (a = 0: the probe's own predictions)."""
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.sqlite")
-    meta = {"config": CONFIG, "grid": "g1", "select": select, "backbones": [ALPHA, BETA], "command": "transferlab sweep ...",
-            "objective": "loss = xent", f"backbone_info:{ALPHA}": {"source": "imagenet1k", "source_top1": 75.0},
-            f"backbone_info:{BETA}": {"source": "imagenet1k", "source_top1": 75.2},
-            "data_summary": {"root": "/nowhere", "n_classes": 5, "classes": CLASSES,
-                             "test": {"source": "test/", "n": N, "per_class": [10] * 5}}}
-    for key, value in meta.items():
-        ledger.set_meta(key, value)
+    ledger.set_meta("grid", "g1")
+    write_manifest(ledger, SweepManifest(grid=GRID, select=select, backbones=[ALPHA, BETA], command="transferlab sweep ...",
+                                         objective="loss = xent",
+                                         data_summary={"root": "/nowhere", "n_classes": 5, "classes": CLASSES,
+                                                       "test": {"source": "test/", "n": N, "per_class": [10] * 5}}))
+    write_backbone(ledger, ALPHA, BackboneRecord(source="imagenet1k", source_top1=75.0))
+    write_backbone(ledger, BETA, BackboneRecord(source="imagenet1k", source_top1=75.2))
+    lp, ft = {"epochs": 10, "patience": 3}, {"epochs": 5, "patience": 3}  # each run's own epoch cap and patience
     runs = [  # hash, backbone, method, config, best epoch, epochs run, val_xent, val_err, correct, wise_alpha
-        ("b-lp", BETA, "LP", {"lr": 1e-2, "l2": 0.0, "seed": 0}, 10, 10, 0.10, 0.05, BETA_RIGHT, None),
-        ("a-lp", ALPHA, "LP", {"lr": 1e-3, "l2": 1e-2, "seed": 0}, 4, 7, 0.20, 0.04, ALPHA_RIGHT, None),
-        ("a-ft", ALPHA, "LP-FT", {"lr": 1e-4, "l2": 1e-2, "seed": 0, "l2sp": 0.0, "label_smoothing": 0.0}, 5, 5, 0.30, 0.04,
+        ("b-lp", BETA, "LP", {"lr": 1e-2, "l2": 0.0, "seed": 0, **lp}, 10, 10, 0.10, 0.05, BETA_RIGHT, None),
+        ("a-lp", ALPHA, "LP", {"lr": 1e-3, "l2": 1e-2, "seed": 0, **lp}, 4, 7, 0.20, 0.04, ALPHA_RIGHT, None),
+        ("a-ft", ALPHA, "LP-FT", {"lr": 1e-4, "l2": 1e-2, "seed": 0, "l2sp": 0.0, "label_smoothing": 0.0, **ft}, 5, 5, 0.30, 0.04,
          ALPHA_RIGHT, 0.0),
     ]
     for run_hash, name, method, cfg, best, epochs, xent, err, correct, wise in runs:
@@ -142,7 +144,7 @@ def test_the_ranking_follows_select_and_export_takes_the_top_row(tmp_path):
             assert [r["method"] for r in saved[:2]] == ["LP", "LP-FT"]
         ledger = Ledger(out / "ledger.sqlite", readonly=True)
         try:
-            picked = pick_choice(sweep_choices(ledger), None, None, str(out), ledger.get_meta("select"))
+            picked = pick_choice(sweep_choices(ledger), None, None, str(out), read_manifest(ledger).select)
         finally:
             ledger.close()
         assert (picked["backbone"], picked["method"]) == (saved[0]["backbone"], saved[0]["method"])

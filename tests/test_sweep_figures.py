@@ -11,6 +11,7 @@ from transferlab.core.files import safe_filename
 from transferlab.reporting import figures
 from transferlab.reporting.sweep_figures import draw_figures, plural
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import SweepManifest, write_manifest
 
 HOSTILE = "hf:../x"  # not a plain file name
 
@@ -47,8 +48,7 @@ def make_ledger(path, choose=True):
     """Backbone `HOSTILE`: a 2 x 1 LP grid (one cell failed) and, when `choose`, LP and LP-FT chosen;
     backbone "plain": no run at all."""
     ledger = Ledger(path)
-    ledger.set_meta("config", {"lrs": [0.1, 0.01], "l2s": [0.0]})
-    ledger.set_meta("backbones", [HOSTILE, "plain"])
+    write_manifest(ledger, SweepManifest(grid={"lp": {"lr": [0.1, 0.01], "l2": [0.0]}}, backbones=[HOSTILE, "plain"]))
     add_run(ledger, "lp1", HOSTILE, "LP", {"lr": 0.1, "l2": 0.0, "seed": 0})
     add_run(ledger, "lp2", HOSTILE, "LP", {"lr": 0.01, "l2": 0.0, "seed": 0}, status="failed")
     add_run(ledger, "off-grid", HOSTILE, "LP", {"lr": 5.0, "l2": 0.0, "seed": 0})  # planned, but not in the grid's lr x l2

@@ -14,6 +14,7 @@ from transferlab.reporting.summary import SUMMARY_KEYS
 from transferlab.reporting.sweep_page import render_html, verdict_html
 from transferlab.reporting.verdict import resolution_sentence
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import SweepManifest, write_manifest
 
 HOSTILE = "net<script>"
 
@@ -49,10 +50,8 @@ def test_the_verdict_lists_models_in_rank_order_with_the_best_marked_and_names_e
 
 def test_the_page_has_its_sections_in_order_and_small_figures_side_by_side(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.set_meta("backbones", ["m"])
-    ledger.set_meta("command", "transferlab sweep --data x")
-    ledger.set_meta("objective", "loss = xent")
-    ledger.set_meta("config", {"train": {"optimizer": "sgd", "momentum": 0.5}})
+    write_manifest(ledger, SweepManifest(backbones=["m"], command="transferlab sweep --data x", objective="loss = xent",
+                                         grid={"lp": {"lr": [0.1, 0.01], "optimizer": ["sgd"], "momentum": [0.5]}}))
     pngs = {}
     for name in ("big", "small1", "small2", "big2"):
         pngs[name] = tmp_path / f"{name}.png"
@@ -64,7 +63,7 @@ def test_the_page_has_its_sections_in_order_and_small_figures_side_by_side(tmp_p
     assert re.findall(r"<h2>(.*?)</h2>", page) == [
         "Verdict: which model, and is the difference real?", "Test accuracy: LP vs LP-then-FT", "Chosen hyperparameters (on validation only)",
         "Loss", "Data", "Figures", "Per-class insight (test)", "Reproduce"]
-    # Nothing chosen: the optimizer is the sweep's own config's.
+    # Nothing chosen: the optimizer is the one the probe grid fixes.
     assert "<pre>loss = xent</pre><p>SGD with momentum 0.5, minibatches." in page
     figures = page.split("<h2>Figures</h2>")[1]
     img = {name: base64.b64encode(name.encode()).decode() for name in pngs}
@@ -78,7 +77,7 @@ def test_the_page_has_its_sections_in_order_and_small_figures_side_by_side(tmp_p
 
 def test_the_lpft_line_and_the_optimizers_come_from_the_chosen_runs(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.set_meta("backbones", [HOSTILE])
+    write_manifest(ledger, SweepManifest(backbones=[HOSTILE]))
 
     def chosen(run_hash, method, cfg):
         ledger.mark_running(run_hash, HOSTILE, method, cfg)
