@@ -176,22 +176,22 @@ def _row_line(r: dict) -> str:
 
 
 def n_test_images(out: Path) -> int | None:
-    """How many test images the sweep in `out` has (its ledger's data summary), None when unknown."""
+    """How many test images the sweep in `out` has (its manifest's data summary), None when unknown."""
     import sqlite3
 
     from transferlab.sweep.ledger import Ledger
+    from transferlab.sweep.manifest import read_manifest
 
     if not (out / "ledger.sqlite").is_file():
         return None
     try:
         ledger = Ledger(out / "ledger.sqlite", readonly=True)
         try:
-            n = (ledger.get_meta("data_summary", {}).get("test") or {}).get("n")
+            return read_manifest(ledger).n_test
         finally:
             ledger.close()
     except (sqlite3.Error, UserError):  # the summary is printed all the same, without this line
         return None
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _g(v) -> str:

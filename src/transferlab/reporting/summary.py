@@ -18,6 +18,7 @@ from typing import Any
 from transferlab.core.files import atomic_write_bytes, write_json
 from transferlab.reporting.verdict import ModelPredictions, limit_warnings, verdict_numbers
 from transferlab.sweep.ledger import METHODS, Ledger, Method, RunRow
+from transferlab.sweep.manifest import SweepManifest, read_backbone, read_manifest
 
 SUMMARY_KEYS = (
     "backbone", "source", "source_top1", "method", "lr", "l2", "seed", "n_trainable_layers",
@@ -53,10 +54,10 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
     where the chosen runs' test predictions are), with its rank under the selection metric, the test
     accuracy's 95% interval, the paired test against the best and the limit warnings (SUMMARY_KEYS)."""
     rows = []
-    config = ledger.get_meta("config", {})
-    select = ledger.get_meta("select", "val_xent")
-    for name in ledger.get_meta("backbones", []):
-        info = ledger.get_meta(f"backbone_info:{name}", {})
+    manifest = read_manifest(ledger)
+    select = manifest.select
+    for name in manifest.backbones:
+        info = read_backbone(ledger, name)
         for method in METHODS:
             run_hash = ledger.choice(name, method)
             if run_hash is None:
@@ -64,14 +65,14 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
             run = finished_run(ledger, run_hash)
             cfg, m = run["config"], run["metrics"]
             rows.append({
-                "backbone": name, "source": info.get("source"), "source_top1": info.get("source_top1"),
+                "backbone": name, "source": info.source, "source_top1": info.source_top1,
                 "method": method, "lr": cfg["lr"], "l2": cfg["l2"], "seed": cfg["seed"],
                 "n_trainable_layers": m["n_trainable_layers"], "trainable_params": m["trainable_params"],
                 "best_epoch": m["best_epoch"], "val_xent": m["val_xent"], "val_err": m["val_err"],
                 "test_acc": run["test_acc"], "select": cfg.get("select", "val_xent"),
                 **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg, m),
                 **_against_lp(ledger, out, name, method, run_hash),
-                "warnings": row_warnings(config, method, cfg, m, grid_scores(planned_runs(ledger, name, method), method, select),
+                "warnings": row_warnings(manifest, method, cfg, m, grid_scores(planned_runs(ledger, name, method), method, select),
                                          select),
             })
     numbers = verdict_numbers(rows, chosen_predictions(ledger, out, rows), select)
@@ -114,24 +115,26 @@ def grid_scores(runs: list[RunRow] | None, method: Method, select: str) -> dict[
     return scores
 
 
-def row_warnings(config: dict, method: Method, cfg: dict, metrics: dict, scores: dict | None = None,
+def row_warnings(manifest: SweepManifest, method: Method, cfg: dict, metrics: dict, scores: dict | None = None,
                  select: str = "val_xent") -> list[str]:
-    """The limit warnings of one chosen run (verdict.limit_warnings) against the sweep's `config` (the
-    ledger's meta "config"): the probe's epoch cap and lr / l2 grids, or the fine-tuning's epoch cap,
-    lr, L2-SP and label-smoothing grids and its weight interpolation; `scores` (grid_scores) decide
-    whether a grid edge is worth a warning."""
+    """The limit warnings of one chosen run (verdict.limit_warnings) against the sweep's grids (the
+    manifest's): the probe's epoch cap and lr / l2 grids, or the fine-tuning's epoch cap, lr, L2-SP and
+    label-smoothing grids and its weight interpolation; `scores` (grid_scores) decide whether a grid
+    edge is worth a warning. The epoch cap and patience are the run's own."""
     if method == "LP":
-        return limit_warnings(metrics.get("best_epoch"), (config.get("train") or {}).get("epochs"), "--epochs",
+        lp = manifest.phase("lp")
+        return limit_warnings(metrics.get("best_epoch"), cfg.get("epochs"), "--epochs",
                               {"--lr": cfg.get("lr"), "--l2": cfg.get("l2")},
-                              {"--lr": config.get("lrs") or [], "--l2": config.get("l2s") or []},
-                              epochs_run=metrics.get("epochs_run"), patience=(config.get("train") or {}).get("patience"),
+                              {"--lr": lp.get("lr") or [], "--l2": lp.get("l2") or []},
+                              epochs_run=metrics.get("epochs_run"), patience=cfg.get("patience"),
                               scores=scores, metric=select)
-    return limit_warnings(metrics.get("best_epoch"), config.get("ft_epochs"), "--ft-epochs",
+    ft = manifest.phase("ft")
+    return limit_warnings(metrics.get("best_epoch"), cfg.get("epochs"), "--ft-epochs",
                           {"--ft-lr": cfg.get("lr"), "--ft-l2sp": cfg.get("l2sp", 0.0), "--label-smoothing": cfg.get("label_smoothing", 0.0)},
-                          {"--ft-lr": config.get("ft_lrs") or [], "--ft-l2sp": config.get("ft_l2sp") or [],
-                           "--label-smoothing": config.get("ft_label_smoothing") or []},
+                          {"--ft-lr": ft.get("lr") or [], "--ft-l2sp": ft.get("l2sp") or [],
+                           "--label-smoothing": ft.get("label_smoothing") or []},
                           metrics.get("wise_alpha"), epochs_run=metrics.get("epochs_run"),
-                          patience=config.get("ft_patience"), scores=scores, metric=select)
+                          patience=cfg.get("patience"), scores=scores, metric=select)
 
 
 def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:

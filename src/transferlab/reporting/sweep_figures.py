@@ -9,6 +9,7 @@ from transferlab.core.files import safe_filename
 from transferlab.reporting import figures
 from transferlab.reporting.summary import finished_run, planned_runs
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import read_manifest
 
 
 def plural(n: int | str, word: str) -> str:
@@ -33,8 +34,8 @@ def draw_figures(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
     never leads a file out of OUT/figures."""
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    config = ledger.get_meta("config", {})
-    select = ledger.get_meta("select", "val_xent")
+    manifest = read_manifest(ledger)
+    select = manifest.select
     made: list[Figure] = []
     grids: list[Figure] = []
     if rows:
@@ -44,7 +45,7 @@ def draw_figures(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
         left_out = f"; not drawn, their source top-1 being unknown: {', '.join(unplaced)}" if unplaced else ""
         made.append(("Target test accuracy (bars: 95% Wilson interval) vs source top-1 accuracy, one panel per source data set; "
                      f"points of one backbone are spread sideways so none hides another{left_out}", fig_dir / "transfer.png", False))
-    for name in ledger.get_meta("backbones", []):
+    for name in manifest.backbones:
         file_name = safe_filename(name)
         lp_hash = ledger.choice(name, "LP")
         lp = finished_run(ledger, lp_hash) if lp_hash is not None else None
@@ -54,7 +55,7 @@ def draw_figures(ledger: Ledger, out: Path, rows: list[dict]) -> list[Figure]:
             figures.plot_curves(lp["history"], lp["metrics"]["best_epoch"], path,
                                 f"{name}: chosen probe lr={c['lr']:g} l2={c['l2']:g} seed={c['seed']}")
             made.append((f"{name}: learning curves of the chosen probe (star: the best epoch, whose weights were kept)", path, False))
-        lrs, l2s = list(config.get("lrs", [])), list(config.get("l2s", []))
+        lrs, l2s = list(manifest.phase("lp").get("lr", [])), list(manifest.phase("lp").get("l2", []))
         cells = _grid_cells(ledger, name, lrs, l2s)
         if cells:  # also without a choice: the figure then says which cells failed, diverged or did not run
             path = fig_dir / f"grid_{file_name}.png"

@@ -19,6 +19,7 @@ from transferlab.reporting.verdict import (
     resolution_sentence,
 )
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import read_backbone, read_manifest
 
 # The columns of the report's compact table (the full table, every key, is in a collapsible section).
 COMPACT_KEYS = ("backbone", "method", "lr", "l2", "seed", "n_trainable_layers", "best_epoch", "val_xent", "val_err",
@@ -97,7 +98,7 @@ def _optimizers(ledger: Ledger, rows: list[dict]) -> str:
         if run_hash is not None:
             by_method.setdefault(r["method"], set()).add(describe(finished_run(ledger, run_hash)["config"]))
     if not by_method:
-        return describe(ledger.get_meta("config", {}).get("train", {}))
+        return describe({k: v[0] for k, v in read_manifest(ledger).phase("lp").items() if len(v) == 1})
     texts = {method: " / ".join(sorted(names)) for method, names in by_method.items()}
     if len(set(texts.values())) == 1:
         return next(iter(texts.values()))
@@ -173,7 +174,7 @@ def _n_test(ledger: Ledger, predictions: list[ModelPredictions | None], rows: li
     for r, pred in zip(rows, predictions):
         if r["rank"] == 1 and pred is not None:
             return len(pred.labels)
-    test = ledger.get_meta("data_summary", {}).get("test") or {}
+    test = read_manifest(ledger).data_summary.get("test") or {}
     return test.get("n")
 
 
@@ -191,10 +192,8 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
                 predictions: list[ModelPredictions | None] | None = None) -> str:
     """The whole report page: the verdict first, then the LP vs LP-FT comparison, the chosen
     hyperparameters (compact; every column in a collapsible section), loss, data, figures, per-class insight."""
-    data = ledger.get_meta("data_summary", {})
-    command = ledger.get_meta("command", "")
-    skipped = ledger.get_meta("skipped_backbones", {})
-    select = ledger.get_meta("select", "val_xent")
+    manifest = read_manifest(ledger)
+    data, command, skipped, select = manifest.data_summary, manifest.command, manifest.skipped_backbones, manifest.select
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title><style>{CSS}</style></head><body>",
              "<h1>transferlab report</h1>",
              verdict_html(rows, select, _n_test(ledger, predictions or [None] * len(rows), rows)),
@@ -220,7 +219,7 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
                  + _table(rows, SUMMARY_KEYS) + "</div></details>")
     criterion = {"val_xent": "validation cross-entropy (ties: validation error)",
                  "val_err": "validation error (ties: validation cross-entropy)"}.get(select, select)
-    parts.append(f"<h2>Loss</h2><pre>{html.escape(ledger.get_meta('objective', ''))}</pre><p>"
+    parts.append(f"<h2>Loss</h2><pre>{html.escape(manifest.objective)}</pre><p>"
                  f"{html.escape(_optimizers(ledger, rows))}, minibatches. "
                  f"Selection criterion (--select {html.escape(select)}): {html.escape(criterion)}. It chose the early-stopping epoch (whose "
                  "weights are restored), the configuration of each grid and the weight interpolation after fine-tuning; "
@@ -233,7 +232,7 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
             parts.append(f"<tr><td>{split}</td><td>{html.escape(str(data[split]['source']))}</td><td>{html.escape(str(data[split]['n']))}</td>"
                          f"<td>{html.escape(str(min(pc)))}–{html.escape(str(max(pc)))}</td></tr>")
     parts.append("</table><p>Classes: " + html.escape(", ".join(data.get("classes", []))) + "</p>")
-    bad = {name: ledger.get_meta(f"skipped_files:{name}", {}) for name in ledger.get_meta("backbones", [])}
+    bad = {name: read_backbone(ledger, name).skipped_files for name in manifest.backbones}
     bad_files = sorted({f for per_split in bad.values() for files in per_split.values() for f in files})
     if bad_files:
         parts.append(f"<p>Skipped {len(bad_files)} unreadable image(s) (--on-bad-image skip): "

@@ -26,7 +26,7 @@ from transferlab.core.files import FolderLock, check_writable_dir, write_json
 from transferlab.core.hashing import stable_hash
 from transferlab.features.cache import FeatureCache
 from transferlab.sweep.config import ExecutorConfig, SweepConfig
-from transferlab.sweep.executors import make_executor
+from transferlab.sweep.executors import Executor, make_executor
 from transferlab.sweep.ledger import Ledger
 from transferlab.sweep.manifest import SweepManifest, write_manifest
 from transferlab.sweep.observers import LedgerRecorder, SweepProgress
@@ -34,6 +34,7 @@ from transferlab.sweep.phase import BackbonePhases
 from transferlab.sweep.plan import numerics_identity, plan_line, time_left_text
 from transferlab.sweep.preflight import preflight, resolve_backbones
 from transferlab.sweep.store import claim_folder
+from transferlab.train.config import TrainConfig
 from transferlab.train.objective import describe_objective
 from transferlab.train.observer import Observers, RunObserver
 
@@ -63,8 +64,8 @@ class Sweep:
         except BaseException:
             self.lock.release()  # sweep() never gets an object to close: give the folder back now
             raise
-        self.cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else self.out / "cache"
-        self.executor = None
+        self.cache_dir = Path(cfg.engine.cache_dir) if cfg.engine.cache_dir is not None else self.out / "cache"
+        self.executor: Executor | None = None
 
     def close(self) -> None:
         if self.executor is not None:
@@ -81,7 +82,7 @@ class Sweep:
         names, skipped = resolve_backbones(cfg)
         preflight(cfg, names, splits)
         numerics = numerics_identity(cfg.engine)
-        self.executor = make_executor(self.executor_cfg, self.out, cfg.engine.device)
+        self.executor = executor = make_executor(self.executor_cfg, self.out, cfg.engine.device)
         data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force, FeatureCache(self.cache_dir).digest_memo_dir)
         config = dataclasses.asdict(cfg)
         self.ledger.set_meta("grid", stable_hash(config))  # choices of other grids are not shown
@@ -91,7 +92,8 @@ class Sweep:
             log.warning("skipping %s: %s", name, reason)
         ft_terms = (cfg.ft.get("label_smoothing"), cfg.ft.get("l2sp")) if cfg.lpft else ((0.0,), (0.0,))
         write_manifest(self.ledger, SweepManifest(
-            config=config, grid={"lp": cfg.lp.as_dict(), **({"ft": cfg.ft.as_dict()} if cfg.lpft else {})},
+            config=config, grid={"lp": {**{n: [v] for n, v in dataclasses.asdict(TrainConfig()).items()}, **cfg.lp.as_dict()},
+                                 **({"ft": cfg.ft.as_dict()} if cfg.lpft else {})},
             command=self.command, backbones=names, skipped_backbones=skipped, data_summary=splits.summary(),
             objective=describe_objective(cfg.lp.get("l2"), *ft_terms, smoothing_scope="fine-tuning: "),
             select=cfg.select, numerics=numerics))
@@ -105,7 +107,7 @@ class Sweep:
         try:
             with logging_redirect_tqdm() if cfg.engine.progress else contextlib.nullcontext():  # log lines above the bar
                 for i, name in enumerate(names):
-                    executed += phases[name].run(self.executor, observers, progress)
+                    executed += phases[name].run(executor, observers, progress)
                     left = sum(p.to_run for later in names[i + 1:] for p in plans[later])
                     self._say_time_left(name, time.perf_counter() - started, executed, left)
         finally:

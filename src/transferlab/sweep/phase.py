@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from transferlab.core.errors import ConfigError
@@ -20,7 +21,7 @@ from transferlab.sweep.store import load_params
 from transferlab.sweep.tasks import Task, make_tasks
 from transferlab.train.config import TrainConfig
 from transferlab.train.observer import Observers, RunEnd, RunInfo
-from transferlab.train.results import FitResult
+from transferlab.train.results import EpochRecord, FitResult
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,7 @@ class BackbonePhases:
                 runs, task = waiting.pop(0)
                 for p in runs:
                     observers.run_start(RunInfo(p.hash, self.name, method, p.cfg, p.k, p.unit))
-                ids = [p.hash for p in runs]
-                in_flight[executor.submit(task, lambda member, record, ids=ids: observers.epoch(ids[member], record))] = runs
+                in_flight[executor.submit(task, _epoch_events(observers, [p.hash for p in runs]))] = runs
             handle = executor.wait_any(list(in_flight))
             runs = in_flight.pop(handle)
             try:
@@ -161,6 +161,14 @@ class BackbonePhases:
                 continue
             for p, result in zip(runs, results):
                 observers.run_end(p.hash, RunEnd(result.status, run_metrics(p, result, n_params, runtime), result=result))
+
+
+def _epoch_events(observers: Observers, run_ids: list[str]) -> Callable[[int, EpochRecord], None]:
+    """A task's on_epoch(member, record) as the observers' epoch event of that member's run."""
+    def on_epoch(member: int, record: EpochRecord) -> None:
+        observers.epoch(run_ids[member], record)
+
+    return on_epoch
 
 
 def run_metrics(p: PlannedRun, result: FitResult, n_params: int, runtime: dict | None) -> dict:
