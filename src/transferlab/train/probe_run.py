@@ -17,13 +17,16 @@ from transferlab.core.fields import build_config, check_keywords, config_fields,
 from transferlab.core.files import atomic_write_bytes, check_writable_dir, created_dirs_removed_on_failure, write_json
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DataConfig
-from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
 from transferlab.models import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
 from transferlab.reporting.probe_report import probe_warnings
+from transferlab.train.config import TrainConfig
 from transferlab.train.objective import Objective
-from transferlab.train.training import EpochRecord, FitResult, TrainConfig
+from transferlab.train.results import EpochRecord, FitResult
+from transferlab.train.session import RunSession
 
-__all__ = ["DataConfig", "EngineConfig", "ProbeConfig", "Workbench", "probe", "run_probe"]
+__all__ = ["CutInputs", "DataConfig", "EngineConfig", "ProbeConfig", "RunSession", "probe", "run_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -41,39 +44,40 @@ class ProbeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-def build_workbench(cfg: ProbeConfig, out: Path) -> Workbench:
-    """Validate inputs, load splits and backbone, and return a Workbench (no heavy compute yet)."""
+def build_session(cfg: ProbeConfig, out: Path) -> RunSession:
+    """Validate inputs, load splits and backbone, and return a RunSession on their CutInputs (no heavy compute yet)."""
     splits = cfg.data.load()
     backbone = load_backbone(cfg.backbone, model_dir=cfg.model_dir, weights=cfg.weights)
     cache_dir = cfg.engine.cache_dir if cfg.engine.cache_dir is not None else out / "cache"
-    return Workbench(backbone, splits, cfg.engine, cache_dir, cfg.data.on_bad_image, layer_order=cfg.train.layer_order)
+    return RunSession(CutInputs(backbone, splits, cfg.engine, cache_dir, cfg.data.on_bad_image, layer_order=cfg.train.layer_order))
 
 
-def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: float | None, seconds: dict,
+def run_record(cfg: ProbeConfig, session: RunSession, result: FitResult, test_acc: float | None, seconds: dict,
                command: str | None = None) -> dict:
     """The JSON-ready record of a finished run; `command` is what reproduces it (the command line, or the
     ``transferlab.probe(...)`` call), None when unknown."""
     best = result.best
-    spec = bench.backbone.spec
+    inputs = session.inputs
+    spec = inputs.backbone.spec
     k = cfg.n_trainable_layers
-    setup = bench.setup(k)
+    setup = inputs.setup(k)
     return {
         "config": dataclasses.asdict(cfg),
         "command": command,
         "backbone": {
             "name": spec.name, "zoo": spec.zoo, "arch": spec.arch, "source": spec.source,
-            "source_top1": spec.source_top1, "weights": bench.backbone.weights,
-            "weights_digest": bench.backbone.weights_digest,
+            "source_top1": spec.source_top1, "weights": inputs.backbone.weights,
+            "weights_digest": inputs.backbone.weights_digest,
             "preprocessing": dataclasses.asdict(spec.preprocessing),
         },
-        "data": bench.splits.summary(),
-        "data_digest": stable_hash(bench.splits.fingerprint(bench.cache.digest_memo_dir)),
-        "skipped_files": bench.skipped_files,
+        "data": inputs.splits.summary(),
+        "data_digest": stable_hash(inputs.splits.fingerprint(inputs.cache.digest_memo_dir)),
+        "skipped_files": inputs.skipped_files,
         "status": result.status,
         "objective": Objective(cfg.train.l2, 1, cfg.train.label_smoothing, cfg.train.l2sp).describe(),
         "n_trainable_layers": k,
         "trainable_layers": list(setup.cut.trainable_layers),
-        "trainable_params": bench.trainable_param_count(k),
+        "trainable_params": session.trainable_param_count(k),
         "cached": setup.cached,
         "cache_cut": setup.cut.name,
         "notice": setup.notice,
@@ -86,8 +90,8 @@ def run_record(cfg: ProbeConfig, bench: Workbench, result: FitResult, test_acc: 
         "test_acc": test_acc,
         # where the run sits at a limit of what it was allowed (the best epoch at the epoch cap)
         "warnings": probe_warnings(result.best_epoch, cfg.train.epochs, result.history[-1]["epoch"], cfg.train.patience) if result.status == "done" else [],
-        "timings": {**seconds, **bench.timings},
-        "device": str(bench.placement.device),
+        "timings": {**seconds, **inputs.timings},
+        "device": str(inputs.placement.device),
     }
 
 
@@ -146,9 +150,9 @@ def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None) -> dict:
         log.warning("--augment: every epoch sees new views of the images, so the backbone runs on every image every epoch (no cache)")
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, use_cache=False))
     out = check_writable_dir(out)
-    bench = build_workbench(cfg, out)
+    session = build_session(cfg, out)
     t_load = time.perf_counter()
-    bench.setup(cfg.n_trainable_layers)
+    session.inputs.setup(cfg.n_trainable_layers)
     t_inputs = time.perf_counter()
     bar = tqdm(total=cfg.train.epochs + 1, desc="epochs", unit="ep", disable=not cfg.engine.progress, leave=False)
 
@@ -156,24 +160,24 @@ def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None) -> dict:
         bar.update(1)
         bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}", refresh=False)
 
-    result = bench.run(cfg.train, cfg.n_trainable_layers, on_epoch=on_epoch)
+    result = session.run(cfg.train, cfg.n_trainable_layers, on_epoch=on_epoch)
     bar.close()
     t_fit = time.perf_counter()
-    test = bench.evaluate_test(cfg.n_trainable_layers) if result.status == "done" else None
+    test = session.evaluate_test(cfg.n_trainable_layers) if result.status == "done" else None
     # Only now, with this run's results in hand, does the folder stop showing the previous run's.
     clear_run_outputs(out)
     if test is not None:  # the per-image predictions of that one evaluation, for the per-class insight
         from transferlab.core.predictions import write_test_predictions
 
-        write_test_predictions(out / "test_predictions.json", bench.splits.classes, test.files, test.labels, test.probs.numpy())
+        write_test_predictions(out / "test_predictions.json", session.inputs.splits.classes, test.files, test.labels, test.probs.numpy())
     t_test = time.perf_counter()
     seconds = {
         "load_s": t_load - t0, "inputs_s": t_inputs - t_load, "fit_s": t_fit - t_inputs,
         "train_loop_s": result.train_seconds, "test_s": t_test - t_fit, "total_s": t_test - t0,
     }
-    record = run_record(cfg, bench, result, None if test is None else test.accuracy, seconds, command)
+    record = run_record(cfg, session, result, None if test is None else test.accuracy, seconds, command)
     tensors = {k: v.detach().cpu().contiguous() for k, v in result.best_state.items()}
-    atomic_write_bytes(out / "head.safetensors", save(tensors, metadata={"backbone": bench.backbone.spec.name}))
+    atomic_write_bytes(out / "head.safetensors", save(tensors, metadata={"backbone": session.inputs.backbone.spec.name}))
     write_json(out / "run.json", record)
     build_probe_report(out)  # curves.png, the insight and report.html, from run.json and test_predictions.json alone
     return record

@@ -1,0 +1,195 @@
+"""The inputs of a cut: what the trainable layers of one backbone see on one set of splits.
+
+For each number of trainable layers, :class:`CutInputs` plans where the backbone's chain is cut
+(``freezing.plan_cut``), computes or loads the frozen prefix's outputs once per split (or once at the
+shared fine-tuning cut, running the blocks in between), and serves the train, val and test sources
+and the augmented train views. A :class:`CutSnapshot` carries one cut's cached inputs to a worker,
+which then trains without extracting anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from transferlab.core.devices import Placement
+from transferlab.data import ImageSplits, Split
+from transferlab.features.cache import Chain, FeatureCache, bad_image_policy, estimate_cache_bytes, find_bad_images
+from transferlab.features.cut_plan import cache_refusal, n_images, parse_feature_augment, refuse_feature_augment, shared_base
+from transferlab.features.cut_setup import Setup, ViewsKey, split_inputs_at
+from transferlab.features.engine import EngineConfig
+from transferlab.features.sources import BatchSource, ImageSource, SplitInputs, TensorSource, view_seed
+from transferlab.models import Backbone
+from transferlab.models.freezing import Cut, plan_cut
+from transferlab.models.heads import new_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CutSnapshot:
+    """What a worker needs to train one cut without extracting anything: its cached inputs, on CPU (picklable)."""
+
+    n_trainable_layers: int
+    train: SplitInputs
+    val: SplitInputs
+    views: dict[ViewsKey, SplitInputs] = field(default_factory=dict)  # augmented train views (--ft-augment views:K)
+
+
+class CutInputs:
+    """The inputs of every cut of one (backbone, splits), sharing one frozen forward pass per image."""
+
+    def __init__(self, backbone: Backbone, splits: ImageSplits, engine: EngineConfig, cache_dir: str | Path | None,
+                 on_bad_image: str = "error", share_cut_layers: int | None = None, layer_order: str = "forward"):
+        self.backbone, self.splits, self.engine = backbone, splits, engine
+        self.layer_order = layer_order  # which layers "the last k" are (freezing.ordered_layers)
+        self.placement = Placement.of(engine.device, engine.dtype)
+        self.cache, self.on_bad_image = FeatureCache(cache_dir), on_bad_image
+        # With LP-then-FT, cache only at the fine-tuning cut and derive shallower cuts' inputs from it,
+        # so each image still goes through the backbone once.
+        self.share_cut_layers = share_cut_layers
+        self.n_classes = len(splits.classes)
+        # Skipped files per split: listed but missing (skipped when the splits were made), then undecodable.
+        self.skipped_files: dict[str, list[str]] = {name: list(files) for name, files in splits.missing_files.items()}
+        self.timings: dict[str, float] = {}
+        self._setups: dict[int, Setup] = {}
+        self._origins: dict[int, str] = {}
+        # The backbone as every cut sees it: a head for these classes, on the engine's device.
+        backbone.reset_classifier(new_head(backbone.feature_dim, self.n_classes, seed=0))
+        backbone.model.to(self.placement.device, self.placement.dtype)
+        if self.placement.device.type == "cuda":
+            backbone.model.to(memory_format=torch.channels_last)
+
+    def setup(self, n_trainable_layers: int) -> Setup:
+        """The cut and train/val inputs for `n_trainable_layers` (computed on first use, then kept)."""
+        if n_trainable_layers not in self._setups:
+            self._setups[n_trainable_layers] = self._make_setup(n_trainable_layers)
+        return self._setups[n_trainable_layers]
+
+    def _make_setup(self, k: int) -> Setup:
+        cut, notice = plan_cut(self.backbone, k, self.layer_order), ""
+        if self.engine.use_cache:
+            prefix = Chain(self.backbone.chain()[: cut.index])
+            notice = cache_refusal(self.backbone, cut, lambda: estimate_cache_bytes(
+                prefix, self.backbone.spec.preprocessing, n_images(self.splits), self.placement), self.engine.cache_max_gb)
+            if notice:
+                log.warning(notice)
+        cached = self.engine.use_cache and not notice
+        setup = Setup(cut, cached, notice, self._shared_base(cut) if cached else None)
+        for split in (self.splits.train, self.splits.val):
+            setup.sources[split.name] = self._source(split, setup)
+        return setup
+
+    def _shared_base(self, cut: Cut) -> int | None:
+        return shared_base(self.backbone, cut, self.share_cut_layers, self.layer_order, n_images(self.splits), self.placement,
+                           self.engine.cache_max_gb)
+
+    def _source(self, split: Split, setup: Setup) -> BatchSource:
+        start = time.perf_counter()
+        source: BatchSource
+        if setup.cached:
+            source = TensorSource(self._cached_item(split, setup), self.placement)
+        else:
+            pre = self.backbone.spec.preprocessing
+            bad = find_bad_images(split, pre, self.engine.num_workers, self.engine.progress)
+            keep = bad_image_policy(split, bad, self.on_bad_image)
+            if bad:
+                self._record_skipped(split.name, bad)
+                split = split.subset(keep)
+            source = ImageSource(split, pre, self.placement, self.engine.num_workers)
+        self._time(f"inputs_{split.name}_s", start)
+        return source
+
+    def _cached_item(self, split: Split, setup: Setup, augment: tuple[int, float] | None = None) -> SplitInputs:
+        item, skipped = split_inputs_at(self.backbone, setup, split, self.cache, self.placement, self.engine, self.on_bad_image, augment)
+        if skipped:
+            self._record_skipped(split.name, skipped)
+        return item
+
+    def _record_skipped(self, split_name: str, files: list[str]) -> None:
+        """Add undecodable `files` to the split's skipped files (after its missing ones; each file once)."""
+        known = self.skipped_files.setdefault(split_name, [])
+        seen = set(known)
+        known += [f for f in files if f not in seen]
+
+    def _time(self, key: str, start: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def views(self, n_trainable_layers: int, n_views: int, seed: int, min_scale: float) -> SplitInputs:
+        """`n_views` seeded augmented views of every training image at the cut, stacked (K, N, ...).
+
+        View v is cached on its own (keyed by its seed and `min_scale`), so views:2 reuses views:4's
+        first two files; it equals pass v of the uncached ``--augment`` path with the same seed.
+        """
+        setup = self.setup(n_trainable_layers)
+        key = (n_views, seed, min_scale)
+        if key not in setup.views:
+            self.check_feature_augment(f"views:{n_views}", n_trainable_layers)
+            start = time.perf_counter()
+            items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale)) for v in range(n_views)]
+            self._time("inputs_views_s", start)
+            setup.views[key] = SplitInputs(torch.stack([it.inputs for it in items]), items[0].labels, items[0].bad_files, items[0].runtime)
+        return setup.views[key]
+
+    def cache_origin(self, n_trainable_layers: int) -> str | None:
+        """The chain block whose input the frozen prefix computes for `n_trainable_layers` (the cut, or the shared
+        fine-tuning cut it is derived from); None when uncached. Planned without extracting anything."""
+        if not self.engine.use_cache:
+            return None
+        if n_trainable_layers not in self._origins:
+            cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
+            base = self._shared_base(cut)
+            self._origins[n_trainable_layers] = self.backbone.chain()[cut.index if base is None else base][0]
+        return self._origins[n_trainable_layers]
+
+    def check_feature_augment(self, feature_augment: str, n_trainable_layers: int) -> None:
+        """A ConfigError now if `feature_augment` cannot run for `n_trainable_layers` (rather than in every run)."""
+        if (parse_feature_augment(feature_augment) or ("none",))[0] == "none":
+            return
+        setup = self.setup(n_trainable_layers)
+        train = setup.sources["train"]
+        shape = tuple(train.inputs.shape[1:]) if isinstance(train, TensorSource) else ()
+        uncached = "" if setup.cached else setup.notice or "drop --no-cache"
+        refuse_feature_augment(feature_augment, uncached, setup.cut.name, shape, len(train), self.engine.cache_max_gb)
+
+    def test_source(self, n_trainable_layers: int) -> BatchSource | None:
+        """The test split's inputs at the cut (computed on first use; None without a test split)."""
+        if self.splits.test is None:
+            return None
+        setup = self.setup(n_trainable_layers)
+        if "test" not in setup.sources:
+            setup.sources["test"] = self._source(self.splits.test, setup)
+        return setup.sources["test"]
+
+    def net(self, n_trainable_layers: int) -> torch.nn.Module:
+        """What maps these inputs to logits: the chain after the cut, or the whole chain."""
+        setup = self.setup(n_trainable_layers)
+        chain = self.backbone.chain()  # rebuilt: the head module is replaced by every run
+        return Chain(chain[setup.cut.index :] if setup.cached else chain)
+
+    def snapshot(self, n_trainable_layers: int, views_keys: list[ViewsKey] | None = None) -> CutSnapshot | None:
+        """The cut's cached train/val inputs on CPU and its train views for `views_keys` (computed now where
+        missing; None: the views computed so far), to ship to workers; None when uncached."""
+        setup = self.setup(n_trainable_layers)
+        if not setup.cached:
+            return None
+        train, val = setup.sources["train"], setup.sources["val"]
+        assert isinstance(train, TensorSource) and isinstance(val, TensorSource)
+        views = {key: self.views(n_trainable_layers, *key) for key in (list(setup.views) if views_keys is None else views_keys)}
+        return CutSnapshot(n_trainable_layers, _on_cpu(train), _on_cpu(val), views)
+
+    def adopt(self, snapshot: CutSnapshot) -> None:
+        """Use `snapshot`'s inputs (cached elsewhere, by a coordinating process) for its cut: no extraction here."""
+        cut = plan_cut(self.backbone, snapshot.n_trainable_layers, self.layer_order)
+        sources: dict[str, BatchSource] = {name: TensorSource(item, self.placement)
+                                           for name, item in (("train", snapshot.train), ("val", snapshot.val))}
+        self._setups[snapshot.n_trainable_layers] = Setup(cut, True, "", sources=sources, views=dict(snapshot.views))
+
+
+def _on_cpu(source: TensorSource) -> SplitInputs:
+    """A cached source's inputs as float32 on CPU, to ship."""
+    return SplitInputs(source.inputs.float().cpu(), source.labels.cpu(), [])
