@@ -7,9 +7,11 @@ import torch
 from transferlab.core.devices import Placement
 from transferlab.data import load_splits
 from transferlab.features.cache import Chain, FeatureCache, cached_split_inputs
-from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
 from transferlab.models.freezing import plan_cut
-from transferlab.train.training import TrainConfig
+from transferlab.train.config import TrainConfig
+from transferlab.train.session import RunSession
 
 METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
 
@@ -17,9 +19,9 @@ METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
 def run_history(backbone, splits, k, use_cache, cache_dir=None, epochs=4, train_bn=False):
     # Eager PyTorch on both paths: this checks the cache itself (other runtimes: test_runtimes.py).
     engine = EngineConfig(device="cpu", use_cache=use_cache, progress=False, num_workers=0, runtime="torch")
-    bench = Workbench(copy.deepcopy(backbone), splits, engine, cache_dir)
-    result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8, train_bn=train_bn), k)
-    return bench, result
+    session = RunSession(CutInputs(copy.deepcopy(backbone), splits, engine, cache_dir))
+    result = session.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=epochs, patience=10, batch_size=8, train_bn=train_bn), k)
+    return session.inputs, result
 
 
 def assert_same_history(a, b, tol=1e-5):
@@ -35,9 +37,9 @@ def assert_same_history(a, b, tol=1e-5):
 @pytest.mark.parametrize("k, cut, train_bn", [(1, "output", False), (3, "features.stage4.unit1", False), (3, "features.stage4.unit1", True)])
 def test_cached_run_equals_running_the_frozen_backbone_every_epoch(tiny_folder, resnet10_random, k, cut, train_bn):
     splits = load_splits(tiny_folder)
-    cached_bench, cached = run_history(resnet10_random, splits, k, use_cache=True, train_bn=train_bn)
+    cached_inputs, cached = run_history(resnet10_random, splits, k, use_cache=True, train_bn=train_bn)
     _, full = run_history(resnet10_random, splits, k, use_cache=False, train_bn=train_bn)
-    assert cached_bench.setup(k).cached and cached_bench.setup(k).cut.name == cut
+    assert cached_inputs.setup(k).cached and cached_inputs.setup(k).cut.name == cut
     assert_same_history(cached.history, full.history)
     assert cached.best_epoch == full.best_epoch
 
@@ -97,11 +99,11 @@ def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path)
 
 def test_memory_guard_falls_back_to_the_full_model_with_a_notice(tiny_folder, resnet10_random, caplog):
     engine = EngineConfig(device="cpu", use_cache=True, cache_max_gb=1e-6, progress=False, num_workers=0)
-    bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None)
+    session = RunSession(CutInputs(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None))
     with caplog.at_level("WARNING"):
-        setup = bench.setup(3)
+        setup = session.inputs.setup(3)
     assert not setup.cached
     assert "--cache-max-gb 1e-06" in setup.notice and "features.stage4.unit1" in setup.notice
     assert setup.notice in caplog.text
-    result = bench.run(TrainConfig(lr=1e-4, epochs=1, batch_size=8), 3)
+    result = session.run(TrainConfig(lr=1e-4, epochs=1, batch_size=8), 3)
     assert result.status == "done" and len(result.history) == 2

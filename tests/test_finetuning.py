@@ -14,43 +14,52 @@ from transferlab.core.devices import Placement
 from transferlab.core.errors import ConfigError
 from transferlab.data import load_splits
 from transferlab.features.cache import Chain
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
 from transferlab.features.sources import ImageSource, SplitInputs, TensorSource, ViewSource, crop_and_flip_maps, view_seed
-from transferlab.features.workbench import EngineConfig, Workbench
 from transferlab.models.heads import new_head
-from transferlab.train.training import TrainConfig, evaluate, fit, interpolate_states, lr_factor, parse_feature_augment, selection_key
+from transferlab.train.config import TrainConfig, parse_feature_augment, selection_key
+from transferlab.train.interpolation import interpolate_states
+from transferlab.train.loop import evaluate, fit
+from transferlab.train.schedule import lr_factor
+from transferlab.train.session import RunSession
 
 CPU = Placement(torch.device("cpu"))
 ENGINE = EngineConfig(device="cpu", progress=False, num_workers=0, runtime="torch")
 
 
-def bench_of(backbone, folder, cache_dir=None, **kw):
-    return Workbench(copy.deepcopy(backbone), load_splits(folder), ENGINE, cache_dir, **kw)
+def inputs_of(backbone, folder, cache_dir=None, **kw):
+    return CutInputs(copy.deepcopy(backbone), load_splits(folder), ENGINE, cache_dir, **kw)
+
+
+def session_of(backbone, folder, cache_dir=None, **kw):
+    return RunSession(inputs_of(backbone, folder, cache_dir, **kw))
 
 
 def test_cached_views_equal_the_same_views_computed_on_the_fly(tiny_folder, resnet10_random, tmp_path):
-    bench = bench_of(resnet10_random, tiny_folder, tmp_path / "cache")
+    inputs = inputs_of(resnet10_random, tiny_folder, tmp_path / "cache")
     k, n_views, seed = 3, 3, 5
-    views = bench.views(k, n_views, seed, 0.5)
-    cut = bench.setup(k).cut.index
-    assert views.inputs.shape[:2] == (n_views, len(bench.splits.train))
+    views = inputs.views(k, n_views, seed, 0.5)
+    cut = inputs.setup(k).cut.index
+    assert views.inputs.shape[:2] == (n_views, len(inputs.splits.train))
     # On the fly: the whole frozen prefix on pass v of the uncached --augment path with the same seed.
-    prefix = Chain(bench.backbone.chain()[:cut]).eval()
-    images = ImageSource(bench.splits.train, bench.backbone.spec.preprocessing, CPU, num_workers=0).augmented(seed, 0.5)
+    prefix = Chain(inputs.backbone.chain()[:cut]).eval()
+    images = ImageSource(inputs.splits.train, inputs.backbone.spec.preprocessing, CPU, num_workers=0).augmented(seed, 0.5)
     for v in range(n_views):
         with torch.no_grad():
             on_the_fly = torch.cat([prefix(x) for x, _y in images.batches(torch.arange(len(images)), 64)])
         assert torch.allclose(views.inputs[v], on_the_fly, atol=1e-5), v
     assert not torch.allclose(views.inputs[0], views.inputs[1], atol=1e-3)
-    plain = bench.setup(k).sources["train"]
+    plain = inputs.setup(k).sources["train"]
     assert isinstance(plain, TensorSource) and not torch.allclose(views.inputs[0], plain.inputs, atol=1e-3)
-    # Each view is its own cache file: a second workbench loads them, and views:2 is views:3's first two.
+    # Each view is its own cache file: second inputs load them, and views:2 is views:3's first two.
     files = sorted((tmp_path / "cache").glob("train-*.safetensors"))
     assert len(files) == 1 + n_views
-    again = bench_of(resnet10_random, tiny_folder, tmp_path / "cache").views(k, 2, seed, 0.5)
+    again = inputs_of(resnet10_random, tiny_folder, tmp_path / "cache").views(k, 2, seed, 0.5)
     assert torch.equal(again.inputs, views.inputs[:2])
     assert len(sorted((tmp_path / "cache").glob("train-*.safetensors"))) == len(files)
     # Another seed or crop scale is another key.
-    other = bench.views(k, 1, seed, 0.9)
+    other = inputs.views(k, 1, seed, 0.9)
     assert not torch.allclose(other.inputs[0], views.inputs[0], atol=1e-3)
 
 
@@ -94,21 +103,21 @@ def test_map_augmentation_crops_and_flips_spatial_maps_only(tiny_folder, resnet1
     assert cropped.shape == maps.shape
     assert torch.equal(cropped, crop_and_flip_maps(maps, torch.Generator().manual_seed(3), min_scale=0.2))
     # A probe's cache holds pooled vectors: map augmentation is refused, naming the flag's value.
-    bench = bench_of(resnet10_random, tiny_folder)
+    session = session_of(resnet10_random, tiny_folder)
     with pytest.raises(ConfigError, match="needs cached spatial maps before global pooling"):
-        bench.run(TrainConfig(epochs=1, feature_augment="map"), 1)
+        session.run(TrainConfig(epochs=1, feature_augment="map"), 1)
     # resnet10's last 3 layers are inside stage4.unit1: its cached input is a (512, H, W) map.
-    augmented = bench.run(TrainConfig(lr=1e-3, epochs=2, batch_size=8, feature_augment="map"), 3)
-    plain = bench.run(TrainConfig(lr=1e-3, epochs=2, batch_size=8), 3)
+    augmented = session.run(TrainConfig(lr=1e-3, epochs=2, batch_size=8, feature_augment="map"), 3)
+    plain = session.run(TrainConfig(lr=1e-3, epochs=2, batch_size=8), 3)
     assert augmented.status == "done" and augmented.history[1]["train_xent"] != plain.history[1]["train_xent"]
     assert augmented.history[0] == plain.history[0]
 
 
 def test_views_training_is_reproducible_and_differs_from_plain(tiny_folder, resnet10_random):
-    bench = bench_of(resnet10_random, tiny_folder)
+    session = session_of(resnet10_random, tiny_folder)
     cfg = TrainConfig(lr=1e-3, epochs=3, batch_size=8, feature_augment="views:2")
-    a, b = bench.run(cfg, 3).history, bench.run(cfg, 3).history
-    plain = bench.run(TrainConfig(lr=1e-3, epochs=3, batch_size=8), 3).history
+    a, b = session.run(cfg, 3).history, session.run(cfg, 3).history
+    plain = session.run(TrainConfig(lr=1e-3, epochs=3, batch_size=8), 3).history
     assert a == b and a[1]["train_xent"] != plain[1]["train_xent"]
     assert a[0] == plain[0]  # validation always sees the plain view
 
@@ -156,19 +165,19 @@ def test_fit_applies_the_schedule_to_every_step():
 
 
 def test_backbone_lr_mult_scales_only_the_backbone(tiny_folder, resnet10_random):
-    bench = bench_of(resnet10_random, tiny_folder)
+    session = session_of(resnet10_random, tiny_folder)
     conv = "features.stage4.unit1.body.conv2.conv.weight"
-    pristine = bench.model.state_dict()[conv].clone()
+    pristine = session.model.state_dict()[conv].clone()
 
     def after_one_epoch(mult):
         seen = {}
 
         def snap(record):
             if record["epoch"] == 1:
-                state = bench.model.state_dict()
+                state = session.model.state_dict()
                 seen.update(conv=state[conv].clone(), head=state["output.weight"].clone())
 
-        bench.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8, backbone_lr_mult=mult), 3, on_epoch=snap)
+        session.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8, backbone_lr_mult=mult), 3, on_epoch=snap)
         return seen
 
     frozen_backbone = after_one_epoch(0.0)
@@ -195,11 +204,11 @@ def test_select_chooses_the_epoch_by_val_err_then_val_xent():
 
 
 def test_wise_alpha_0_is_exactly_the_probe_and_1_exactly_the_fine_tuned_run(tiny_folder, resnet10_random):
-    bench = bench_of(resnet10_random, tiny_folder, share_cut_layers=3)
-    probe = bench.run(TrainConfig(lr=1e-2, epochs=5, batch_size=8), 1)
+    session = session_of(resnet10_random, tiny_folder, share_cut_layers=3)
+    probe = session.run(TrainConfig(lr=1e-2, epochs=5, batch_size=8), 1)
     alphas = (0.0, 0.5, 1.0)
-    ft = bench.run(TrainConfig(lr=1e-3, epochs=3, patience=5, batch_size=8, wise_alphas=alphas), 3, start_state=probe.best_state)
-    trained = bench.run(TrainConfig(lr=1e-3, epochs=3, patience=5, batch_size=8, wise_alphas=(1.0,)), 3, start_state=probe.best_state)
+    ft = session.run(TrainConfig(lr=1e-3, epochs=3, patience=5, batch_size=8, wise_alphas=alphas), 3, start_state=probe.best_state)
+    trained = session.run(TrainConfig(lr=1e-3, epochs=3, patience=5, batch_size=8, wise_alphas=(1.0,)), 3, start_state=probe.best_state)
     assert [r["alpha"] for r in ft.wise] == list(alphas) and ft.history == trained.history
     # Early stopping picks among trained epochs (a = 0 stands for the start): the best epoch >= 1.
     keys = [selection_key("val_xent", h["val_xent"], h["val_err"]) for h in ft.history]
@@ -212,10 +221,10 @@ def test_wise_alpha_0_is_exactly_the_probe_and_1_exactly_the_fine_tuned_run(tiny
     # The returned state is the interpolation chosen on validation, and the model holds it.
     chosen = min(ft.wise, key=lambda r: selection_key("val_xent", r["val_xent"], r["val_err"]))
     assert ft.wise_alpha == chosen["alpha"] and ft.val_metrics == (chosen["val_xent"], chosen["val_err"])
-    bench.load_trained(3, ft.best_state)
-    assert evaluate(bench.net(3), bench.setup(3).sources["val"]) == pytest.approx(ft.val_metrics, abs=1e-6)
+    session.load_trained(3, ft.best_state)
+    assert evaluate(session.inputs.net(3), session.inputs.setup(3).sources["val"]) == pytest.approx(ft.val_metrics, abs=1e-6)
     # Interpolated tensors: exactly the start at 0 and exactly the trained at 1, the mean at 1/2.
-    start = {k: probe.best_state.get(k, bench._pristine[k]) for k in trained.best_state}
+    start = {k: probe.best_state.get(k, session.pristine[k]) for k in trained.best_state}
     for alpha, expected in ((0.0, start), (1.0, trained.best_state)):
         got = interpolate_states(start, trained.best_state, alpha)
         assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -227,9 +236,9 @@ def test_wise_alpha_0_is_exactly_the_probe_and_1_exactly_the_fine_tuned_run(tiny
 def test_views_path_equals_the_uncached_augmented_path_for_one_view(tiny_folder, resnet10_random):
     """views:1 shows every epoch pass 0's views; the uncached --augment path shows pass 0 only in epoch 1."""
     cfg_views = TrainConfig(lr=1e-3, epochs=1, batch_size=8, seed=3, feature_augment="views:1")
-    cached = bench_of(resnet10_random, tiny_folder).run(cfg_views, 3)
+    cached = session_of(resnet10_random, tiny_folder).run(cfg_views, 3)
     engine = EngineConfig(device="cpu", progress=False, num_workers=0, use_cache=False)
-    uncached = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None).run(
+    uncached = RunSession(CutInputs(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None)).run(
         TrainConfig(lr=1e-3, epochs=1, batch_size=8, seed=3, augment=True), 3)
     for a, b in zip(cached.history, uncached.history):
         for key in ("train_loss", "train_xent", "val_xent", "val_err"):
@@ -266,9 +275,9 @@ def test_sweep_fine_tuning_flags_are_checked_by_their_own_names(tiny_folder, tmp
 
 
 def test_ft_wise_1_alone_means_no_interpolation(tiny_folder, resnet10_random):
-    bench = bench_of(resnet10_random, tiny_folder)
-    probe = bench.run(TrainConfig(lr=1e-2, epochs=3, batch_size=8), 1)
+    session = session_of(resnet10_random, tiny_folder)
+    probe = session.run(TrainConfig(lr=1e-2, epochs=3, batch_size=8), 1)
     cfg = TrainConfig(lr=1.0, epochs=2, patience=5, batch_size=8)  # a step so large that epoch 0 stays best
-    alone = bench.run(dataclasses.replace(cfg, wise_alphas=(1.0,)), 3, start_state=probe.best_state)
-    plain = bench.run(cfg, 3, start_state=probe.best_state)
+    alone = session.run(dataclasses.replace(cfg, wise_alphas=(1.0,)), 3, start_state=probe.best_state)
+    plain = session.run(cfg, 3, start_state=probe.best_state)
     assert alone.wise_alpha is None and alone.best_epoch == plain.best_epoch and alone.history == plain.history

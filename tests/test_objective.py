@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.data import load_splits
-from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
+from transferlab.train.config import TrainConfig
 from transferlab.train.objective import Objective, describe_objective, stacked_loss
-from transferlab.train.training import TrainConfig
+from transferlab.train.session import RunSession
 
 
 def test_label_smoothing_is_the_mix_of_cross_entropy_and_the_uniform_target():
@@ -61,10 +63,10 @@ def test_the_report_formula_shows_exactly_the_terms_in_use():
 
 def test_l2sp_keeps_fine_tuned_layers_near_their_pretrained_values(tiny_folder, resnet10_random):
     def distance(l2sp):
-        bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder),
-                          EngineConfig(device="cpu", progress=False, num_workers=0, runtime="torch"), None)
-        bench.run(TrainConfig(lr=1e-3, epochs=3, patience=5, batch_size=8, l2sp=l2sp), 3)
-        conv = bench.model.features.stage4.unit1.body.conv2.conv.weight
+        session = RunSession(CutInputs(copy.deepcopy(resnet10_random), load_splits(tiny_folder),
+                                       EngineConfig(device="cpu", progress=False, num_workers=0, runtime="torch"), None))
+        session.run(TrainConfig(lr=1e-3, epochs=3, patience=5, batch_size=8, l2sp=l2sp), 3)
+        conv = session.model.features.stage4.unit1.body.conv2.conv.weight
         return (conv - resnet10_random.model.features.stage4.unit1.body.conv2.conv.weight).norm().item()
 
     free, anchored = distance(0.0), distance(1e4)

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from transferlab.cli.main import main
-from transferlab.features.workbench import Workbench
 from transferlab.reporting.report import SUMMARY_KEYS
 from transferlab.sweep.ledger import Ledger
+from transferlab.train.session import RunSession
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
         "--epochs", "6", "--patience", "3", "--ft-epochs", "6", "--ft-patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
@@ -97,7 +97,7 @@ def test_interrupted_sweep_resumes_to_the_same_summary(tiny_folder, tmp_path, mo
     full = tmp_path / "full"
     assert sweep(tiny_folder, full) == 0
     out = tmp_path / "interrupted"
-    original = Workbench.run
+    original = RunSession.run
     state = {"n": 0}
 
     def interrupt_second_ft(self, *args, **kwargs):
@@ -106,13 +106,13 @@ def test_interrupted_sweep_resumes_to_the_same_summary(tiny_folder, tmp_path, mo
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Workbench, "run", interrupt_second_ft)
+    monkeypatch.setattr(RunSession, "run", interrupt_second_ft)
     assert sweep(tiny_folder, out) == 130
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     statuses = sorted(r["status"] for r in ledger.runs())
     assert statuses.count("running") == 1 and statuses.count("done") == 9
     assert ledger.integrity() == "ok"
-    monkeypatch.setattr(Workbench, "run", original)
+    monkeypatch.setattr(RunSession, "run", original)
     assert sweep(tiny_folder, out) == 0
     assert (out / "summary.json").read_bytes() == (full / "summary.json").read_bytes()
 

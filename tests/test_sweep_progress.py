@@ -9,10 +9,10 @@ import sys
 
 from transferlab.cli.main import main
 from transferlab.cli.sweep import n_test_images, summary_lines
-from transferlab.features.workbench import Workbench
 from transferlab.reporting.verdict import wilson_interval
 from transferlab.sweep.ledger import Ledger
 from transferlab.sweep.plan import PhasePlan, plan_line, progress_desc, time_left_text
+from transferlab.train.session import RunSession
 
 # 2 probes (lr 1e-3, 3e-2) and 2 fine-tuning runs (ft lr 1e-4, 2e-4): grids with no value in common.
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0", "--seeds", "0", "--epochs", "3",
@@ -132,7 +132,7 @@ def test_a_resumed_sweep_counts_what_is_done_in_each_phase(tiny_folder, tmp_path
     caplog.set_level(logging.INFO, logger="transferlab.progress")
     out = tmp_path / "sweep"
     args = ["sweep", "--data", str(tiny_folder), "--out", str(out), *GRID, "--no-progress"]
-    original = Workbench.run
+    original = RunSession.run
     calls = {"n": 0}
 
     def interrupt_the_second_fine_tuning_run(self, *a, **kw):  # probes train batched; each FT run is one call
@@ -141,10 +141,10 @@ def test_a_resumed_sweep_counts_what_is_done_in_each_phase(tiny_folder, tmp_path
             raise KeyboardInterrupt
         return original(self, *a, **kw)
 
-    monkeypatch.setattr(Workbench, "run", interrupt_the_second_fine_tuning_run)
+    monkeypatch.setattr(RunSession, "run", interrupt_the_second_fine_tuning_run)
     assert main(args) == 130
     assert FRESH in progress_messages(caplog)
-    monkeypatch.setattr(Workbench, "run", original)
+    monkeypatch.setattr(RunSession, "run", original)
     caplog.clear()
     assert main(args) == 0
     assert "efficientnet_lite0: LP 2 runs (2 done, 0 to run), LP-FT 2 runs (1 done, 1 to run)" in progress_messages(caplog)

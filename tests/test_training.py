@@ -8,11 +8,14 @@ import torch.nn.functional as F
 from transferlab.core.devices import Placement
 from transferlab.core.errors import ConfigError
 from transferlab.data import load_splits
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
 from transferlab.features.sources import SplitInputs, TensorSource
-from transferlab.features.workbench import EngineConfig, Workbench
 from transferlab.models.freezing import FreezePlan, frozen_digest, layer_names, layers_of_last_blocks, ordered_layers, plan_cut, set_train_mode
 from transferlab.models.heads import new_head
-from transferlab.train.training import TrainConfig, evaluate, fit
+from transferlab.train.config import TrainConfig
+from transferlab.train.loop import evaluate, fit
+from transferlab.train.session import RunSession
 
 CPU = Placement(torch.device("cpu"))
 
@@ -131,15 +134,16 @@ def test_same_seed_same_history_different_seed_different():
 @pytest.mark.parametrize("k, train_bn", [(1, True), (3, True), (3, False)])
 def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_folder, resnet10_random, k, train_bn):
     """MoCo's linear-eval sanity check, including batch-norm running statistics."""
-    bench = Workbench(copy.deepcopy(resnet10_random), load_splits(tiny_folder), EngineConfig(device="cpu", progress=False, num_workers=0), None)
-    bench.reset(seed=0, n_trainable_layers=k)
-    unit = bench.model.features.stage4.unit1
+    engine = EngineConfig(device="cpu", progress=False, num_workers=0)
+    session = RunSession(CutInputs(copy.deepcopy(resnet10_random), load_splits(tiny_folder), engine, None))
+    session.reset(seed=0, n_trainable_layers=k)
+    unit = session.model.features.stage4.unit1
     frozen_bn = unit.identity_conv.bn  # k = 3 in forward order: body.conv2.conv, body.conv2.bn, output
     before_mean = frozen_bn.running_mean.clone()
-    digest = frozen_digest(bench.model)
+    digest = frozen_digest(session.model)
     trained_bn_before = unit.body.conv2.bn.running_mean.clone()
-    bench.run(TrainConfig(lr=1e-2, epochs=3, batch_size=8, train_bn=train_bn), k)
-    assert frozen_digest(bench.model) == digest
+    session.run(TrainConfig(lr=1e-2, epochs=3, batch_size=8, train_bn=train_bn), k)
+    assert frozen_digest(session.model) == digest
     assert torch.equal(frozen_bn.running_mean, before_mean)
     trained_bn = unit.body.conv2.bn
     # Running statistics move only when a trainable BN layer uses batch statistics; its affine params train either way.
@@ -148,7 +152,7 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tiny_
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_batched_probes_match_individual_runs(optimizer):
-    from transferlab.train.training import fit_linear_probes
+    from transferlab.train.probes import fit_linear_probes
 
     train, val = feature_source(70, 16, 5, seed=1, shift=1.0), feature_source(25, 16, 5, seed=2, shift=1.0)
     cfgs = [TrainConfig(lr=lr, l2=l2, seed=4, epochs=25, patience=3, batch_size=16, optimizer=optimizer)
@@ -181,9 +185,9 @@ def test_augmentation_is_seeded_per_image_and_independent_of_workers(tiny_folder
     histories = []
     for workers in (0, 2, 0):
         engine = EngineConfig(device="cpu", use_cache=False, progress=False, num_workers=workers)
-        bench = Workbench(copy.deepcopy(resnet10_random), splits, engine, None)
+        session = RunSession(CutInputs(copy.deepcopy(resnet10_random), splits, engine, None))
         seed = 1 if len(histories) < 2 else 2
-        histories.append(bench.run(TrainConfig(lr=1e-2, epochs=2, batch_size=8, seed=seed, augment=True), 1).history)
+        histories.append(session.run(TrainConfig(lr=1e-2, epochs=2, batch_size=8, seed=seed, augment=True), 1).history)
     assert histories[0] == histories[1]  # same seed, 0 or 2 decoding workers: identical numbers
     assert histories[0][1] != histories[2][1]
 

@@ -142,7 +142,8 @@ def test_batched_probe_numbers_do_not_depend_on_the_other_heads():
     from transferlab.core.devices import Placement
     from transferlab.features.sources import SplitInputs, TensorSource
     from transferlab.models.heads import new_head
-    from transferlab.train.training import TrainConfig, fit_linear_probes
+    from transferlab.train.config import TrainConfig
+    from transferlab.train.probes import fit_linear_probes
 
     g = torch.Generator().manual_seed(0)
     place = Placement(torch.device("cpu"))
@@ -168,16 +169,16 @@ def _tamper_frozen_weight(model):
 
 @pytest.mark.slow
 def test_a_changed_frozen_weight_fails_the_run_in_process(data, tmp_path, monkeypatch):
-    import transferlab.features.workbench as workbench
+    import transferlab.train.session as session
 
-    real_fit = workbench.fit
+    real_fit = session.fit
 
     def tampering_fit(model, *args, **kwargs):
         result = real_fit(model, *args, **kwargs)
         _tamper_frozen_weight(model)
         return result
 
-    monkeypatch.setattr(workbench, "fit", tampering_fit)
+    monkeypatch.setattr(session, "fit", tampering_fit)
     out = tmp_path / "s"
     assert sweep(data, out, "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--lpft", "--ft-lr", "1e-4") == 0
     ledger = ledger_of(out)
@@ -271,7 +272,9 @@ def test_a_healthy_run_from_an_excellent_start_is_not_called_diverged():
     from transferlab.core.devices import Placement
     from transferlab.features.sources import SplitInputs, TensorSource
     from transferlab.models.heads import new_head
-    from transferlab.train.training import TrainConfig, divergence_threshold, fit
+    from transferlab.train.config import TrainConfig
+    from transferlab.train.early_stopping import divergence_threshold
+    from transferlab.train.loop import fit
 
     place = Placement(torch.device("cpu"))
     x = torch.eye(3).repeat(20, 1) * 10

@@ -251,15 +251,16 @@ def test_the_views_refusal_states_sizes_that_are_true(tiny_folder, resnet10_rand
 
     from transferlab.core.errors import ConfigError
     from transferlab.data import load_splits
-    from transferlab.features.workbench import EngineConfig, Workbench
+    from transferlab.features.cut_inputs import CutInputs
+    from transferlab.features.engine import EngineConfig
 
     splits = load_splits(tiny_folder)
     n_views, budget_gb = 4, 1e-4  # the probe cache (512 floats x 42 images = 86 kB) fits, 4 views of train do not
     engine = EngineConfig(device="cpu", cache_max_gb=budget_gb, progress=False, num_workers=0, runtime="torch")
-    bench = Workbench(copy.deepcopy(resnet10_random), splits, engine, None)
+    inputs = CutInputs(copy.deepcopy(resnet10_random), splits, engine, None)
     need = resnet10_random.feature_dim * 4 * len(splits.train) * n_views  # float32 views of every train image
     with pytest.raises(ConfigError) as raised:
-        bench.check_feature_augment(f"views:{n_views}", 1)
+        inputs.check_feature_augment(f"views:{n_views}", 1)
     units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
     m = re.search(r"would hold ([\d.]+) (B|kB|MB|GB) of views > --cache-max-gb ([\d.e-]+) \(([\d.e-]+) (B|kB|MB|GB)\)",
                   raised.value.reason)

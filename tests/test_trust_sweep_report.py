@@ -94,7 +94,7 @@ def test_a_refused_rerun_writes_nothing_and_keeps_the_choices(tiny_folder, tmp_p
     assert not fresh_cache.exists() or not any(fresh_cache.rglob("*"))  # refused before any image was extracted
     assert main(["report", str(out)]) == 0
     assert summary(out) == rows
-    from transferlab.deploy.export import pick_choice, sweep_choices
+    from transferlab.deploy.trained import pick_choice, sweep_choices
 
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     try:
@@ -107,20 +107,25 @@ def test_a_refused_rerun_writes_nothing_and_keeps_the_choices(tiny_folder, tmp_p
 def test_the_planned_views_check_refuses_exactly_what_the_set_up_check_refuses(tiny_folder):
     from transferlab.core.errors import ConfigError
     from transferlab.data import DataConfig
-    from transferlab.features.workbench import EngineConfig, Workbench
+    from transferlab.features.cut_inputs import CutInputs
+    from transferlab.features.cut_plan import check_feature_augment_planned
+    from transferlab.features.engine import EngineConfig
     from transferlab.models import load_backbone
 
     splits = DataConfig(data=str(tiny_folder)).load()
     engine = EngineConfig(device="cpu", num_workers=0, progress=False)
-    bench = Workbench(load_backbone(NAME, pretrained=False), splits, engine, None)
-    train = bench.setup(2).sources["train"]
+    train = CutInputs(load_backbone(NAME, pretrained=False), splits, engine, None).setup(2).sources["train"]
     views_bytes = train.inputs[0].numel() * 4 * len(train) * 4  # the definition: float32 inputs x images x K
     for budget_gb in (views_bytes / 1e9 * 0.99, views_bytes / 1e9 * 1.01, 1e-6):  # 1e-6: not even the cut's cache fits
         said = {}
+        limited = dataclasses.replace(engine, cache_max_gb=budget_gb)
         for check in ("check_feature_augment", "check_feature_augment_planned"):
-            limited = Workbench(load_backbone(NAME, pretrained=False), splits, dataclasses.replace(engine, cache_max_gb=budget_gb), None)
+            backbone = load_backbone(NAME, pretrained=False)
             try:
-                getattr(limited, check)("views:4", 2)
+                if check == "check_feature_augment":
+                    CutInputs(backbone, splits, limited, None).check_feature_augment("views:4", 2)
+                else:
+                    check_feature_augment_planned(backbone, splits, limited, "views:4", 2)
                 said[check] = None
             except ConfigError as e:
                 said[check] = str(e)
@@ -175,17 +180,18 @@ CLIMBER = "hf:../../../../m"
 @pytest.mark.slow
 def test_backbone_names_are_escaped_in_html_and_never_lead_files_out_of_the_folder(tiny_folder, tmp_path, monkeypatch):
     """Two hostile names stand for efficientnet_lite0 (monkeypatched), through a whole LP-then-FT sweep."""
-    import transferlab.sweep.search as search
+    import transferlab.sweep.coordinator as coordinator
+    import transferlab.sweep.preflight as preflight
 
-    real_load = search.load_backbone
+    real_load = preflight.load_backbone
 
     def load_renamed(name, *args, **kwargs):
         backbone = real_load(NAME, *args, **kwargs)
         backbone.spec = dataclasses.replace(backbone.spec, name=name)
         return backbone
 
-    monkeypatch.setattr(search, "resolve_backbones", lambda cfg: ([EVIL, CLIMBER], {}))
-    monkeypatch.setattr(search, "load_backbone", load_renamed)
+    monkeypatch.setattr(coordinator, "resolve_backbones", lambda cfg: ([EVIL, CLIMBER], {}))
+    monkeypatch.setattr(preflight, "load_backbone", load_renamed)
     top = tmp_path / "d1" / "d2" / "d3" / "d4"
     out = top / "out"
     assert sweep(tiny_folder, out, "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "2", "--lpft", "--ft-layers", "2",

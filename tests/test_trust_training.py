@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from transferlab.data import load_splits
-from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
 from transferlab.models import load_backbone
 from transferlab.models.freezing import FreezePlan, set_train_mode
-from transferlab.train.training import TrainConfig
+from transferlab.train.config import TrainConfig
+from transferlab.train.session import RunSession
 
 ENGINE = EngineConfig(device="cpu", progress=False, num_workers=0, runtime="torch")
 
@@ -58,6 +60,6 @@ def test_fine_tuning_histories_do_not_depend_on_the_global_torch_seed(tiny_folde
     histories = []
     for global_seed in (11, 12):
         torch.manual_seed(global_seed)
-        bench = Workbench(copy.deepcopy(bb), load_splits(tiny_folder), ENGINE, tmp_path / "cache")
-        histories.append(bench.run(cfg, 7).history)
+        session = RunSession(CutInputs(copy.deepcopy(bb), load_splits(tiny_folder), ENGINE, tmp_path / "cache"))
+        histories.append(session.run(cfg, 7).history)
     assert histories[0] == histories[1]

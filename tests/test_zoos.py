@@ -10,10 +10,12 @@ import torch
 from conftest import require, write_tiny_hf_vit
 from transferlab.data import build_transform, load_splits
 from transferlab.features.cache import Chain
-from transferlab.features.workbench import EngineConfig, Workbench
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
 from transferlab.models import load_backbone
 from transferlab.models.freezing import FreezePlan, layer_of, layers_of_last_blocks, ordered_layers, plan_cut
-from transferlab.train.training import TrainConfig
+from transferlab.train.config import TrainConfig
+from transferlab.train.session import RunSession
 
 # (name, input size for the composition check: CNNs take any size, ViTs their own)
 MODELS = [
@@ -79,13 +81,13 @@ def test_the_last_block_trains_exactly_its_parameters(name, size, request):
 
 def history(bb, splits, k, use_cache):
     engine = EngineConfig(device="cpu", use_cache=use_cache, runtime="torch", progress=False, num_workers=0)
-    bench = Workbench(copy.deepcopy(bb), splits, engine, None)
-    frozen = {n: p.detach().clone() for n, p in bench.model.named_parameters()}
-    result = bench.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=2, patience=10, batch_size=8), k)  # checks frozen_digest too
-    trainable = set(plan_cut(bench.backbone, k).trainable_layers)
-    changed = {layer_of(n) for n, p in bench.model.named_parameters() if not torch.equal(p, frozen[n])}
+    session = RunSession(CutInputs(copy.deepcopy(bb), splits, engine, None))
+    frozen = {n: p.detach().clone() for n, p in session.model.named_parameters()}
+    result = session.run(TrainConfig(lr=1e-2, l2=1.0, seed=3, epochs=2, patience=10, batch_size=8), k)  # checks frozen_digest too
+    trainable = set(plan_cut(session.inputs.backbone, k).trainable_layers)
+    changed = {layer_of(n) for n, p in session.model.named_parameters() if not torch.equal(p, frozen[n])}
     assert changed <= trainable
-    return bench, result
+    return session.inputs, result
 
 
 @pytest.mark.parametrize("name, size", [("timm:resnet18", 48), ("torchvision:mobilenet_v3_small", 48), ("hf", None)])
@@ -94,9 +96,9 @@ def test_cached_and_uncached_fine_tuning_agree(tiny_folder, name, size, request)
     bb = build(name, request.getfixturevalue("hf_folder") if name == "hf" else None, size)
     splits = load_splits(tiny_folder)
     _, k = last_block_k(bb)
-    bench, cached = history(bb, splits, k, True)
+    inputs, cached = history(bb, splits, k, True)
     _, full = history(bb, splits, k, False)
-    assert bench.setup(k).cached and bench.setup(k).cut.index > 0
+    assert inputs.setup(k).cached and inputs.setup(k).cut.index > 0
     for a, b in zip(cached.history, full.history):
         for key in ("train_loss", "val_xent", "val_err"):
             if a[key] is not None:
@@ -107,12 +109,12 @@ def test_a_model_without_blocks_probes_cached_and_fine_tunes_uncached(tiny_folde
     bb = build("timm:regnetx_002", size=48)
     assert [n for n, _ in bb.chain()] == ["features", "head.fc"]
     engine = EngineConfig(device="cpu", use_cache=True, runtime="torch", progress=False, num_workers=0)
-    bench = Workbench(bb, load_splits(tiny_folder), engine, None)
-    assert bench.setup(1).cached and bench.setup(1).cut.index == 1
+    session = RunSession(CutInputs(bb, load_splits(tiny_folder), engine, None))
+    assert session.inputs.setup(1).cached and session.inputs.setup(1).cut.index == 1
     with caplog.at_level("WARNING"):
-        setup = bench.setup(3)
+        setup = session.inputs.setup(3)
     assert not setup.cached and "uncached" in setup.notice and setup.notice in caplog.text
-    assert bench.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8), 3).status == "done"
+    assert session.run(TrainConfig(lr=1e-2, epochs=1, batch_size=8), 3).status == "done"
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +229,7 @@ def test_backbones_lists_a_zoo_with_local_weights_status(monkeypatch, tmp_path, 
 def test_sweep_backbone_info_overrides_are_validated():
     from transferlab.core.errors import ConfigError
     from transferlab.data import DataConfig
-    from transferlab.sweep.search import SweepConfig
+    from transferlab.sweep.config import SweepConfig
 
     SweepConfig(DataConfig("x"), backbones=("timm:resnet18",), backbone_info={"timm:resnet18": {"source": "imagenet1k", "source_top1": 69.7}}).validate()
     with pytest.raises(ConfigError, match="source_top1"):
