@@ -18,15 +18,12 @@ onnxruntime and openvino are imported lazily, here only.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +31,7 @@ from torch import nn
 from transferlab.core.devices import Placement
 from transferlab.core.errors import ConfigError
 from transferlab.core.hashing import stable_hash
+from transferlab.models.onnx import export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -179,29 +177,6 @@ def _compiled_fn(prefix: nn.Module, placement: Placement) -> Callable[[torch.Ten
 
 
 # -- ONNX export and the inference runtimes ------------------------------------------------------
-def export_onnx(prefix: nn.Module, input_shape: tuple, path: Path) -> Path:
-    """Export `prefix` (eval mode, fp32, CPU) to ONNX with a dynamic batch axis; atomic (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    example = torch.zeros((1,) + tuple(input_shape[1:]))
-    # The TorchScript-based exporter: ~2x faster to export than the dynamo one and needs only `onnx`
-    # (torch >= 2.5 defaults to dynamo, which also needs onnxscript).
-    legacy: dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exporter deprecation chatter; failures still raise
-            torch.onnx.export(
-                prefix.eval(), (example,), tmp, input_names=["x"], output_names=["y"],
-                dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=OPSET, **legacy,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _onnxruntime_fn(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime as ort
 
@@ -305,8 +280,8 @@ def prepare_prefix_runner(
                 runner.scratch = tempfile.TemporaryDirectory(prefix="transferlab-onnx-")
                 export_dir = runner.scratch.name
             path = export_path(Path(export_dir), export_key)
-            if not path.exists():
-                export_onnx(prefix, input_shape, path)
+            if not path.exists():  # the TorchScript exporter: ~2x faster than dynamo, needs only onnx
+                export_onnx(prefix, (1, *input_shape[1:]), path, opset=OPSET, input_name="x", output_names=("y",))
             fn = (_openvino_fn if name == "openvino" else _onnxruntime_fn)(path, threads)
         error = _agreement_error(fn, eager.fn, input_shape)
         if not error <= AGREEMENT_TOL:
