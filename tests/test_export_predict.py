@@ -125,7 +125,7 @@ def test_the_readme_snippet_loads_the_model_without_transferlab(model_dir, data)
 def test_trained_tensors_must_fit_the_model_exactly(probe_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from transferlab.deploy.export import load_trained_tensors
+    from transferlab.deploy.trained import load_trained_tensors
 
     net = torch.nn.Sequential()
     net.add_module("classifier", torch.nn.Linear(4, 3))

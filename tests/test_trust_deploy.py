@@ -255,7 +255,7 @@ def test_a_failed_export_keeps_the_earlier_model_folder_and_a_new_one_drops_stal
     head = load_file(str(other / "head.safetensors"))
     save_file({k: torch.zeros_like(v) for k, v in head.items()}, str(other / "head.safetensors"))
 
-    def broken(model, input_size, path):
+    def broken(module, example_shape, path, **options):
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(export, "require_onnx", lambda: None, raising=False)

@@ -9,7 +9,6 @@ Evaluation on a data folder (:func:`run_split`) rebuilds the splits with the run
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from transferlab.data import (
     describe_bad_image,
     to_rgb,
 )
+from transferlab.deploy.model_folder import ModelConfig, is_model_folder, model_config
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -211,29 +211,19 @@ def rows_from_probabilities(probs: np.ndarray, names: Sequence[str], classes: Se
 def _from_model_dir(path: Path, device: str) -> Classifier:
     from safetensors.torch import load_file
 
-    from transferlab.deploy.export import CONFIG_FILE, MODEL_FILE
     from transferlab.models import load_backbone
     from transferlab.models.heads import new_head
 
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-        classes, pre = config["classes"], config["preprocessing"]
-        preprocessing = Preprocessing(pre["input_size"], pre["crop_pct"], pre["interpolation"], tuple(pre["mean"]), tuple(pre["std"]),
-                                      pre.get("resize"), pre.get("squash", False))
-        name = config["backbone"]
-        architecture_files = config.get("files", {}).get("architecture")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path / CONFIG_FILE}: not a transferlab model config ({type(e).__name__}: {e})") from None
-    if architecture_files is not None:  # the zoo builds the architecture from files in MODEL_DIR (hf: its config)
-        name = f"{config['zoo']}:{path / architecture_files}"
+    config = ModelConfig.read(path)
+    name, classes = config.backbone, config.classes
     backbone = load_backbone(name, pretrained=False)
     backbone.reset_classifier(new_head(backbone.feature_dim, len(classes), seed=0))
-    state = load_file(str(path / MODEL_FILE), device="cpu")
+    state = load_file(str(config.weights), device="cpu")
     try:
         backbone.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path / MODEL_FILE}: does not fit {name} with {len(classes)} classes ({str(e).splitlines()[0][:200]})") from None
-    return Classifier(backbone.model.eval(), classes, preprocessing, config, device)
+        raise UserError(f"{config.weights}: does not fit {name} with {len(classes)} classes ({str(e).splitlines()[0][:200]})") from None
+    return Classifier(backbone.model.eval(), classes, config.preprocessing, config.raw, device)
 
 
 SPLIT_SETTINGS = ("val_split", "test_split", "valid_frac", "split_seed", "max_per_class")
@@ -266,10 +256,10 @@ def load_classifier(path: str | os.PathLike, device: str = "auto", backbone: str
                     method: str | None = None) -> Classifier:
     """A :class:`Classifier` from an exported MODEL_DIR (config.json + model.safetensors), a probe's
     output folder, or a sweep folder (`backbone` / `method` pick a chosen run; default the lowest val xent)."""
-    from transferlab.deploy.export import CONFIG_FILE, MODEL_FILE, is_probe_dir, is_sweep_dir, load_trained, model_config
+    from transferlab.deploy.trained import is_probe_dir, is_sweep_dir, load_trained
 
     path = Path(path)
-    if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():
+    if is_model_folder(path):
         if backbone is not None or method is not None:
             raise ConfigError("model", path, "--backbone / --method pick a run of a sweep folder; this is an exported model")
         return _from_model_dir(path, device)
