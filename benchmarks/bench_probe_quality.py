@@ -16,12 +16,14 @@ import json
 import sys
 import time
 
+from transferlab.features.cut_inputs import CutInputs
 from transferlab.features.sources import TensorSource
 from transferlab.models import load_backbone
 from transferlab.sweep.select import choose
 from transferlab.sweep.tasks import train_probes
-from transferlab.train.probe_run import DataConfig, EngineConfig, Workbench
 from transferlab.train.config import TrainConfig
+from transferlab.train.probe_run import DataConfig, EngineConfig
+from transferlab.train.session import RunSession
 
 LRS, L2S, CS = (1e-4, 1e-3, 1e-2), (0.0, 1e-2, 1.0), (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -39,9 +41,9 @@ def main(argv=None) -> dict:
     from sklearn.metrics import log_loss
 
     splits = DataConfig(args.data, test_split=args.test_split).load()
-    bench = Workbench(load_backbone(args.backbone), splits, EngineConfig("cpu", progress=not args.json), args.cache_dir)
+    bench = RunSession(CutInputs(load_backbone(args.backbone), splits, EngineConfig("cpu", progress=not args.json), args.cache_dir))
     t0 = time.perf_counter()
-    bench.setup(1)
+    bench.inputs.setup(1)
     bench.evaluate_test(1)  # test features, for scikit-learn below
     extract_s = time.perf_counter() - t0
 
@@ -58,7 +60,7 @@ def main(argv=None) -> dict:
     probe_s = time.perf_counter() - t1
 
     def xy(name):
-        src = bench.setup(1).sources[name]
+        src = bench.inputs.setup(1).sources[name]
         assert isinstance(src, TensorSource)
         return src.inputs.cpu().numpy(), src.labels.cpu().numpy()
 

@@ -31,11 +31,13 @@ from transferlab.core.devices import Placement
 from transferlab.core.errors import UserError
 from transferlab.data import load_splits
 from transferlab.features.cache import Chain, extract
+from transferlab.features.cut_inputs import CutInputs
 from transferlab.features.runtimes import PrefixRunner, is_installed, onnx_export_key, prepare_prefix_runner, resolve_runtime
 from transferlab.models import load_backbone
 from transferlab.sweep.tasks import train_probes
-from transferlab.train.probe_run import EngineConfig, Workbench
-from transferlab.train.training import TrainConfig
+from transferlab.train.config import TrainConfig
+from transferlab.train.probe_run import EngineConfig
+from transferlab.train.session import RunSession
 
 GRID_LRS, GRID_L2S, GRID_SEEDS, GRID_EPOCHS = (1e-4, 1e-3, 1e-2), (0.0, 1e-2, 1.0), (0, 1), 30
 
@@ -47,7 +49,7 @@ def load(name: str, model_dir: str | None):
         return load_backbone(name, pretrained=False), "random"
 
 
-def epoch_times(bench: Workbench, k: int, epochs: int) -> list[float]:
+def epoch_times(bench: RunSession, k: int, epochs: int) -> list[float]:
     """Wall time of each training epoch (train step + validation), epochs 1..n."""
     stamps = []
     bench.run(TrainConfig(lr=1e-3, epochs=epochs, patience=epochs + 1), k, on_epoch=lambda r: stamps.append(time.perf_counter()))
@@ -170,9 +172,9 @@ def main(argv=None) -> dict:
         print(json.dumps(result))
         return result
 
-    def bench(use_cache: bool) -> Workbench:
+    def bench(use_cache: bool) -> RunSession:
         engine = EngineConfig(args.device, use_cache=use_cache, progress=False)
-        return Workbench(backbone, splits, engine, cache_dir=None)  # memory only: nothing read back from disk
+        return RunSession(CutInputs(backbone, splits, engine, cache_dir=None))  # memory only: nothing read back from disk
 
     # 1. The model's own forward throughput vs extraction (decode + forward) throughput.
     model_img_s = model_throughput(backbone.model, backbone.spec.preprocessing.input_size, 64)
@@ -181,7 +183,7 @@ def main(argv=None) -> dict:
     # 2. Extraction, then the whole LP grid on cached features (no early stopping).
     cached = bench(True)
     t0 = time.perf_counter()
-    cached.setup(1)
+    cached.inputs.setup(1)
     cached.evaluate_test(1)  # extracts the test split too
     extract_s = time.perf_counter() - t0
     cfgs = [TrainConfig(lr=lr, l2=l2, seed=s, epochs=GRID_EPOCHS, patience=GRID_EPOCHS + 1)

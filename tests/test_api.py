@@ -12,9 +12,9 @@ import transferlab.train.probe_run
 from transferlab.core.errors import ConfigError
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DataConfig
-from transferlab.features.workbench import EngineConfig
+from transferlab.features.engine import EngineConfig
+from transferlab.train.config import TrainConfig
 from transferlab.train.probe_run import ProbeConfig
-from transferlab.train.training import TrainConfig
 
 
 def test_a_value_of_the_wrong_type_names_the_field(tmp_path):

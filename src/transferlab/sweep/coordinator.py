@@ -49,13 +49,13 @@ class Sweep:
     """Coordinates one sweep: the only writer of the ledger, holding the output folder's lock."""
 
     def __init__(self, cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
-                 executor: ExecutorConfig = ExecutorConfig(), observers: Sequence[RunObserver] = ()):
+                 executor: ExecutorConfig | None = None, observers: Sequence[RunObserver] = ()):
         cfg.validate()
         if cfg.probe_base.augment and cfg.engine.use_cache:
             # New views every epoch: probes and fine-tuning both run the backbone on every image (as `probe` does).
             log.warning("--augment: every epoch sees new views of the images, so the backbone runs on every image every epoch (no cache)")
             cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, use_cache=False))
-        self.cfg, self.executor_cfg, self.command, self.force = cfg, executor, command, force
+        self.cfg, self.executor_cfg, self.command, self.force = cfg, executor or ExecutorConfig(), command, force
         self.extra_observers = list(observers)
         self.out = check_writable_dir(out)
         self.lock = FolderLock(self.out)
@@ -132,7 +132,7 @@ class Sweep:
 
 
 def sweep(cfg: SweepConfig, out: str | Path, force: bool = False, command: str = "",
-          executor: ExecutorConfig = ExecutorConfig(), observers: Sequence[RunObserver] = ()) -> None:
+          executor: ExecutorConfig | None = None, observers: Sequence[RunObserver] = ()) -> None:
     """Run (or resume) a sweep into `out` (its ledger, runs and predictions); build the report with
     ``reporting.report.build_report(out)``."""
     s = Sweep(cfg, out, force, command, executor, observers)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transferlab.core.errors import ConfigError
 from transferlab.data import ImageSplits
-from transferlab.features.workbench import Workbench
+from transferlab.features.cut_inputs import CutInputs
 from transferlab.sweep.config import SweepConfig
 from transferlab.sweep.executors import Executor
 from transferlab.sweep.ledger import Ledger, Method
@@ -22,6 +22,7 @@ from transferlab.sweep.tasks import Task, make_tasks
 from transferlab.train.config import TrainConfig
 from transferlab.train.observer import Observers, RunEnd, RunInfo
 from transferlab.train.results import EpochRecord, FitResult
+from transferlab.train.session import RunSession
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,21 @@ class BackbonePhases:
         self.cache_dir, self.data_digest, self.numerics = cache_dir, data_digest, numerics
         self.record = BackboneRecord()
 
-    def _bench(self) -> tuple[Workbench, dict[str, int]]:
-        """The backbone loaded, and the fine-tuning grid's {unit: layers} on it."""
+    def _session(self) -> tuple[RunSession, dict[str, int]]:
+        """A run session on the backbone's cut inputs, and the fine-tuning grid's {unit: layers} on it."""
         backbone = load_checked(self.name, self.cfg.model_dir)
         ft_ks = ft_layer_counts(self.cfg, backbone)
         # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
-        bench = Workbench(backbone, self.splits, self.cfg.engine, self.cache_dir, self.cfg.data.on_bad_image,
-                          share_cut_layers=max(ft_ks.values()) if self.cfg.lpft else None,
-                          layer_order=self.cfg.probe_base.layer_order)
-        return bench, ft_ks
+        inputs = CutInputs(backbone, self.splits, self.cfg.engine, self.cache_dir, self.cfg.data.on_bad_image,
+                           share_cut_layers=max(ft_ks.values()) if self.cfg.lpft else None,
+                           layer_order=self.cfg.probe_base.layer_order)
+        return RunSession(inputs), ft_ks
 
     def plan(self) -> list[PhasePlan]:
         """What each phase runs and what the ledger already holds. LP-FT's runs start from the chosen
         probe: its done count is known once every planned probe is finished."""
-        bench, ft_ks = self._bench()
-        probes = self._probe_runs(bench)
+        session, ft_ks = self._session()
+        probes = self._probe_runs(session)
         phases = [PhasePlan("LP", len(probes), sum(self.ledger.is_finished(p.hash) for p in probes))]
         if self.cfg.lpft:
             # blocks:N and layers:k naming the same layers are one run (as _finetune_runs plans them)
@@ -60,7 +61,7 @@ class BackbonePhases:
                 if chosen is None:  # every probe diverged: nothing to fine-tune from
                     total, done = 0, 0
                 else:
-                    ft = self._finetune_runs(bench, chosen["hash"], ft_ks)
+                    ft = self._finetune_runs(session, chosen["hash"], ft_ks)
                     total, done = len(ft), sum(self.ledger.is_finished(p.hash) for p in ft)
             phases.append(PhasePlan("LP-FT", total, done))
         return phases
@@ -68,8 +69,8 @@ class BackbonePhases:
     def run(self, executor: Executor, observers: Observers, progress: SweepProgress) -> int:
         """Both phases; returns how many runs this call executed (not skipped as finished)."""
         cfg, name = self.cfg, self.name
-        bench, ft_ks = self._bench()
-        spec = bench.backbone.spec
+        session, ft_ks = self._session()
+        spec = session.inputs.backbone.spec
         info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch, **(cfg.backbone_info or {}).get(name, {})}
         self.record = BackboneRecord(**info)
         write_backbone(self.ledger, name, self.record)
@@ -77,48 +78,48 @@ class BackbonePhases:
             for k in dict.fromkeys(ft_ks.values()):
                 for augment in cfg.ft.get("feature_augment", ("none",)):
                     try:  # check_ft_grid planned this; the set-up is the final word, before any run
-                        bench.check_feature_augment(augment, k)
+                        session.inputs.check_feature_augment(augment, k)
                     except ConfigError as e:
                         raise ConfigError("ft.feature_augment", e.value, f"{e.reason} ({name})") from None
         executed = 0
-        probes = self._probe_runs(bench)
-        probe_hash, n = self._phase(bench, "LP", probes, executor, observers, progress)
+        probes = self._probe_runs(session)
+        probe_hash, n = self._phase(session, "LP", probes, executor, observers, progress)
         executed += n
         if cfg.lpft and probe_hash is not None:
-            _, n = self._phase(bench, "LP-FT", self._finetune_runs(bench, probe_hash, ft_ks), executor, observers, progress,
+            _, n = self._phase(session, "LP-FT", self._finetune_runs(session, probe_hash, ft_ks), executor, observers, progress,
                                start=probe_hash)
             executed += n
         else:
             self.ledger.set_plan(name, "LP-FT", [])
             self.ledger.unchoose(name, "LP-FT")
-        self.record = BackboneRecord(**{**info, "skipped_files": bench.skipped_files, "numerics": self.record.numerics})
+        self.record = BackboneRecord(**{**info, "skipped_files": session.inputs.skipped_files, "numerics": self.record.numerics})
         write_backbone(self.ledger, name, self.record)
         return executed
 
     # -- what each phase runs ---------------------------------------------------------------------
-    def _hash(self, bench: Workbench, method: Method, cfg: TrainConfig, k: int, start: str | None = None) -> str:
+    def _hash(self, session: RunSession, method: Method, cfg: TrainConfig, k: int, start: str | None = None) -> str:
         # Where the cached inputs come from changes the numbers (the runtime runs the prefix up to that
         # block, eager PyTorch the rest): part of the run's identity.
-        numerics = {**self.numerics, "cached_at": bench.cache_origin(k)} if self.numerics.get("cached") else self.numerics
+        numerics = {**self.numerics, "cached_at": session.inputs.cache_origin(k)} if self.numerics.get("cached") else self.numerics
         self.record.numerics[str(k)] = numerics  # what export checks a hash with
-        return run_hash(method, self.name, bench.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k, start, numerics)
+        return run_hash(method, self.name, session.inputs.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k, start, numerics)
 
-    def _probe_runs(self, bench: Workbench) -> list[PlannedRun]:
-        return [PlannedRun(self._hash(bench, "LP", c, 1), c, 1) for c in self.cfg.probe_configs()]
+    def _probe_runs(self, session: RunSession) -> list[PlannedRun]:
+        return [PlannedRun(self._hash(session, "LP", c, 1), c, 1) for c in self.cfg.probe_configs()]
 
-    def _finetune_runs(self, bench: Workbench, probe_hash: str, ft_ks: dict[str, int]) -> list[PlannedRun]:
+    def _finetune_runs(self, session: RunSession, probe_hash: str, ft_ks: dict[str, int]) -> list[PlannedRun]:
         probe = self.ledger.run(probe_hash)
         assert probe is not None
         cfgs = self.cfg.finetune_configs(TrainConfig.from_dict(probe["config"]))
         planned: dict[str, PlannedRun] = {}  # blocks:N and layers:k may name the same layers: one run
         for unit, k in ft_ks.items():
             for c in cfgs:
-                h = self._hash(bench, "LP-FT", c, k, probe_hash)
+                h = self._hash(session, "LP-FT", c, k, probe_hash)
                 planned.setdefault(h, PlannedRun(h, c, k, unit))
         return list(planned.values())
 
     # -- one path for every phase -----------------------------------------------------------------
-    def _phase(self, bench: Workbench, method: Method, planned: list[PlannedRun], executor: Executor, observers: Observers,
+    def _phase(self, session: RunSession, method: Method, planned: list[PlannedRun], executor: Executor, observers: Observers,
                progress: SweepProgress, start: str | None = None) -> tuple[str | None, int]:
         """Execute the unfinished runs of `planned`, then choose on validation and test once: the chosen
         hash, and how many runs were executed."""
@@ -128,19 +129,19 @@ class BackbonePhases:
         start_state = None if start is None or not todo else load_params(self.out, start)
         for k in dict.fromkeys(p.k for p in todo):  # one cut at a time, in grid order
             runs = [p for p in todo if p.k == k]
-            units = make_tasks(bench, executor, k, [p.cfg for p in runs], start_state, self.cfg.data.on_bad_image)
-            self._execute(bench, method, k, [([runs[i] for i in members], task) for members, task in units], executor, observers)
-        return choose_and_test(self.ledger, bench, self.name, method, planned, self.cfg.select, self.out, observers), len(todo)
+            units = make_tasks(session, executor, k, [p.cfg for p in runs], start_state)
+            self._execute(session, method, k, [([runs[i] for i in members], task) for members, task in units], executor, observers)
+        return choose_and_test(self.ledger, session, self.name, method, planned, self.cfg.select, self.out, observers), len(todo)
 
-    def _execute(self, bench: Workbench, method: Method, k: int, units: list[tuple[list[PlannedRun], Task]],
+    def _execute(self, session: RunSession, method: Method, k: int, units: list[tuple[list[PlannedRun], Task]],
                  executor: Executor, observers: Observers) -> None:
         """Run every unit; each of its runs ends done, diverged or failed (error stored), and the sweep goes on.
 
         A unit's runs start when it is submitted, and no more units are in flight than the executor has
         room for: an interruption leaves only those unfinished.
         """
-        n_params = bench.trainable_param_count(k)
-        runtime = bench.setup(k).runtime  # what computed the cached inputs (None: the uncached path)
+        n_params = session.trainable_param_count(k)
+        runtime = session.inputs.setup(k).runtime  # what computed the cached inputs (None: the uncached path)
         waiting = list(units)
         in_flight: dict[object, list[PlannedRun]] = {}
         while waiting or in_flight:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from transferlab.core.errors import ConfigError, UserError
 from transferlab.data import ImageSplits
-from transferlab.features.workbench import Workbench
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.cut_plan import check_feature_augment_planned
 from transferlab.models import CATALOGUE, Backbone, check_weights_available, get_spec, load_backbone, with_source
 from transferlab.models.freezing import layer_names, layers_of_last_blocks
 from transferlab.sweep.config import SweepConfig
@@ -59,12 +60,13 @@ def check_ft_grid(cfg: SweepConfig, name: str, backbone: Backbone, splits: Image
     if all(augment == "none" for augment in cfg.ft.get("feature_augment", ("none",))):
         return
     ft_ks = ft_layer_counts(cfg, backbone)
-    bench = Workbench(backbone, splits, cfg.engine, None, cfg.data.on_bad_image, share_cut_layers=max(ft_ks.values()),
-                      layer_order=cfg.probe_base.layer_order)
+    order = cfg.probe_base.layer_order
+    inputs = CutInputs(backbone, splits, cfg.engine, None, cfg.data.on_bad_image, share_cut_layers=max(ft_ks.values()),
+                       layer_order=order)  # places the backbone as the sweep will
     for k in dict.fromkeys(ft_ks.values()):
         for augment in cfg.ft.get("feature_augment", ("none",)):
             try:
-                bench.check_feature_augment_planned(augment, k)
+                check_feature_augment_planned(inputs.backbone, splits, cfg.engine, augment, k, order)
             except ConfigError as e:
                 raise ConfigError("ft.feature_augment", e.value, f"{e.reason} ({name})") from None
 

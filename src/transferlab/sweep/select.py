@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 from transferlab.core.predictions import sweep_predictions_path, write_test_predictions
-from transferlab.features.workbench import Workbench
 from transferlab.sweep.ledger import Ledger, Method, RunRow
 from transferlab.sweep.plan import PlannedRun
 from transferlab.sweep.store import load_params
 from transferlab.train.config import selection_key
 from transferlab.train.observer import RunObserver
+from transferlab.train.session import RunSession
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def choose(rows: list[RunRow], order: list[str], select: str = "val_xent") -> Ru
                                     order.index(r["hash"])))
 
 
-def choose_and_test(ledger: Ledger, bench: Workbench, backbone: str, method: Method, planned: list[PlannedRun], select: str,
+def choose_and_test(ledger: Ledger, session: RunSession, backbone: str, method: Method, planned: list[PlannedRun], select: str,
                     out: Path, observers: RunObserver) -> str | None:
     """Choose among `planned` on validation (only once every run is finished) and evaluate the test split
     for the chosen run unless the ledger already holds its one test evaluation; the chosen hash (None: no
@@ -45,11 +45,11 @@ def choose_and_test(ledger: Ledger, bench: Workbench, backbone: str, method: Met
     h = chosen["hash"]
     ledger.choose(backbone, method, h)
     k = next(p.k for p in planned if p.hash == h)
-    if chosen["test_acc"] is None and bench.splits.test is not None:
-        bench.load_trained(k, load_params(out, h))
-        test = bench.evaluate_test(k)
+    if chosen["test_acc"] is None and session.inputs.splits.test is not None:
+        session.load_trained(k, load_params(out, h))
+        test = session.evaluate_test(k)
         assert test is not None
         # Per-image predictions of this one evaluation: the report's per-class insight reads them.
-        write_test_predictions(sweep_predictions_path(out, h), bench.splits.classes, test.files, test.labels, test.probs.numpy())
+        write_test_predictions(sweep_predictions_path(out, h), session.inputs.splits.classes, test.files, test.labels, test.probs.numpy())
         observers.test(h, test.accuracy)
     return h

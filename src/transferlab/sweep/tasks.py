@@ -123,7 +123,7 @@ def _views_key(cfg: TrainConfig) -> ViewsKey | None:
 
 
 def make_tasks(session: RunSession, executor: Executor, n_trainable_layers: int, cfgs: list[TrainConfig],
-               start_state: dict[str, torch.Tensor] | None, on_bad_image: str) -> list[tuple[list[int], Task]]:
+               start_state: dict[str, torch.Tensor] | None) -> list[tuple[list[int], Task]]:
     """The units of work that train `cfgs` on `session`'s inputs: (indices into `cfgs`, task) pairs.
 
     Linear probes on cached features train in batched groups (``probe_groups``); anything else is one
@@ -153,7 +153,7 @@ def make_tasks(session: RunSession, executor: Executor, n_trainable_layers: int,
     for i, cfg in enumerate(cfgs):
         key = _views_key(cfg)
         mine = None if shared is None else dataclasses.replace(shared, views={} if key is None else {key: views[key]})
-        tasks.append(([i], TrainTask(shipped_backbone, splits, engine, on_bad_image, k, mine, cfg, start, executor.threads)))
+        tasks.append(([i], TrainTask(shipped_backbone, splits, engine, session.inputs.on_bad_image, k, mine, cfg, start, executor.threads)))
     return tasks
 
 
@@ -161,7 +161,7 @@ def train_probes(session: RunSession, cfgs: list[TrainConfig], on_epoch: OnEpoch
     """Linear probes for `cfgs` on `session`'s inputs, in this process, grouped and run as a sweep runs them;
     `on_epoch(i, record)` sees the records of `cfgs[i]`."""
     results: list[FitResult | None] = [None] * len(cfgs)
-    for members, task in make_tasks(session, InProcessExecutor(), 1, cfgs, None, session.inputs.on_bad_image):
+    for members, task in make_tasks(session, InProcessExecutor(), 1, cfgs, None):
         report = None if on_epoch is None else (lambda member, record, members=members: on_epoch(members[member], record))
         for i, result in zip(members, task(report)):
             results[i] = result

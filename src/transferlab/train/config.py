@@ -10,6 +10,7 @@ from typing import Any
 
 from transferlab.core.errors import ConfigError
 from transferlab.core.fields import option
+from transferlab.features.cut_plan import parse_feature_augment
 
 
 @dataclass(frozen=True)
@@ -86,16 +87,6 @@ class TrainConfig:
     def schedule(self) -> tuple:
         """Everything but lr, l2 and patience: runs that share it see identical minibatches."""
         return tuple(v for k, v in dataclasses.asdict(self).items() if k not in ("lr", "l2", "patience"))
-
-
-def parse_feature_augment(text: str) -> tuple[str, int] | None:
-    """("none", 0), ("map", 0) or ("views", K) from a --ft-augment value; None if it is not one."""
-    if text in ("none", "map"):
-        return text, 0
-    kind, _, k = text.partition(":")
-    if kind == "views" and k.isdigit() and int(k) >= 1:
-        return "views", int(k)
-    return None
 
 
 def selection_key(select: str, val_xent: float, val_err: float) -> tuple[float, float]:
