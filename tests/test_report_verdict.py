@@ -134,7 +134,7 @@ def test_limits_are_flagged_per_row(tmp_path):
 
 
 def test_the_ranking_follows_select_and_export_takes_the_top_row(tmp_path):
-    from transferlab.deploy.trained import pick_choice, sweep_choices
+    from transferlab.sweep.select import pick_choice, sweep_choices
 
     for select, order in (("val_xent", [BETA, ALPHA, ALPHA]), ("val_err", [ALPHA, ALPHA, BETA])):
         out = make_sweep(tmp_path / select, select)

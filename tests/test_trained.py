@@ -3,7 +3,8 @@
 import pytest
 
 from transferlab.core.errors import ConfigError, UserError
-from transferlab.deploy.trained import load_trained, pick_choice
+from transferlab.deploy.trained import load_trained
+from transferlab.sweep.select import pick_choice
 
 
 def row(backbone, method, val_xent, val_err):

@@ -94,7 +94,7 @@ def test_a_refused_rerun_writes_nothing_and_keeps_the_choices(tiny_folder, tmp_p
     assert not fresh_cache.exists() or not any(fresh_cache.rglob("*"))  # refused before any image was extracted
     assert main(["report", str(out)]) == 0
     assert summary(out) == rows
-    from transferlab.deploy.trained import pick_choice, sweep_choices
+    from transferlab.sweep.select import pick_choice, sweep_choices
 
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     try:

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferlab.core.errors import ConfigError, UserError
+from transferlab.core.errors import UserError
 from transferlab.core.hashing import file_digest, stable_hash
 from transferlab.data import Preprocessing
 from transferlab.models import DEFAULT_MODEL_DIR, Backbone, load_backbone
 from transferlab.models.freezing import load_state_strict
 from transferlab.models.heads import new_head
-from transferlab.sweep.ledger import METHODS
 from transferlab.sweep.manifest import read_backbone, read_manifest
+from transferlab.sweep.select import pick_choice, sweep_choices
 
 log = logging.getLogger(__name__)
 
@@ -136,39 +136,6 @@ def _data_provenance(summary: dict, data_config: dict | None, data_digest: str |
     if data_config is not None:
         out["config"] = data_config
     return out
-
-
-def sweep_choices(ledger) -> list[dict]:
-    """Every chosen run of a sweep ledger: backbone, method, hash, val_xent."""
-    rows = []
-    for name in read_manifest(ledger).backbones:
-        for method in METHODS:
-            h = ledger.choice(name, method)
-            if h is None:
-                continue
-            run = ledger.run(h)
-            metrics = run.get("metrics") or {}
-            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": metrics.get("val_xent"),
-                         "val_err": metrics.get("val_err"), "run": run})
-    return rows
-
-
-def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str, select: str = "val_xent") -> dict:
-    """The chosen run for (backbone, method); unspecified parts: the best under the sweep's `select`
-    criterion (lowest validation cross-entropy, ties: validation error; or the reverse)."""
-    if method is not None and method not in METHODS:
-        raise ConfigError("method", method, "expected LP or LP-FT")
-    fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
-    if not fits:
-        known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
-        asked = "/".join(x for x in (backbone, method) if x) or "any"
-        raise UserError(f"{where}: no chosen run for {asked} (chosen runs: {known})")
-    finite = [c for c in fits if c["val_xent"] is not None and c.get("val_err") is not None]
-    if not finite:
-        return fits[0]
-    from transferlab.train.config import selection_key
-
-    return min(finite, key=lambda c: selection_key(select, c["val_xent"], c["val_err"]))
 
 
 def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> TrainedModel:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from transferlab.core.errors import ConfigError, UserError
 from transferlab.core.predictions import sweep_predictions_path, write_test_predictions
-from transferlab.sweep.ledger import Ledger, Method, RunRow
+from transferlab.sweep.ledger import METHODS, Ledger, Method, RunRow
+from transferlab.sweep.manifest import read_manifest
 from transferlab.sweep.plan import PlannedRun
 from transferlab.sweep.store import load_params
 from transferlab.train.config import selection_key
@@ -53,3 +55,35 @@ def choose_and_test(ledger: Ledger, session: RunSession, backbone: str, method: 
         write_test_predictions(sweep_predictions_path(out, h), session.inputs.splits.classes, test.files, test.labels, test.probs.numpy())
         observers.test(h, test.accuracy)
     return h
+
+
+def sweep_choices(ledger: Ledger) -> list[dict]:
+    """Every chosen run of a sweep ledger: backbone, method, hash, val_xent, val_err and the run's row."""
+    rows = []
+    for name in read_manifest(ledger).backbones:
+        for method in METHODS:
+            h = ledger.choice(name, method)
+            if h is None:
+                continue
+            run = ledger.run(h)
+            assert run is not None  # a choice references its run (foreign key)
+            metrics = run["metrics"] or {}
+            rows.append({"backbone": name, "method": method, "hash": h, "val_xent": metrics.get("val_xent"),
+                         "val_err": metrics.get("val_err"), "run": run})
+    return rows
+
+
+def pick_choice(choices: list[dict], backbone: str | None, method: str | None, where: str, select: str = "val_xent") -> dict:
+    """The chosen run for (backbone, method), as export takes it; unspecified parts: the best under the
+    sweep's `select` criterion (lowest validation cross-entropy, ties: validation error; or the reverse)."""
+    if method is not None and method not in METHODS:
+        raise ConfigError("method", method, "expected LP or LP-FT")
+    fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
+    if not fits:
+        known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
+        asked = "/".join(x for x in (backbone, method) if x) or "any"
+        raise UserError(f"{where}: no chosen run for {asked} (chosen runs: {known})")
+    finite = [c for c in fits if c["val_xent"] is not None and c.get("val_err") is not None]
+    if not finite:
+        return fits[0]
+    return min(finite, key=lambda c: selection_key(select, c["val_xent"], c["val_err"]))
