@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import transferlab
-import transferlab.train.probe_run
+import transferlab.api
 from transferlab.core.errors import ConfigError
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DataConfig
@@ -66,7 +66,7 @@ def test_the_positional_arguments_are_checked_by_name(tmp_path, argument, value,
 
 def test_numpy_numbers_are_numbers_and_the_config_holds_plain_ones(tmp_path, monkeypatch):
     built = []
-    monkeypatch.setattr(transferlab.train.probe_run, "run_probe", lambda cfg, out, command: built.append((cfg, out, command)) or {})
+    monkeypatch.setattr(transferlab.api, "run_probe", lambda cfg, out, command, observers: built.append((cfg, out, command)) or {})
     transferlab.probe(tmp_path, tmp_path / "out", lr=np.float32(1e-3), epochs=np.int64(7), l2=1,
                       wise_alphas=[np.float64(0.5), 1], max_per_class=np.int32(4))
     cfg, out, command = built[0]

@@ -182,7 +182,7 @@ def test_a_runtime_error_midway_redoes_the_pass_in_eager_pytorch(tiny_folder, re
 
 def test_a_probe_gives_the_same_test_accuracy_with_every_runtime(tiny_folder, tmp_path):
     need(DEFAULT)
-    from transferlab.train.probe_run import probe
+    from transferlab.api import probe
 
     runs = {}
     for runtime in ("torch", "onnxruntime", DEFAULT):

@@ -78,10 +78,11 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    from transferlab.api import run_probe
     from transferlab.cli.flags import field_values
     from transferlab.cli.sweep import reproduce_command
     from transferlab.core.fields import build_config
-    from transferlab.train.probe_run import ProbeConfig, run_probe
+    from transferlab.train.probe_run import ProbeConfig
 
     flags = [fl for _, group in _probe_flag_groups() for fl in group]
     cfg = build_config(ProbeConfig, field_values(flags, vars(args)))
@@ -92,11 +93,12 @@ def cmd_probe(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from transferlab.api import run_probe
     from transferlab.cli.sweep import reproduce_command
     from transferlab.data import DataConfig
     from transferlab.data.demo import write_digits_folder
     from transferlab.train.config import TrainConfig
-    from transferlab.train.probe_run import EngineConfig, ProbeConfig, run_probe
+    from transferlab.train.probe_run import EngineConfig, ProbeConfig
 
     out = Path(args.out)
     data = write_digits_folder(out / "digits")

@@ -116,7 +116,7 @@ def preprocessing_recipe(pre: Preprocessing) -> dict:
 def model_config(trained: TrainedModel) -> dict:
     """config.json (without ``files``, which :func:`write_config` adds): everything needed to rebuild,
     feed and trace `trained`; also a run folder's record when predict loads it directly."""
-    from transferlab import __version__
+    from transferlab.core.version import __version__
 
     spec = trained.backbone.spec
     pre = trained.preprocessing

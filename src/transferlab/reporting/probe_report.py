@@ -21,18 +21,12 @@ import numpy as np
 
 from transferlab.core.errors import UserError
 from transferlab.core.files import atomic_write_bytes
-from transferlab.reporting.verdict import limit_warnings, resolution_sentence, wilson_interval
+from transferlab.reporting.verdict import resolution_sentence, wilson_interval
+from transferlab.train.limits import probe_warnings
 
 RECORD_FILE = "run.json"
 PREDICTIONS_FILE = "test_predictions.json"
 REPORT_FILE = "report.html"
-
-
-def probe_warnings(best_epoch: int | None, epochs: int | None, epochs_run: int | None = None,
-                   patience: int | None = None) -> list[str]:
-    """A probe's limit warnings: the epoch cap, not early stopping, ended it (its best epoch at the cap,
-    or within `patience` of it) means it had not converged; a single run has no grid, so no grid edges."""
-    return limit_warnings(best_epoch, epochs, "--epochs", {}, {}, epochs_run=epochs_run, patience=patience)
 
 
 def is_probe_folder(out: str | Path) -> bool:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from transferlab.reporting.compare import paired_comparison
+from transferlab.train.limits import EDGE_MARGIN, limit_warnings
+
+__all__ = ["EDGE_MARGIN", "limit_warnings"]  # the limits of a run are the trainer's; the verdict shows them
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -129,53 +132,3 @@ def resolution_sentence(n_test: int) -> str:
     step = 100 / n_test
     points = f"{step:.2g}" if step < 10 else f"{step:.0f}"  # 2 significant digits, never '1e+02'
     return f"{n_test} test image{'s' if n_test != 1 else ''}: one image = {points} point{'' if points == '1' else 's'}."
-
-
-EDGE_MARGIN = 0.01  # a grid edge matters when it beats its inner neighbour by more than 1% of the metric
-
-
-def limit_warnings(best_epoch: int | None, epoch_cap: int | None, epochs_flag: str,
-                   chosen: Mapping[str, object], grids: Mapping[str, Sequence], wise_alpha: float | None = None,
-                   epochs_run: int | None = None, patience: int | None = None,
-                   scores: Mapping[str, Mapping[float, float]] | None = None, metric: str = "val_xent") -> list[str]:
-    """Warnings where a choice sits at a limit of what was tried.
-
-    Not converged: the best epoch is the last (`best_epoch` = `epoch_cap`), or the cap, not early
-    stopping, ended the run (`epochs_run` = `epoch_cap`) with the best epoch in its last tenth and
-    within `patience` (best epoch 99 of 100): a run whose best epoch is 3 of 15 has had 12 epochs to
-    improve and did not. A grid edge: the chosen value is the largest (or smallest non-zero) of its
-    grid; with `scores` ({flag: {value: best `metric` over the grid's runs at that value}}) only when
-    it beats its inner neighbour by more than EDGE_MARGIN (relative), with both numbers said, since a
-    difference in the fourth digit says nothing about what lies beyond the grid. A grid of one value
-    has no edge. `wise_alpha` 0 means the interpolation kept the probe.
-    """
-    warnings = []
-    if best_epoch is not None and epoch_cap is not None and epoch_cap > 0:
-        window = min(patience if patience else epoch_cap, math.ceil(epoch_cap / 10))
-        if best_epoch >= epoch_cap:
-            warnings.append(f"best epoch {best_epoch} of {epoch_cap}: not converged, raise {epochs_flag}")
-        elif epochs_run is not None and epochs_run >= epoch_cap and epoch_cap - best_epoch < window:
-            warnings.append(f"best epoch {best_epoch} of {epoch_cap}, and the epoch cap, not early stopping, ended the run: "
-                            f"not converged, raise {epochs_flag}")
-    label = {"val_xent": "val xent", "val_err": "val err"}.get(metric, metric)
-    for flag, values in grids.items():
-        tried = sorted({float(v) for v in values})
-        value = chosen.get(flag)
-        if len(tried) < 2 or value is None:
-            continue
-        v = float(value)  # type: ignore[arg-type]
-        if v == tried[-1]:
-            where, inner = "top", tried[-2]
-        elif v == tried[0] and v > 0:  # zero (no regularisation) is a floor, not an edge
-            where, inner = "bottom", tried[1]
-        else:
-            continue
-        by_value = (scores or {}).get(flag)
-        if by_value is None or v not in by_value or inner not in by_value:
-            warnings.append(f"{flag} {v:g} is at the {where} of its grid: extend the grid")
-        elif by_value[inner] - by_value[v] > EDGE_MARGIN * abs(by_value[inner]):
-            warnings.append(f"{flag} {v:g} is at the {where} of its grid ({label} {by_value[v]:.4g} there, {by_value[inner]:.4g} "
-                            f"at {inner:g}): extend the grid")
-    if wise_alpha == 0:
-        warnings.append("interpolation a = 0: fine-tuning did not help; the probe stands")
-    return warnings

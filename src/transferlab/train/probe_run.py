@@ -1,32 +1,32 @@
-"""One probe (or last-k-layers fine-tune) as a command: configs in, run.json / head.safetensors / curves / report out."""
+"""One probe (or last-k-layers fine-tune): configs in, run.json / head.safetensors / test_predictions.json out
+(its report is built from them by the caller: ``transferlab.api.run_probe``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
-from transferlab.core.errors import ConfigError
-from transferlab.core.fields import build_config, check_keywords, config_fields, field_doc, keyword_signature, option, path_argument
+from transferlab.core.fields import option
 from transferlab.core.files import atomic_write_bytes, check_writable_dir, created_dirs_removed_on_failure, write_json
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DataConfig
 from transferlab.features.cut_inputs import CutInputs
 from transferlab.features.engine import EngineConfig
 from transferlab.models import DEFAULT_BACKBONE, DEFAULT_MODEL_DIR, load_backbone
-from transferlab.reporting.probe_report import probe_warnings
 from transferlab.train.config import TrainConfig
+from transferlab.train.limits import probe_warnings
 from transferlab.train.objective import Objective
+from transferlab.train.observer import Observers, RunEnd, RunInfo, RunObserver
 from transferlab.train.results import EpochRecord, FitResult
 from transferlab.train.session import RunSession
 
-__all__ = ["CutInputs", "DataConfig", "EngineConfig", "ProbeConfig", "RunSession", "probe", "run_probe"]
+__all__ = ["CutInputs", "DataConfig", "EngineConfig", "ProbeConfig", "RunSession", "train_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -127,22 +127,35 @@ def clear_run_outputs(out: Path) -> None:
             path.unlink()
 
 
-def run_probe(cfg: ProbeConfig, out: str | Path, command: str | None = None) -> dict:
-    """Train one probe (or last-k-layers fine-tune) and write run.json, head.safetensors, curves.png and
-    report.html (and with a test split test_predictions.json, insight.html, insight/). An earlier run's outputs in
-    `out` are kept until this run has its results, then all replaced (:data:`RUN_OUTPUTS`).
+class ProbeProgress(RunObserver):
+    """The probe's epoch bar."""
+
+    def __init__(self, epochs: int, enabled: bool):
+        self.bar = tqdm(total=epochs + 1, desc="epochs", unit="ep", disable=not enabled, leave=False)
+
+    def epoch(self, run_id: str, record: EpochRecord) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}", refresh=False)
+
+    def run_end(self, run_id: str, end: RunEnd) -> None:
+        self.bar.close()
+
+
+def train_probe(cfg: ProbeConfig, out: str | Path, command: str | None = None, observers: Sequence[RunObserver] = ()) -> dict:
+    """Train one probe (or last-k-layers fine-tune) and write run.json and head.safetensors (and with a test
+    split test_predictions.json). An earlier run's outputs in `out` (its report included) are kept until
+    this run has its results, then all removed (:data:`RUN_OUTPUTS`).
 
     `command` (the command line or Python call that reproduces the run) goes into run.json and the report.
+    `observers` see the run's events (its id: the output folder); the epoch bar is one of them.
     Returns the run record (also in ``out/run.json``). A failure leaves no new, empty `out` behind.
     """
     with created_dirs_removed_on_failure():
-        return _run_probe(cfg, out, command)
+        return _run_probe(cfg, out, command, observers)
 
 
-def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None) -> dict:
+def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None, observers: Sequence[RunObserver]) -> dict:
     from safetensors.torch import save
-
-    from transferlab.reporting.probe_report import build_probe_report
 
     t0 = time.perf_counter()
     cfg.train.validate()
@@ -154,14 +167,13 @@ def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None) -> dict:
     t_load = time.perf_counter()
     session.inputs.setup(cfg.n_trainable_layers)
     t_inputs = time.perf_counter()
-    bar = tqdm(total=cfg.train.epochs + 1, desc="epochs", unit="ep", disable=not cfg.engine.progress, leave=False)
-
-    def on_epoch(record: EpochRecord) -> None:
-        bar.update(1)
-        bar.set_postfix(val_xent=f"{record['val_xent']:.4f}", val_err=f"{record['val_err']:.3f}", refresh=False)
-
-    result = session.run(cfg.train, cfg.n_trainable_layers, on_epoch=on_epoch)
-    bar.close()
+    watch = Observers([ProbeProgress(cfg.train.epochs, cfg.engine.progress), *observers])
+    run_id, k = str(out), cfg.n_trainable_layers
+    watch.run_start(RunInfo(run_id, session.inputs.backbone.spec.name, "probe", cfg.train, k, f"layers:{k}"))
+    result = session.run(cfg.train, k, on_epoch=lambda record: watch.epoch(run_id, record))
+    val_xent, val_err = result.val_metrics
+    watch.run_end(run_id, RunEnd(result.status, {"best_epoch": result.best_epoch, "val_xent": val_xent, "val_err": val_err},
+                                 result=result))
     t_fit = time.perf_counter()
     test = session.evaluate_test(cfg.n_trainable_layers) if result.status == "done" else None
     # Only now, with this run's results in hand, does the folder stop showing the previous run's.
@@ -176,39 +188,9 @@ def _run_probe(cfg: ProbeConfig, out: str | Path, command: str | None) -> dict:
         "train_loop_s": result.train_seconds, "test_s": t_test - t_fit, "total_s": t_test - t0,
     }
     record = run_record(cfg, session, result, None if test is None else test.accuracy, seconds, command)
+    if test is not None:
+        watch.test(run_id, test.accuracy)
     tensors = {k: v.detach().cpu().contiguous() for k, v in result.best_state.items()}
     atomic_write_bytes(out / "head.safetensors", save(tensors, metadata={"backbone": session.inputs.backbone.spec.name}))
     write_json(out / "run.json", record)
-    build_probe_report(out)  # curves.png, the insight and report.html, from run.json and test_predictions.json alone
     return record
-
-
-def probe(data: str | os.PathLike, out: str | os.PathLike, backbone: str = DEFAULT_BACKBONE, **fields: Any) -> dict:
-    """Python twin of ``transferlab probe``: train one probe on `data`, write outputs to `out`, return the record.
-
-    Keyword arguments are the config fields below (those of ``ProbeConfig`` and its ``DataConfig``,
-    ``TrainConfig`` and ``EngineConfig``), by name and with their types: ``probe(data, out, lr=1e-3)``;
-    any real number is a float and any integral one an int (``np.float32``, ``np.int64``), stored as
-    the plain Python number. An unknown name, a sweep-only one or a value of the wrong type raises a
-    ConfigError naming the field (and close names).
-    """
-    data_text, out_text = path_argument("data", data), path_argument("out", out)
-    if not isinstance(backbone, str):
-        raise ConfigError("backbone", repr(backbone), f"expected str, got {type(backbone).__name__}")
-    checked = check_keywords(PROBE_FIELDS, fields, _sweep_options())
-    call = ", ".join([repr(data_text), repr(out_text), f"backbone={backbone!r}", *(f"{k}={v!r}" for k, v in checked.items())])
-    return run_probe(build_config(ProbeConfig, {**checked, "data": data_text, "backbone": backbone}), out_text,
-                     command=f"transferlab.probe({call})")
-
-
-def _sweep_options() -> dict[str, str]:
-    """{field: what a probe says of it} for the fields only ``transferlab sweep`` has (``ft_blocks``, ``seeds``)."""
-    from transferlab.cli.sweep import SWEEP_FLAGS
-
-    return {fl.field: f"is a sweep option (transferlab sweep {fl.flag}), not a probe field"
-            for fl in SWEEP_FLAGS if fl.field not in PROBE_FIELDS}
-
-
-PROBE_FIELDS = config_fields(ProbeConfig)
-probe.__signature__ = keyword_signature(probe, PROBE_FIELDS, skip=("data",))  # type: ignore[attr-defined]
-probe.__doc__ = f"{probe.__doc__}\n    Fields:\n{field_doc({k: v for k, v in PROBE_FIELDS.items() if k not in ('data', 'backbone')})}\n"
