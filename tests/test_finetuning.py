@@ -253,7 +253,7 @@ def test_sweep_fine_tuning_flags_are_checked_by_their_own_names(tiny_folder, tmp
     base = ["sweep", "--data", str(tiny_folder), "--out", str(tmp_path / "o"), "--lpft", "--device", "cpu", "--no-progress"]
     for flags, expected in [(["--ft-wise", "1.5"], "--ft-wise 1.5: every a must be in [0, 1]"),
                             (["--ft-l2sp", "-1"], "--ft-l2sp -1.0: must be zero or positive"),
-                            (["--ft-epochs", "2", "--ft-warmup-epochs", "5"], "--ft-warmup-epochs 5: must be in [0, --ft-epochs]"),
+                            (["--ft-epochs", "2", "--ft-warmup-epochs", "5"], "--ft-warmup-epochs 5: must be in [0, epochs = 2]"),
                             (["--ft-patience", "0"], "--ft-patience 0: must be at least 1"),
                             (["--ft-augment", "views:0"], "--ft-augment views:0: expected none, map or views:K"),
                             (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),

@@ -5,6 +5,7 @@ import pytest
 from transferlab.cli.main import main
 from transferlab.reporting.report import SUMMARY_KEYS
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import read_manifest
 from transferlab.train.session import RunSession
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
@@ -135,7 +136,8 @@ def test_yaml_config_with_flags_overriding(tiny_folder, tmp_path):
     args = build_parser().parse_args(["sweep", "--config", str(yml), "--lr", "0.5"])
     args.argv = []
     cfg, _executor = build_configs(resolve(args))
-    assert cfg.lrs == (0.5,) and cfg.l2s == (0.0, 1.0) and cfg.seeds == (3,) and cfg.lpft and cfg.ft_layers == (2,)
+    assert cfg.lp.get("lr") == (0.5,) and cfg.lp.get("l2") == (0.0, 1.0) and cfg.lp.get("seed") == (3,)
+    assert cfg.lpft and cfg.ft.get("layers") == (2,)
     yml.write_text("data: x\nout: y\nlearning_rate: 3\n")
     args = build_parser().parse_args(["sweep", "--config", str(yml)])
     args.argv = []
@@ -175,4 +177,4 @@ def test_ft_blocks_train_whole_blocks_and_the_layer_order_is_recorded(tiny_folde
     assert ft["method"] == "LP-FT" and ft["n_trainable_layers"] == 9
     ledger = Ledger(out / "ledger.sqlite", readonly=True)
     assert {r["config"]["layer_order"] for r in ledger.runs()} == {"forward"}
-    assert ledger.get_meta("config")["ft_blocks"] == [4]
+    assert read_manifest(ledger).phase("ft")["blocks"] == [4]

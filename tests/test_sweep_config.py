@@ -65,7 +65,7 @@ def test_flags_fill_the_phase_mappings_and_any_field_can_be_an_axis():
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--lpft", "--ft-lr", "-1"], "--ft-lr -1.0: must be a positive number"),
     (["--lr", "-1"], "--lr -1.0: must be a positive number"),
-    (["--lpft", "--ft-warmup-epochs", "20"], "--ft-warmup-epochs 20: must be in [0, epochs]"),
+    (["--lpft", "--ft-warmup-epochs", "20"], "--ft-warmup-epochs 20: must be in [0, epochs = 10]"),
     (["--lpft", "--ft-momentum", "0.5", "--ft-optimizer", "rmsprop"], "--ft-optimizer rmsprop: expected one of adam, sgd"),
     (["--lpft", "--ft-l2sp", "-1"], "--ft-l2sp -1.0: must be zero or positive"),
     (["--lpft", "--ft-blocks", "0"], "--ft-blocks 0: must be at least 1"),

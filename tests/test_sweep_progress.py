@@ -11,6 +11,7 @@ from transferlab.cli.main import main
 from transferlab.cli.sweep import n_test_images, summary_lines
 from transferlab.reporting.verdict import wilson_interval
 from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.manifest import SweepManifest, write_manifest
 from transferlab.sweep.plan import PhasePlan, plan_line, progress_desc, time_left_text
 from transferlab.train.session import RunSession
 
@@ -91,9 +92,9 @@ def test_the_test_image_count_comes_from_the_ledger_data_summary(tmp_path):
     assert n_test_images(tmp_path) is None  # no ledger
     ledger = Ledger(tmp_path / "ledger.sqlite")
     assert n_test_images(tmp_path) is None  # a ledger without a data summary
-    ledger.set_meta("data_summary", {"train": {"n": 24}, "val": {"n": 9}})
+    write_manifest(ledger, SweepManifest(data_summary={"train": {"n": 24}, "val": {"n": 9}}))
     assert n_test_images(tmp_path) is None  # no test split
-    ledger.set_meta("data_summary", {"train": {"n": 24}, "val": {"n": 9}, "test": {"n": 9}})
+    write_manifest(ledger, SweepManifest(data_summary={"train": {"n": 24}, "val": {"n": 9}, "test": {"n": 9}}))
     ledger.close()
     assert n_test_images(tmp_path) == 9
     (tmp_path / "ledger.sqlite").write_bytes(b"not a database")

@@ -65,7 +65,7 @@ def test_efficientnet_lite_last_layers_follow_the_forward_pass():
     # Blocks with parameters, last first: classifier, bn2, conv_head, blocks.6.0 (6 layers).
     assert [layers_of_last_blocks(bb, n) for n in (1, 2, 3, 4)] == [1, 2, 3, 9]
     assert plan_cut(bb, layers_of_last_blocks(bb, 4)).name == "blocks.6.0"
-    with pytest.raises(ConfigError, match="ft_blocks=0: must be between 1 and"):
+    with pytest.raises(ConfigError, match="ft.blocks=0: must be between 1 and"):
         layers_of_last_blocks(bb, 0)
 
 
