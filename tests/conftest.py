@@ -118,3 +118,18 @@ def resnet10_random():
     from transferlab.models import load_backbone
 
     return load_backbone("resnet10", pretrained=False)
+
+
+def without_torch(body: str) -> str:
+    """Python code that runs `body` with torch blocked from import and the transferlab package face skipped
+    (it imports torch), so that only the subpackages `body` imports are loaded."""
+    src = Path(__file__).resolve().parents[1] / "src" / "transferlab"
+    return ("import sys, types\n"
+            "class _Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('torch is blocked in this test')\n"
+            "sys.meta_path.insert(0, _Block())\n"
+            f"pkg = types.ModuleType('transferlab'); pkg.__path__ = [{str(src)!r}]; sys.modules['transferlab'] = pkg\n"
+            + body
+            + "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")

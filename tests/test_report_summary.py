@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import without_torch
 from transferlab.reporting.summary import SUMMARY_KEYS, grid_scores, planned_runs, row_warnings, summary_rows, write_summary
 from transferlab.sweep.ledger import Ledger
 from transferlab.sweep.manifest import BackboneRecord, SweepManifest, write_backbone, write_manifest
@@ -116,7 +117,6 @@ def test_write_summary_writes_the_rows_as_json_and_csv_with_joined_warnings(tmp_
 
 
 def test_the_sweep_report_builds_with_torch_blocked(tmp_path):
-    # The transferlab package itself imports torch; load the reporting subpackage alone with torch blocked.
     out = tmp_path / "sweep"
     out.mkdir()
     ledger = Ledger(out / "ledger.sqlite")
@@ -126,18 +126,10 @@ def test_the_sweep_report_builds_with_torch_blocked(tmp_path):
     ledger.choose("m", "LP", "m0")
     ledger.record_test("m0", 0.5)
     ledger.close()
-    code = (
-        "import sys, types\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, _Block())\n"
-        f"pkg = types.ModuleType('transferlab'); pkg.__path__ = [{str(SRC / 'transferlab')!r}]; sys.modules['transferlab'] = pkg\n"
+    code = without_torch(
         "from transferlab.reporting.report import build_report\n"
         f"rows = build_report({str(out)!r})\n"
         "assert [(r['backbone'], r['method']) for r in rows] == [('m', 'LP')]\n"
-        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
