@@ -5,10 +5,11 @@ import pytest
 from transferlab.cli.main import main
 from transferlab.reporting.report import SUMMARY_KEYS
 from transferlab.sweep.ledger import Ledger
-from transferlab.sweep.manifest import read_manifest
+from transferlab.sweep.manifest import read_backbone, read_manifest
 from transferlab.train.session import RunSession
 
-GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
+NAME = "efficientnet_lite0"
+GRID = ["--backbones", NAME, "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
         "--epochs", "6", "--patience", "3", "--ft-epochs", "6", "--ft-patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3", "--ft-layers", "3",
         "--device", "cpu", "--workers", "0", "--no-progress"]
 
@@ -113,6 +114,11 @@ def test_interrupted_sweep_resumes_to_the_same_summary(tiny_folder, tmp_path, mo
     statuses = sorted(r["status"] for r in ledger.runs())
     assert statuses.count("running") == 1 and statuses.count("done") == 9
     assert ledger.integrity() == "ok"
+    # what export checks each run hash with is stored as the hash is made, not when the backbone is done
+    full_ledger = Ledger(full / "ledger.sqlite", readonly=True)
+    assert read_backbone(ledger, NAME).numerics == read_backbone(full_ledger, NAME).numerics != {}
+    full_ledger.close()
+    ledger.close()
     monkeypatch.setattr(RunSession, "run", original)
     assert sweep(tiny_folder, out) == 0
     assert (out / "summary.json").read_bytes() == (full / "summary.json").read_bytes()

@@ -10,9 +10,9 @@ import pytest
 
 from transferlab.cli.main import main
 from transferlab.cli.sweep import PHASE_FLAGS, build_configs, load_yaml
-from transferlab.core.errors import ConfigError
+from transferlab.core.errors import ConfigError, UserError
 from transferlab.data import DataConfig
-from transferlab.sweep.config import PhaseGrid, SweepConfig, phase_flag
+from transferlab.sweep.config import SWEEP_WIDE, UNIT_FIELDS, PhaseGrid, SweepConfig, phase_flag
 from transferlab.train.config import TrainConfig
 
 
@@ -27,7 +27,8 @@ def configs(*argv: str) -> SweepConfig:
 def test_every_training_field_is_a_flag_and_a_yaml_key_of_both_phases(tmp_path):
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     for phase in ("lp", "ft"):
-        assert {n for n in names} <= {k.split(".", 1)[1] for k in PHASE_FLAGS if k.startswith(phase + ".")}
+        wide = set(SWEEP_WIDE) if phase == "ft" else set()  # one value for the whole sweep: the probes' flag
+        assert set(names) - wide == {k.split(".", 1)[1] for k in PHASE_FLAGS if k.startswith(phase + ".")} - set(UNIT_FIELDS)
     yaml_file = tmp_path / "g.yaml"
     yaml_file.write_text("lp:\n" + "".join(f"  {n}: {v!r}\n" for n, v in [("lr", [0.1]), ("batch_size", [8, 16])])
                          + "ft:\n  lr: [0.001]\n  blocks: [2]\n  batch_size: [4]\n")
@@ -69,13 +70,18 @@ def test_flags_fill_the_phase_mappings_and_any_field_can_be_an_axis():
     (["--lpft", "--ft-momentum", "0.5", "--ft-optimizer", "rmsprop"], "--ft-optimizer rmsprop: expected one of adam, sgd"),
     (["--lpft", "--ft-l2sp", "-1"], "--ft-l2sp -1.0: must be zero or positive"),
     (["--lpft", "--ft-blocks", "0"], "--ft-blocks 0: must be at least 1"),
-    (["--lpft", "--ft-select", "val_err"], "--ft-select val_err: is the probes' (--select), one value for the whole sweep"),
     (["--select", "val_err,val_xent"], "--select val_err,val_xent: takes one value for the whole sweep"),
 ])
 def test_one_validator_whose_errors_name_the_phase_flag(tmp_path, capsys, argv, expected):
     code = main(["sweep", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *argv])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"transferlab: error: {expected}"
+
+
+def test_fields_of_the_whole_sweep_are_set_once_for_the_probes():
+    cfg = SweepConfig(DataConfig("d"), lpft=True, ft=PhaseGrid.of("ft", {"select": ("val_err",)}))
+    with pytest.raises(ConfigError, match=r"ft.select=val_err: is the probes' \(--select\), one value for the whole sweep"):
+        cfg.validate()
 
 
 def test_a_phase_grid_refuses_names_that_are_not_training_fields():
@@ -89,3 +95,37 @@ def test_phase_flags_keep_the_earlier_names():
     assert [phase_flag("lp", n) for n in ("lr", "l2", "seed", "epochs")] == ["--lr", "--l2", "--seeds", "--epochs"]
     assert [phase_flag("ft", n) for n in ("lr", "feature_augment", "wise_alphas", "label_smoothing", "backbone_lr_mult")] == [
         "--ft-lr", "--ft-augment", "--ft-wise", "--label-smoothing", "--ft-backbone-lr-mult"]
+
+
+def test_the_python_api_takes_one_value_or_a_list_and_checks_types():
+    grid = PhaseGrid.of("ft", {"wise_alphas": (0, 0.5, 1), "epochs": 5, "lr": [1e-4, 1e-3]})
+    assert grid.get("wise_alphas") == ((0.0, 0.5, 1.0),) and grid.get("epochs") == (5,) and grid.get("lr") == (1e-4, 1e-3)
+    assert PhaseGrid.of("ft", {"wise_alphas": [[0, 1], [0.5]]}).get("wise_alphas") == ((0.0, 1.0), (0.5,))
+    with pytest.raises(ConfigError, match="ft.epochs=ten: expected int"):
+        PhaseGrid.of("ft", {"epochs": "ten"})
+
+
+def test_an_empty_interpolation_list_is_refused(tmp_path, capsys):
+    code = main(["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--lpft", "--ft-wise", ""])
+    assert code == 2 and capsys.readouterr().err.strip().endswith("--ft-wise : needs at least one value")
+
+
+def test_yaml_boolean_axes_collisions_and_sweep_wide_fields(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("ft:\n  train_bn: [false, true]\n")
+    cfg = build_configs(load_yaml(str(path)))[0]
+    assert [c.train_bn for c in cfg.finetune_configs(TrainConfig())] == [False, True, False, True]  # lr, then train_bn
+    path.write_text("lr: [0.1]\nlp:\n  lr: [0.2]\n")
+    with pytest.raises(UserError, match="lp.lr and lr both give --lr: keep one"):
+        load_yaml(str(path))
+    path.write_text("ft:\n  select: [val_err]\n")
+    with pytest.raises(UserError, match="ft.select holds for the whole sweep: set it once, as lp.select"):
+        load_yaml(str(path))
+
+
+def test_probe_names_the_sweep_options_it_does_not_take(tmp_path):
+    import transferlab
+
+    for name, flag in [("lrs", "--lr"), ("ft_blocks", "--ft-blocks"), ("seeds", "--seeds"), ("kind", "--executor")]:
+        with pytest.raises(ConfigError, match=f"is a sweep option \\(transferlab sweep {flag}\\), not a probe field"):
+            transferlab.probe(tmp_path, tmp_path / "out", **{name: 1})

@@ -46,14 +46,21 @@ def probe(data: str | os.PathLike, out: str | os.PathLike, backbone: str = DEFAU
                      command=f"transferlab.probe({call})", observers=observers)
 
 
+# Names of sweep options in earlier versions of the sweep's config, said of as the flag that sets them now.
+LEGACY_SWEEP_NAMES = {"lrs": "--lr", "l2s": "--l2", "ft_lrs": "--ft-lr", "ft_label_smoothing": "--label-smoothing"}
+
+
 def _sweep_options() -> dict[str, str]:
     """{keyword: what a probe says of it} for the options only ``transferlab sweep`` has (``ft_blocks``, ``seeds``)."""
     from transferlab.sweep.config import PHASES, UNIT_FIELDS, ExecutorConfig, SweepConfig, phase_flag, train_fields
 
     flags = [phase_flag(p, n) for p in PHASES for n in [*train_fields(), *(UNIT_FIELDS if p == "ft" else ())]]
-    for cls in (SweepConfig, ExecutorConfig):
-        flags += [f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.metadata]
     keys = {flag.removeprefix("--").replace("-", "_"): flag for flag in flags}
+    for cls in (SweepConfig, ExecutorConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata:
+                keys[f.name] = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    keys.update(LEGACY_SWEEP_NAMES)
     return {key: f"is a sweep option (transferlab sweep {flag}), not a probe field" for key, flag in keys.items()
             if key not in PROBE_FIELDS}
 

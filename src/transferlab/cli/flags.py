@@ -40,9 +40,11 @@ class Flag:
     def parse(self, raw: Any) -> Any:
         """The field's value from a flag string or a YAML value."""
         if self.kind == "bool":
-            if not isinstance(raw, bool):
+            items = raw if isinstance(raw, (list, tuple)) and raw else [raw]  # a YAML list of booleans: a grid axis
+            if not all(isinstance(v, bool) for v in items):
                 raise UserError(f"{self.flag} {raw}: expected true or false")
-            return not raw if self.invert else raw
+            values = tuple(not v if self.invert else v for v in items)
+            return values if isinstance(raw, (list, tuple)) else values[0]
         if self.kind == "list":
             items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
             try:

@@ -20,7 +20,18 @@ from transferlab.core.errors import ConfigError, UserError
 from transferlab.core.fields import build_config
 from transferlab.data import DataConfig
 from transferlab.features.engine import EngineConfig
-from transferlab.sweep.config import PHASE_HELP, PHASES, UNIT_FIELDS, ExecutorConfig, PhaseGrid, SweepConfig, is_tuple_field, phase_flag, train_fields
+from transferlab.sweep.config import (
+    PHASE_HELP,
+    PHASES,
+    SWEEP_WIDE,
+    UNIT_FIELDS,
+    ExecutorConfig,
+    PhaseGrid,
+    SweepConfig,
+    is_tuple_field,
+    phase_flag,
+    train_fields,
+)
 from transferlab.train.config import TrainConfig
 
 
@@ -31,8 +42,11 @@ def phase_flags(phase: str) -> list[Flag]:
     flags = []
     units = [Flag(f"ft.{n}", phase_flag("ft", n), "list", int, False, None, PHASE_HELP[("ft", n)], ()) for n in UNIT_FIELDS]
     for fl in config_flags(TrainConfig):
+        if phase == "ft" and fl.field in SWEEP_WIDE:
+            continue  # one value for the whole sweep: the probes' flag sets it
         kind = "bool" if fl.kind == "bool" else "list"
-        text = fl.help + ("" if kind == "bool" or is_tuple_field(fl.field) else "; a comma list is a grid axis")
+        axis = not (kind == "bool" or is_tuple_field(fl.field) or fl.field in SWEEP_WIDE)
+        text = fl.help + ("; a comma list is a grid axis" if axis else "; one value for the whole sweep" if fl.field in SWEEP_WIDE else "")
         if phase == "ft" and fl.field not in defaults:
             default, text = None, text + " (default: the chosen probe's)"
         else:
@@ -87,9 +101,13 @@ def load_yaml(path: str) -> dict:
             raise UserError(f"--config {path}: {phase} must be a mapping of training fields to values")
         for name, values in grid.items():
             fl = PHASE_FLAGS.get(f"{phase}.{str(name).replace('-', '_')}")
+            if fl is None and name in SWEEP_WIDE:
+                raise UserError(f"--config {path}: {phase}.{name} holds for the whole sweep: set it once, as lp.{name}")
             if fl is None:
                 raise UserError(f"--config {path}: {phase}.{name} is not a training field (TrainConfig fields"
                                 f"{', blocks, layers' if phase == 'ft' else ''}: {', '.join(train_fields())})")
+            if fl.key in data:
+                raise UserError(f"--config {path}: {phase}.{name} and {fl.key} both give {fl.flag}: keep one")
             data[fl.key] = values
     unknown = sorted(set(data) - {fl.key for fl in SWEEP_FLAGS} - set(OTHER_KEYS))
     if unknown:
@@ -115,7 +133,8 @@ def build_configs(values: dict[str, Any]) -> tuple[SweepConfig, ExecutorConfig]:
     for key in [k for k in fields if "." in k]:
         phase, name = key.split(".", 1)
         value = fields.pop(key)
-        grids[phase][name] = (value,) if PHASE_FLAGS[key].kind == "bool" or is_tuple_field(name) else value
+        single = (PHASE_FLAGS[key].kind == "bool" and not isinstance(value, tuple)) or is_tuple_field(name)
+        grids[phase][name] = (value,) if single else value
     try:
         grid = {phase: PhaseGrid.of(phase, given) for phase, given in grids.items()}
     except ConfigError as e:  # cannot happen from flags (each names a field), kept for the Python API

@@ -25,7 +25,7 @@ from transferlab.data import Preprocessing
 from transferlab.models import DEFAULT_MODEL_DIR, Backbone, load_backbone
 from transferlab.models.freezing import load_state_strict
 from transferlab.models.heads import new_head
-from transferlab.sweep.manifest import read_backbone, read_manifest
+from transferlab.sweep.manifest import read_backbone, read_manifest, require_manifest
 from transferlab.sweep.select import pick_choice, sweep_choices
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def _from_sweep(src: Path, backbone_name: str | None, method: str | None) -> Tra
 
     ledger = Ledger(src / "ledger.sqlite", readonly=True)
     try:
+        require_manifest(ledger, str(src))
         manifest = read_manifest(ledger)
         choice = pick_choice(sweep_choices(ledger), backbone_name, method, str(src), manifest.select)
         config, summary = manifest.config, manifest.data_summary

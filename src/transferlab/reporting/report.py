@@ -14,7 +14,7 @@ from transferlab.reporting.sweep_figures import draw_figures
 from transferlab.reporting.sweep_insight import insight_sections
 from transferlab.reporting.sweep_page import render_html
 from transferlab.sweep.ledger import Ledger
-from transferlab.sweep.manifest import MANIFEST_KEY
+from transferlab.sweep.manifest import require_manifest
 
 __all__ = ["SUMMARY_KEYS", "build_report"]  # SUMMARY_KEYS: still importable from here, its old home
 
@@ -27,9 +27,7 @@ def build_report(out: str | Path) -> list[dict]:
         raise UserError(f"{out}: no ledger.sqlite here (is it a sweep's output folder?)")
     ledger = Ledger(path, readonly=True)
     try:
-        if ledger.get_meta(MANIFEST_KEY) is None and ledger.runs():
-            raise UserError(f"{out}: its ledger was written by an earlier transferlab (no sweep manifest); re-run its "
-                            "sweep command to update it (finished runs are reused)")
+        require_manifest(ledger, str(out))
         rows = summary_rows(ledger, out)
         write_summary(out, rows)
         made = draw_figures(ledger, out, rows)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transferlab.core.errors import ConfigError
-from transferlab.core.fields import option
+from transferlab.core.fields import fits, option, plain, type_text
 from transferlab.data import DataConfig
 from transferlab.features.engine import EngineConfig
 from transferlab.models import DEFAULT_MODEL_DIR
@@ -77,7 +77,7 @@ class PhaseGrid:
     @classmethod
     def of(cls, phase: str, given: Mapping[str, Iterable] | None = None) -> PhaseGrid:
         """The phase's default grid with `given` ``{field: values}`` replacing those fields' values."""
-        merged = {**DEFAULT_GRID[phase], **{k: tuple(v) for k, v in (given or {}).items()}}
+        merged = {**DEFAULT_GRID[phase], **{k: _values(k, v) for k, v in (given or {}).items()}}
         known = train_fields()
         order = [n for n in AXIS_ORDER[phase] if n in merged] + [n for n in known if n in merged and n not in AXIS_ORDER[phase]]
         units = [n for n in UNIT_FIELDS if n in merged]
@@ -86,7 +86,12 @@ class PhaseGrid:
             bad = unknown[0] if unknown else units[0]
             raise ConfigError(phase, bad, "not a training field (TrainConfig: " + ", ".join(known) + ")"
                               + ("; blocks and layers are the fine-tuning phase's" if bad in UNIT_FIELDS else ""))
-        return cls(tuple((n, merged[n]) for n in units + order))
+        hints = typing.get_type_hints(TrainConfig)
+        for name in order:
+            wrong = next((v for v in merged[name] if not fits(hints[name], v)), None) if merged[name] else None
+            if wrong is not None:
+                raise ConfigError(f"{phase}.{name}", wrong, f"expected {type_text(hints[name])}")
+        return cls(tuple((n, tuple(plain(hints[n], v) for v in merged[n]) if n in hints else merged[n]) for n in units + order))
 
     def get(self, name: str, default: Any = None) -> tuple:
         return dict(self.values).get(name, default)
@@ -103,6 +108,14 @@ class PhaseGrid:
     def as_dict(self) -> dict[str, list]:
         """``{field: values}`` as a config file (and the report) reads it."""
         return {n: list(v) for n, v in self.values}
+
+
+def _values(name: str, given: Any) -> tuple:
+    """A field's values as a tuple: one value alone (a scalar, or a flat list for a tuple field) or several."""
+    if is_tuple_field(name):
+        flat = isinstance(given, (list, tuple)) and all(not isinstance(v, (list, tuple)) for v in given)
+        return (tuple(given),) if flat else tuple(tuple(v) for v in given)
+    return tuple(given) if isinstance(given, (list, tuple)) else (given,)
 
 
 def lp_grid_default() -> PhaseGrid:
@@ -127,6 +140,14 @@ class SweepConfig:
                                                    "{NAME: {source: ..., source_top1: ...}} (YAML, or JSON on the command line)")
     lp: PhaseGrid = field(default_factory=lp_grid_default)
     ft: PhaseGrid = field(default_factory=ft_grid_default)
+
+    def record(self) -> dict[str, Any]:
+        """The resolved config as sweep.json and the manifest keep it: each phase as ``{field: values}``, the
+        probes' over TrainConfig's defaults (what every probe run starts from)."""
+        out = dataclasses.asdict(self)
+        out["lp"] = {**{n: [v] for n, v in dataclasses.asdict(TrainConfig()).items()}, **self.lp.as_dict()}
+        out["ft"] = self.ft.as_dict()
+        return out
 
     @property
     def probe_base(self) -> TrainConfig:
@@ -164,7 +185,7 @@ class SweepConfig:
         phases = [("lp", self.lp)] + ([("ft", self.ft)] if self.lpft else [])
         for phase, grid in phases:
             for name, values in grid.values:
-                if not values and name not in UNIT_FIELDS:
+                if name not in UNIT_FIELDS and (not values or (is_tuple_field(name) and values == ((),) and name in DEFAULT_GRID[phase])):
                     raise ConfigError(f"{phase}.{name}", "", "needs at least one value")
         for name in SWEEP_WIDE:  # the sweep's choices, cut and cache follow one value
             if len(self.lp.get(name, (None,))) > 1:

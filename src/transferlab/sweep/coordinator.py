@@ -34,7 +34,6 @@ from transferlab.sweep.phase import BackbonePhases
 from transferlab.sweep.plan import numerics_identity, plan_line, time_left_text
 from transferlab.sweep.preflight import preflight, resolve_backbones
 from transferlab.sweep.store import claim_folder
-from transferlab.train.config import TrainConfig
 from transferlab.train.objective import describe_objective
 from transferlab.train.observer import Observers, RunObserver
 
@@ -84,7 +83,7 @@ class Sweep:
         numerics = numerics_identity(cfg.engine)
         self.executor = executor = make_executor(self.executor_cfg, self.out, cfg.engine.device)
         data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force, FeatureCache(self.cache_dir).digest_memo_dir)
-        config = dataclasses.asdict(cfg)
+        config = cfg.record()
         self.ledger.set_meta("grid", stable_hash(config))  # choices of other grids are not shown
         write_json(self.out / "sweep.json", {"config": config, "executor": dataclasses.asdict(self.executor_cfg),
                                              "command": self.command})
@@ -92,8 +91,7 @@ class Sweep:
             log.warning("skipping %s: %s", name, reason)
         ft_terms = (cfg.ft.get("label_smoothing"), cfg.ft.get("l2sp")) if cfg.lpft else ((0.0,), (0.0,))
         write_manifest(self.ledger, SweepManifest(
-            config=config, grid={"lp": {**{n: [v] for n, v in dataclasses.asdict(TrainConfig()).items()}, **cfg.lp.as_dict()},
-                                 **({"ft": cfg.ft.as_dict()} if cfg.lpft else {})},
+            config=config, grid={"lp": config["lp"], **({"ft": config["ft"]} if cfg.lpft else {})},
             command=self.command, backbones=names, skipped_backbones=skipped, data_summary=splits.summary(),
             objective=describe_objective(cfg.lp.get("l2"), *ft_terms, smoothing_scope="fine-tuning: "),
             select=cfg.select, numerics=numerics))

@@ -109,10 +109,15 @@ class _QueueEvents:
     """A task's on_epoch in a worker: its events go to the coordinator's queue, tagged with the task's key."""
 
     def __init__(self, queue: Any, key: int):
-        self.queue, self.key = queue, key
+        self.queue, self.key, self.broken = queue, key, False
 
     def __call__(self, member: int, record: Any) -> None:
-        self.queue.put((self.key, member, record))
+        if self.broken:
+            return
+        try:
+            self.queue.put((self.key, member, record))
+        except Exception:  # the channel is gone (manager or queue actor died): the run goes on without events
+            self.broken = True
 
 
 def _drain(queue: Any, callbacks: dict[int, OnEvent]) -> None:
@@ -123,6 +128,9 @@ def _drain(queue: Any, callbacks: dict[int, OnEvent]) -> None:
         try:
             key, member, record = queue.get_nowait()
         except (queue_module.Empty, EOFError, OSError):  # ray.util.queue.Empty is a queue.Empty too
+            return
+        except Exception as e:  # the channel itself failed (a dead Ray queue actor): results still arrive without it
+            log.warning("epoch events are lost (%s); the runs go on", type(e).__name__)
             return
         if key in callbacks:
             callbacks[key](member, record)

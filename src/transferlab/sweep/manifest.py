@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from transferlab.core.errors import UserError
 from transferlab.sweep.ledger import Ledger
 
 MANIFEST_KEY = "manifest"
@@ -66,6 +67,13 @@ def write_manifest(ledger: Ledger, manifest: SweepManifest) -> None:
 def read_manifest(ledger: Ledger) -> SweepManifest:
     """The ledger's manifest (an empty one for a ledger no sweep finished planning)."""
     return _build(SweepManifest, ledger.get_meta(MANIFEST_KEY, {}))
+
+
+def require_manifest(ledger: Ledger, where: str) -> None:
+    """A UserError for a ledger with runs but no manifest (written by a transferlab before it): what to do."""
+    if ledger.get_meta(MANIFEST_KEY) is None and ledger.runs():
+        raise UserError(f"{where}: its ledger was written by an earlier transferlab (no sweep manifest); re-run its "
+                        "sweep command to update it (finished runs are reused)")
 
 
 def write_backbone(ledger: Ledger, name: str, record: BackboneRecord) -> None:

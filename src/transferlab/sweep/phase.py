@@ -12,7 +12,7 @@ from transferlab.features.cut_inputs import CutInputs
 from transferlab.sweep.config import SweepConfig
 from transferlab.sweep.executors import Executor
 from transferlab.sweep.ledger import Ledger, Method
-from transferlab.sweep.manifest import BackboneRecord, write_backbone
+from transferlab.sweep.manifest import BackboneRecord, read_backbone, write_backbone
 from transferlab.sweep.observers import SweepProgress
 from transferlab.sweep.plan import PhasePlan, PlannedRun, ft_layer_counts, progress_desc, run_hash
 from transferlab.sweep.preflight import load_checked
@@ -34,7 +34,7 @@ class BackbonePhases:
                  data_digest: str, numerics: dict):
         self.name, self.cfg, self.splits, self.ledger, self.out = name, cfg, splits, ledger, out
         self.cache_dir, self.data_digest, self.numerics = cache_dir, data_digest, numerics
-        self.record = BackboneRecord()
+        self.record = read_backbone(ledger, name)  # what an earlier run stored: kept until replaced
 
     def _session(self) -> tuple[RunSession, dict[str, int]]:
         """A run session on the backbone's cut inputs, and the fine-tuning grid's {unit: layers} on it."""
@@ -72,7 +72,7 @@ class BackbonePhases:
         session, ft_ks = self._session()
         spec = session.inputs.backbone.spec
         info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch, **(cfg.backbone_info or {}).get(name, {})}
-        self.record = BackboneRecord(**info)
+        self.record = BackboneRecord(**info, numerics=self.record.numerics)
         write_backbone(self.ledger, name, self.record)
         if cfg.lpft:
             for k in dict.fromkeys(ft_ks.values()):
@@ -101,7 +101,9 @@ class BackbonePhases:
         # Where the cached inputs come from changes the numbers (the runtime runs the prefix up to that
         # block, eager PyTorch the rest): part of the run's identity.
         numerics = {**self.numerics, "cached_at": session.inputs.cache_origin(k)} if self.numerics.get("cached") else self.numerics
-        self.record.numerics[str(k)] = numerics  # what export checks a hash with
+        if self.record.numerics.get(str(k)) != numerics:  # what export checks a hash with: stored as soon as known
+            self.record.numerics[str(k)] = numerics
+            write_backbone(self.ledger, self.name, self.record)
         return run_hash(method, self.name, session.inputs.backbone.weights_digest, self.data_digest, self.cfg.data, cfg, k, start, numerics)
 
     def _probe_runs(self, session: RunSession) -> list[PlannedRun]:
@@ -167,7 +169,10 @@ class BackbonePhases:
 def _epoch_events(observers: Observers, run_ids: list[str]) -> Callable[[int, EpochRecord], None]:
     """A task's on_epoch(member, record) as the observers' epoch event of that member's run."""
     def on_epoch(member: int, record: EpochRecord) -> None:
-        observers.epoch(run_ids[member], record)
+        try:
+            observers.epoch(run_ids[member], record)
+        except Exception as e:  # events are best effort: a failing observer never fails a run or the sweep
+            log.warning("an observer failed on an epoch event (%s: %s); the run goes on", type(e).__name__, e)
 
     return on_epoch
 
