@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "transferlab"
-LAYERS = ["core", "data", "models", "features", "train", "sweep", "reporting", "deploy", "api", "cli"]
+LAYERS = ["core", "data", "models", "features", "train", "sweep", "reporting", "deploy", "track", "api", "cli"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 SAME_FLOOR = {frozenset({"reporting", "deploy"})}  # neither imports the other
 REPORTING_MAY_IMPORT = {"transferlab.core", "transferlab.train.limits", "transferlab.sweep.ledger", "transferlab.sweep.manifest",

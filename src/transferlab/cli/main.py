@@ -87,7 +87,8 @@ def cmd_probe(args) -> int:
     flags = [fl for _, group in _probe_flag_groups() for fl in group]
     cfg = build_config(ProbeConfig, field_values(flags, vars(args)))
     out = Path(args.out)
-    record = run_probe(cfg, out, command=reproduce_command(args.argv))
+    with _tracking(args, out, "probe") as observers:
+        record = run_probe(cfg, out, command=reproduce_command(args.argv), observers=observers)
     _print_result(record, out)
     return 0
 
@@ -122,11 +123,36 @@ def cmd_sweep(args) -> int:
     values = resolve(args)
     cfg, executor = build_configs(values)
     out = Path(values["out"])
-    sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor)
-    rows = build_report(out)
+    with _tracking(args, out, "sweep") as observers:  # the tracker attaches the report once it is built
+        sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor, observers=observers)
+        rows = build_report(out)
     for line in summary_lines(rows, n_test_images(out)):
         print(line)
     print(f"outputs: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'report.html'}, {out / 'ledger.sqlite'}")
+    return 0
+
+
+def _track_config(args):
+    from transferlab.cli.flags import config_flags, field_values
+    from transferlab.core.fields import build_config
+    from transferlab.track import TrackConfig
+
+    return build_config(TrackConfig, field_values(config_flags(TrackConfig), vars(args)))
+
+
+def _tracking(args, out: Path, kind):
+    """The run observers of --track (none without it), as a context that ends the tracking (track.tracking)."""
+    from transferlab.track import tracking
+
+    return tracking(_track_config(args), out, kind)
+
+
+def cmd_track(args) -> int:
+    from transferlab.track.mlflow import push_folder
+
+    cfg = _track_config(args)
+    n = push_folder(Path(args.dir), cfg.track_uri, cfg.track_experiment)
+    print(f"{args.dir}: {n} run(s) pushed to MLflow, the rest was there already")
     return 0
 
 
@@ -193,18 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default="*", help="with --zoo: shell pattern on model names, e.g. 'convnext*'")
     p.set_defaults(func=cmd_backbones)
 
-    from transferlab.cli.flags import add_flags
+    from transferlab.cli.flags import add_flags, config_flags
 
     p = sub.add_parser("probe", help="train one linear probe (or fine-tune the last k layers)")
     p.add_argument("--out", required=True, help="output folder")
     for title, flags in _probe_flag_groups():
         add_flags(p.add_argument_group(title), flags, required=("data",))
+    from transferlab.track import TrackConfig
+
+    add_flags(p.add_argument_group("tracking"), config_flags(TrackConfig))
     p.set_defaults(func=cmd_probe)
 
     from transferlab.cli.sweep import add_sweep_flags
 
     p = sub.add_parser("sweep", help="grid search (and LP-then-FT) over backbones, resumable")
     add_sweep_flags(p)
+    add_flags(p.add_argument_group("tracking"), config_flags(TrackConfig))
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="rebuild report.html: a sweep's summary, figures and report from its ledger, "
@@ -222,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     from transferlab.cli.use import add_use_parsers
 
     add_use_parsers(sub)  # export, predict
+    p = sub.add_parser("track", help="push what an experiment tracker (MLflow) lacks of a sweep's or a probe's folder")
+    p.add_argument("dir", help="the sweep's or the probe's output folder")
+    add_flags(p, [fl for fl in config_flags(TrackConfig) if fl.field != "track"])
+    p.set_defaults(func=cmd_track)
     return parser
 
 
