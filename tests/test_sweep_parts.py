@@ -53,8 +53,8 @@ def test_export_picks_among_the_choices_by_the_sweeps_criterion():
     assert pick_choice(choices, "m", "LP", "out")["method"] == "LP"
     with pytest.raises(UserError, match="out: no chosen run for other"):
         pick_choice(choices, "other", None, "out")
-    with pytest.raises(ConfigError, match="method=FT"):
-        pick_choice(choices, None, "FT", "out")
+    with pytest.raises(ConfigError, match="method=PT: expected LP, FT or LP-FT"):
+        pick_choice(choices, None, "PT", "out")
 
 
 class FakeSession:

@@ -175,7 +175,7 @@ def summary_lines(rows: list[dict], n_test: int | None = None) -> list[str]:
 
 
 def _row_line(r: dict) -> str:
-    if r["method"] == "LP-FT":
+    if r["method"] in ("FT", "LP-FT"):
         chose = f"ft_lr={r['lr']:<8g} unit={r.get('ft_unit')} augment={r.get('ft_augment')} a={_g(r.get('wise_alpha'))}"
         for key, name in (("ft_l2sp", "l2sp"), ("label_smoothing", "smoothing")):
             if r.get(key):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transferlab.core.errors import UserError
 from transferlab.core.files import atomic_write_bytes
+from transferlab.sweep.ledger import METHODS
 
 
 def add_use_parsers(sub) -> None:
@@ -23,14 +24,14 @@ def add_use_parsers(sub) -> None:
     p.add_argument("--format", default="safetensors", choices=("safetensors", "onnx", "both"),
                    help="onnx and both also write model.onnx (needs transferlab[onnx]); safetensors is always written")
     p.add_argument("--backbone", default=None, help="sweep folder: the backbone of the chosen run (default: lowest val xent)")
-    p.add_argument("--method", default=None, choices=("LP", "LP-FT"), help="sweep folder: LP or LP-FT chosen run")
+    p.add_argument("--method", default=None, choices=METHODS, help="sweep folder: the LP, FT or LP-FT chosen run")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify images with an exported model or a run folder")
     p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files, or folders walked recursively")
     p.add_argument("--model", required=True, help="exported model folder, a probe's output folder or a sweep folder")
     p.add_argument("--backbone", default=None, help="sweep folder: the backbone of the chosen run")
-    p.add_argument("--method", default=None, choices=("LP", "LP-FT"), help="sweep folder: LP or LP-FT chosen run")
+    p.add_argument("--method", default=None, choices=METHODS, help="sweep folder: the LP, FT or LP-FT chosen run")
     p.add_argument("--data", default=None,
                    help="evaluation mode: a data folder or labels.csv, split by the run's own settings; predicts --split, reports accuracy")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="evaluation mode: which split (default test)")

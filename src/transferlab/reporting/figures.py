@@ -33,7 +33,7 @@ CURVE_PANELS = (
 LOG_RATIO = 10.0  # a positive curve whose max / min exceeds this is drawn on a log axis
 MIN_ACCURACY_SPAN = 10.0  # points: an accuracy axis never zooms in further (one image must not look like a gap)
 CONSTANT_RANGE = 1e-3  # colour range of a grid whose cells all hold one value: [v, v + this]
-METHOD_MARKERS = {"LP": "o", "LP-FT": "^"}
+METHOD_MARKERS = {"LP": "o", "FT": "s", "LP-FT": "^"}
 METRIC_LABELS = {"val_err": "val error", "val_xent": "val cross-entropy"}
 
 
@@ -195,7 +195,7 @@ def dodge(xs: Sequence[float], min_sep: float) -> list[float]:
 def plot_transfer(rows: list[dict], path: str | Path) -> Figure:
     """Target test accuracy vs source top-1 accuracy, one panel per source data set.
 
-    Colour: the architecture (`arch`); marker: the method (circle LP, triangle LP-FT); error bars: the
+    Colour: the architecture (`arch`); marker: the method (circle LP, square FT, triangle LP-FT); error bars: the
     95% interval of the test accuracy (`test_acc_ci_low` / `test_acc_ci_high`, when present). Points of
     one panel are spread horizontally (:func:`dodge`) so that no marker hides another, and the y axis
     spans at least 10 points (:func:`accuracy_ylim`). One legend entry per method and per architecture.

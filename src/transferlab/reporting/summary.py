@@ -27,11 +27,11 @@ SUMMARY_KEYS = (
     "test_acc_ci_low", "test_acc_ci_high",
     # the selection metric, and this row's place under it (1 = the best: what `export` takes)
     "select", "rank",
-    # LP-FT rows: what the fine-tuning grid chose (unit "blocks:N" / "layers:k"; wise_alpha 1 = not interpolated)
+    # FT and LP-FT rows: what the fine-tuning grid chose (unit "blocks:N" / "layers:k"; wise_alpha 1 = not interpolated)
     "ft_unit", "ft_augment", "ft_l2sp", "label_smoothing", "wise_alpha",
     # the chosen hyperparameters over every seed of the grid (validation only: the test split is read once)
     "n_seeds", "val_err_seed_mean", "val_err_seed_std",
-    # LP-FT rows: LP-FT against LP on the same test images (reporting/compare.py)
+    # FT and LP-FT rows: the row against LP on the same test images (reporting/compare.py)
     "diff_vs_lp", "ci_low", "ci_high", "p_mcnemar",
     # every row but the best: this row against the best (rank 1) on the same test images; n_differ_vs_best:
     # the images where the two disagree on correctness (McNemar's discordant pairs)
@@ -95,7 +95,8 @@ def chosen_predictions(ledger: Ledger, out: Path | None, rows: list[dict]) -> li
     return found
 
 
-GRID_FIELDS = {"LP": {"--lr": "lr", "--l2": "l2"}, "LP-FT": {"--ft-lr": "lr", "--ft-l2sp": "l2sp", "--label-smoothing": "label_smoothing"}}
+_FT_GRID_FIELDS = {"--ft-lr": "lr", "--ft-l2sp": "l2sp", "--label-smoothing": "label_smoothing"}
+GRID_FIELDS = {"LP": {"--lr": "lr", "--l2": "l2"}, "FT": _FT_GRID_FIELDS, "LP-FT": _FT_GRID_FIELDS}
 
 
 def grid_scores(runs: list[RunRow] | None, method: Method, select: str) -> dict[str, dict[float, float]] | None:
@@ -139,7 +140,7 @@ def row_warnings(manifest: SweepManifest, method: Method, cfg: dict, metrics: di
 
 def _finetuning(method: Method, cfg: dict, metrics: dict) -> dict:
     """What the fine-tuning grid chose (None for probes)."""
-    if method != "LP-FT":
+    if method == "LP":
         return {"ft_unit": None, "ft_augment": None, "ft_l2sp": None, "label_smoothing": cfg.get("label_smoothing"), "wise_alpha": None}
     return {"ft_unit": metrics.get("unit", f"layers:{metrics['n_trainable_layers']}"), "ft_augment": cfg.get("feature_augment", "none"),
             "ft_l2sp": cfg.get("l2sp", 0.0), "label_smoothing": cfg.get("label_smoothing", 0.0), "wise_alpha": metrics.get("wise_alpha")}
@@ -169,10 +170,10 @@ def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict, cho
 
 
 def _against_lp(ledger: Ledger, out: Path | None, name: str, method: Method, run_hash: str) -> dict:
-    """For an LP-FT row: the paired comparison with the chosen probe on the test images (None elsewhere)."""
+    """For an FT or LP-FT row: the paired comparison with the chosen probe on the test images (None elsewhere)."""
     empty = {"diff_vs_lp": None, "ci_low": None, "ci_high": None, "p_mcnemar": None}
     lp_hash = ledger.choice(name, "LP")
-    if method != "LP-FT" or lp_hash is None or out is None:
+    if method == "LP" or lp_hash is None or out is None:
         return empty
     from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
     from transferlab.reporting.compare import paired_comparison

@@ -135,6 +135,8 @@ class SweepConfig:
     backbones: tuple[str, ...] = option(("efficientnet_lite0",), "comma list of architectures")
     sources: tuple[str, ...] = option(("imagenet1k",), "comma list of source data sets: imagenet1k,cub")
     lpft: bool = option(False, "LP-then-FT from the chosen probe")
+    plain_ft: bool = option(False, "FT: fine-tune from the pretrained backbone with a fresh head (no probe first), over "
+                            "the same fine-tuning grid", flag="--ft")
     model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
     backbone_info: dict[str, dict] | None = option(None, "per backbone name, overrides of what the library says: "
                                                    "{NAME: {source: ..., source_top1: ...}} (YAML, or JSON on the command line)")
@@ -155,6 +157,16 @@ class SweepConfig:
         what every run of the sweep shares (selection metric, layer order, whether images are augmented)."""
         fixed = {n: v[0] for n, v in self.lp.train_values() if len(v) == 1}
         return dataclasses.replace(TrainConfig(), **fixed)
+
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether the fine-tuning grid is used (by FT, LP-FT or both)."""
+        return self.lpft or self.plain_ft
+
+    def plain_ft_configs(self) -> list[TrainConfig]:
+        """FT's grid: the fine-tuning grid from the probes' base config (its seed seeds the fresh head), without
+        interpolation (there is no start to interpolate with)."""
+        return [dataclasses.replace(c, wise_alphas=()) for c in self.ft.configs(self.probe_base)]
 
     @property
     def select(self) -> str:
@@ -182,7 +194,7 @@ class SweepConfig:
         for name in ("backbones", "sources"):
             if not getattr(self, name):
                 raise ConfigError(name, "", "needs at least one value")
-        phases = [("lp", self.lp)] + ([("ft", self.ft)] if self.lpft else [])
+        phases = [("lp", self.lp)] + ([("ft", self.ft)] if self.fine_tunes else [])
         for phase, grid in phases:
             for name, values in grid.values:
                 if name not in UNIT_FIELDS and (not values or (is_tuple_field(name) and values == ((),) and name in DEFAULT_GRID[phase])):
@@ -190,11 +202,11 @@ class SweepConfig:
         for name in SWEEP_WIDE:  # the sweep's choices, cut and cache follow one value
             if len(self.lp.get(name, (None,))) > 1:
                 raise ConfigError(f"lp.{name}", ",".join(map(str, self.lp.get(name))), "takes one value for the whole sweep")
-            if self.lpft and name in dict(self.ft.values):
+            if self.fine_tunes and name in dict(self.ft.values):
                 raise ConfigError(f"ft.{name}", ",".join(map(str, self.ft.get(name))), f"is the probes' ({phase_flag('lp', name)}), "
                                   "one value for the whole sweep")
         _validate_each(self.probe_configs(), "lp", self.lp)
-        if self.lpft:
+        if self.fine_tunes:
             if self.ft.get("blocks") and self.probe_base.layer_order != "forward":
                 raise ConfigError("ft.blocks", ",".join(map(str, self.ft.get("blocks"))), "counts blocks in forward order "
                                   "(drop --layer-order definition)")

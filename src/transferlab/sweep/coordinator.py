@@ -27,7 +27,7 @@ from transferlab.core.hashing import stable_hash
 from transferlab.features.cache import FeatureCache
 from transferlab.sweep.config import ExecutorConfig, SweepConfig
 from transferlab.sweep.executors import Executor, make_executor
-from transferlab.sweep.ledger import Ledger
+from transferlab.sweep.ledger import METHODS, Ledger
 from transferlab.sweep.manifest import SweepManifest, write_manifest
 from transferlab.sweep.observers import LedgerRecorder, SweepProgress
 from transferlab.sweep.phase import BackbonePhases
@@ -89,9 +89,9 @@ class Sweep:
                                              "command": self.command})
         for name, reason in skipped.items():
             log.warning("skipping %s: %s", name, reason)
-        ft_terms = (cfg.ft.get("label_smoothing"), cfg.ft.get("l2sp")) if cfg.lpft else ((0.0,), (0.0,))
+        ft_terms = (cfg.ft.get("label_smoothing"), cfg.ft.get("l2sp")) if cfg.fine_tunes else ((0.0,), (0.0,))
         write_manifest(self.ledger, SweepManifest(
-            config=config, grid={"lp": config["lp"], **({"ft": config["ft"]} if cfg.lpft else {})},
+            config=config, grid={"lp": config["lp"], **({"ft": config["ft"]} if cfg.fine_tunes else {})},
             command=self.command, backbones=names, skipped_backbones=skipped, data_summary=splits.summary(),
             objective=describe_objective(cfg.lp.get("l2"), *ft_terms, smoothing_scope="fine-tuning: "),
             select=cfg.select, numerics=numerics))
@@ -113,8 +113,9 @@ class Sweep:
 
     def _announce(self, plans: dict) -> None:
         """Say the plan: the totals, then one line per backbone."""
-        totals = {m: sum(p.total for phases in plans.values() for p in phases if p.method == m) for m in ("LP", "LP-FT")}
-        per_phase = ", ".join(f"{m} {n}" for m, n in totals.items() if m == "LP" or self.cfg.lpft)
+        totals = {m: sum(p.total for phases in plans.values() for p in phases if p.method == m) for m in METHODS}
+        used = {"LP": True, "FT": self.cfg.plain_ft, "LP-FT": self.cfg.lpft}
+        per_phase = ", ".join(f"{m} {n}" for m, n in totals.items() if used[m])
         progress_log.info("sweep plan: %d backbone(s), %d run(s) (%s)", len(plans), sum(totals.values()), per_phase)
         for name, phases in plans.items():
             progress_log.info("%s", plan_line(name, phases))

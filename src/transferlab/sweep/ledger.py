@@ -16,8 +16,9 @@ from typing import Any, Literal, TypedDict
 from transferlab.core.errors import UserError
 from transferlab.core.hashing import to_json
 
-Method = Literal["LP", "LP-FT"]
-METHODS: tuple[Method, ...] = ("LP", "LP-FT")
+# LP: a probe; FT: fine-tuning from the pretrained backbone with a fresh head; LP-FT: fine-tuning from the chosen probe.
+Method = Literal["LP", "FT", "LP-FT"]
+METHODS: tuple[Method, ...] = ("LP", "FT", "LP-FT")
 Status = Literal["running", "done", "failed", "diverged"]
 FINISHED: tuple[Status, ...] = ("done", "diverged")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,7 +22,7 @@ class LedgerRecorder(RunObserver):
         self.ledger, self.out = ledger, out
 
     def run_start(self, run: RunInfo) -> None:
-        method: Method = "LP" if run.method == "LP" else "LP-FT"
+        method = typing.cast(Method, run.method)
         self.ledger.mark_running(run.run_id, run.backbone, method, dataclasses.asdict(run.config))
 
     def run_end(self, run_id: str, end: RunEnd) -> None:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class BackbonePhases:
-    """The probes of backbone `name`, then (with LP-FT) fine-tuning from the chosen probe."""
+    """The probes of backbone `name`, then (with LP-FT) fine-tuning from the chosen probe, then (with FT)
+    fine-tuning from the pretrained backbone with a fresh head."""
 
     def __init__(self, name: str, cfg: SweepConfig, splits: ImageSplits, ledger: Ledger, out: Path, cache_dir: Path,
                  data_digest: str, numerics: dict):
@@ -42,7 +43,7 @@ class BackbonePhases:
         ft_ks = ft_layer_counts(self.cfg, backbone)
         # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
         inputs = CutInputs(backbone, self.splits, self.cfg.engine, self.cache_dir, self.cfg.data.on_bad_image,
-                           share_cut_layers=max(ft_ks.values()) if self.cfg.lpft else None,
+                           share_cut_layers=max(ft_ks.values()) if self.cfg.fine_tunes else None,
                            layer_order=self.cfg.probe_base.layer_order)
         return RunSession(inputs), ft_ks
 
@@ -64,6 +65,9 @@ class BackbonePhases:
                     ft = self._finetune_runs(session, chosen["hash"], ft_ks)
                     total, done = len(ft), sum(self.ledger.is_finished(p.hash) for p in ft)
             phases.append(PhasePlan("LP-FT", total, done))
+        if self.cfg.plain_ft:
+            ft = self._plain_ft_runs(session, ft_ks)
+            phases.append(PhasePlan("FT", len(ft), sum(self.ledger.is_finished(p.hash) for p in ft)))
         return phases
 
     def run(self, executor: Executor, observers: Observers, progress: SweepProgress) -> int:
@@ -74,7 +78,7 @@ class BackbonePhases:
         info = {"source": spec.source, "source_top1": spec.source_top1, "arch": spec.arch, **(cfg.backbone_info or {}).get(name, {})}
         self.record = BackboneRecord(**info, numerics=self.record.numerics)
         write_backbone(self.ledger, name, self.record)
-        if cfg.lpft:
+        if cfg.fine_tunes:
             for k in dict.fromkeys(ft_ks.values()):
                 for augment in cfg.ft.get("feature_augment", ("none",)):
                     try:  # check_ft_grid planned this; the set-up is the final word, before any run
@@ -92,6 +96,12 @@ class BackbonePhases:
         else:
             self.ledger.set_plan(name, "LP-FT", [])
             self.ledger.unchoose(name, "LP-FT")
+        if cfg.plain_ft:
+            _, n = self._phase(session, "FT", self._plain_ft_runs(session, ft_ks), executor, observers, progress)
+            executed += n
+        else:
+            self.ledger.set_plan(name, "FT", [])
+            self.ledger.unchoose(name, "FT")
         self.record = BackboneRecord(**{**info, "skipped_files": session.inputs.skipped_files, "numerics": self.record.numerics})
         write_backbone(self.ledger, name, self.record)
         return executed
@@ -117,6 +127,14 @@ class BackbonePhases:
         for unit, k in ft_ks.items():
             for c in cfgs:
                 h = self._hash(session, "LP-FT", c, k, probe_hash)
+                planned.setdefault(h, PlannedRun(h, c, k, unit))
+        return list(planned.values())
+
+    def _plain_ft_runs(self, session: RunSession, ft_ks: dict[str, int]) -> list[PlannedRun]:
+        planned: dict[str, PlannedRun] = {}  # blocks:N and layers:k may name the same layers: one run
+        for unit, k in ft_ks.items():
+            for c in self.cfg.plain_ft_configs():
+                h = self._hash(session, "FT", c, k)
                 planned.setdefault(h, PlannedRun(h, c, k, unit))
         return list(planned.values())
 

@@ -92,11 +92,11 @@ def preflight(cfg: SweepConfig, names: list[str], splits: ImageSplits) -> None:
     """Everything a sweep can refuse, for every backbone, before anything is written: each backbone's
     weights load (a broken file is refused while the folder still shows its previous choices), and
     with LP-then-FT its fine-tuning grid fits it (:func:`check_ft_grid`, on that same loaded backbone)."""
-    if cfg.lpft:
+    if cfg.fine_tunes:
         check_ft_augment_path(cfg)
     for name in names:
         backbone = load_checked(name, cfg.model_dir)
-        if cfg.lpft:
+        if cfg.fine_tunes:
             check_ft_grid(cfg, name, backbone, splits)
 
 

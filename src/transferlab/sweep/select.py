@@ -77,7 +77,7 @@ def pick_choice(choices: list[dict], backbone: str | None, method: str | None, w
     """The chosen run for (backbone, method), as export takes it; unspecified parts: the best under the
     sweep's `select` criterion (lowest validation cross-entropy, ties: validation error; or the reverse)."""
     if method is not None and method not in METHODS:
-        raise ConfigError("method", method, "expected LP or LP-FT")
+        raise ConfigError("method", method, "expected LP, FT or LP-FT")
     fits = [c for c in choices if (backbone is None or c["backbone"] == backbone) and (method is None or c["method"] == method)]
     if not fits:
         known = ", ".join(f"{c['backbone']}/{c['method']}" for c in choices) or "none"
