@@ -165,6 +165,39 @@ def test_two_worker_processes_log_the_same_content(server, data, tracked, tmp_pa
     assert content(server, "main", out) == tracked[1]
 
 
+def predict_with_mlflow(uri, run_id, paths):
+    """What an outside client gets: ``mlflow.pyfunc.load_model(runs:/RUN/model).predict`` on image paths."""
+    import mlflow
+    import pandas as pd
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return model, model.predict(pd.DataFrame({"image": [str(p) for p in paths]}))
+
+
+@pytest.mark.slow
+def test_the_model_export_takes_is_an_mlflow_model_that_predicts_as_the_test_evaluation(server, tracked):
+    from transferlab.core.predictions import read_test_predictions, sweep_predictions_path
+
+    out, runs = tracked
+    client, parent, children = parent_and_children(server, "main", out)
+    model_run = client.get_run(parent.data.tags["transferlab.model_run"])
+    h = model_run.data.tags["transferlab.run_hash"]
+    recorded = read_test_predictions(sweep_predictions_path(out, h))
+    model, table = predict_with_mlflow(server, model_run.info.run_id, recorded["files"])
+    classes = recorded["classes"]
+    assert [c.name for c in model.metadata.signature.outputs.inputs] == ["label", *classes]
+    assert [c.name for c in model.metadata.signature.inputs.inputs] == ["image"]
+    assert table[classes].to_numpy() == pytest.approx(recorded["probs"], abs=1e-5)  # the test evaluation's own numbers
+    accuracy = (table["label"].to_numpy() == [classes[i] for i in recorded["labels"]]).mean()
+    assert accuracy == pytest.approx(model_run.data.metrics["test_acc"])
+    assert sum(bool(client.list_artifacts(r.info.run_id, "model")) for r in children) == 1
+
+
 KILL_SECOND_RUN = """
 import os, signal, sys
 from transferlab.cli.main import main
@@ -231,6 +264,9 @@ def test_a_probe_is_one_run_in_the_folders_own_store(data, tmp_path, capsys):
     assert run.data.metrics["test_acc"] == pytest.approx(record["test_acc"])
     assert {"run.json", "report.html", "curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert main(["track", str(out)]) == 0 and "0 run(s) pushed" in capsys.readouterr().out
+    paths = sorted((data / "test").rglob("*.png"))
+    _, table = predict_with_mlflow(uri, run.info.run_id, paths)
+    assert (table["label"].to_numpy() == [p.parent.name for p in paths]).mean() == pytest.approx(record["test_acc"])
 
 
 @pytest.mark.slow

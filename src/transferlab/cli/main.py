@@ -148,7 +148,7 @@ def _tracking(args, out: Path, kind):
 
 
 def cmd_track(args) -> int:
-    from transferlab.track.mlflow import push_folder
+    from transferlab.track.push import push_folder
 
     cfg = _track_config(args)
     n = push_folder(Path(args.dir), cfg.track_uri, cfg.track_experiment)

@@ -7,7 +7,7 @@ the test split was read. Runs are found again by their hash tag under the folder
 re-run logs nothing twice: a finished MLflow run is skipped, one left running by a killed sweep is set
 FAILED and its re-run logged anew. The ledger holds everything a run's MLflow record needs, so what the
 events missed (runs finished by an earlier command, a tracker that was down) is pushed from it when the
-command ends, or later by ``transferlab track OUT`` (:func:`push_folder`).
+command ends, or later by ``transferlab track OUT`` (``track.push``).
 
 Every call goes through :func:`_guarded`: a tracking failure turns tracking off with one warning line
 and never reaches the sweep. The only module importing mlflow (lazily, when tracking starts).
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transferlab.core.errors import UserError
 from transferlab.core.hashing import stable_hash
-from transferlab.sweep.ledger import FINISHED, METHODS, Ledger, RunRow
+from transferlab.sweep.ledger import Ledger
 from transferlab.track import Kind
 from transferlab.train.observer import RunEnd, RunInfo, RunObserver
 from transferlab.train.results import EpochRecord
@@ -82,10 +80,11 @@ class Store:
         # a lost request missed is pushed from the folder later.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        for name in ("mlflow", "alembic"):  # its database set-up talks at INFO
+        from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # its database set-up talks at INFO (mlflow sets its level on import)
             if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -157,6 +156,26 @@ class Store:
         self.client.set_tag(run_id, STATUS, "interrupted")
         self.client.set_terminated(run_id, status)
 
+    def log_model(self, run_id: str, model_dir: Path, classes: list[str]) -> None:
+        """An exported model folder as the run's MLflow pyfunc model (artifact ``model``; ``track.pyfunc`` loads it)."""
+        import tempfile
+
+        import mlflow.pyfunc
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        from transferlab.core.version import __version__
+        from transferlab.track.pyfunc import INPUT_COLUMN, LABEL_COLUMN
+
+        signature = ModelSignature(Schema([ColSpec("string", INPUT_COLUMN)]),
+                                   Schema([ColSpec("string", LABEL_COLUMN), *(ColSpec("double", c) for c in classes)]))
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it asks for an input example: the signature says what goes in
+            mlflow.pyfunc.save_model(str(Path(tmp) / "model"), loader_module="transferlab.track.pyfunc", data_path=str(model_dir),
+                                     signature=signature, metadata={"classes": classes},
+                                     pip_requirements=[f"transferlab=={__version__}", "pandas"])  # not inferred: no trial load
+            self.client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+
     def log_artifacts(self, run_id: str, folder: Path, names: Iterable[str]) -> None:
         for name in names:
             path = folder / name
@@ -169,10 +188,6 @@ class Store:
 def _param(value: Any) -> str:
     """A config value as an MLflow param: a tuple as the comma list its flag takes."""
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-
-def _tag_key(text: str) -> str:
-    return re.sub(r"[^\w./ -]", "_", text)
 
 
 class MlflowTracker(RunObserver):
@@ -242,6 +257,8 @@ class MlflowTracker(RunObserver):
                 for mlflow_id in [*self.live.values(), *([self.parent] if self.parent else [])]:
                     self.store.mark_interrupted(mlflow_id, "KILLED")
             return
+        from transferlab.track.push import push_probe, push_sweep
+
         store = self._connect()
         if self.kind == "sweep":
             assert self.parent is not None
@@ -260,85 +277,3 @@ def _ledger_fingerprint(out: Path) -> str | None:
     finally:
         ledger.close()
     return None if fingerprint is None else stable_hash(fingerprint)
-
-
-def push_sweep(store: Store, parent: str, out: Path) -> int:
-    """Log every finished ledger run of `out` that has no finished MLflow run under `parent` (a stale running
-    one is set FAILED), the test accuracies missing, the choices and the report; end the sweep's run.
-    Returns how many runs it logged."""
-    ledger = Ledger(out / "ledger.sqlite", readonly=True)
-    try:
-        rows: list[RunRow] = ledger.runs()
-        fingerprint = ledger.get_meta("data_fingerprint")
-        chosen = {(b, m): ledger.choice(b, m) for b in {r["backbone"] for r in rows} for m in METHODS}
-    finally:
-        ledger.close()
-    have = store.by_hash(f"tags.`mlflow.parentRunId` = '{parent}'")
-    logged = 0
-    for row in rows:
-        if row["status"] not in FINISHED:
-            continue
-        runs = have.get(row["hash"], [])
-        done = next((r for r in runs if r.info.status == "FINISHED"), None)
-        if done is None:
-            for stale in (r for r in runs if r.info.status == "RUNNING"):
-                store.mark_interrupted(stale.info.run_id)
-            metrics = row["metrics"] or {}
-            tags = {HASH: row["hash"], BACKBONE: row["backbone"], METHOD: row["method"], KIND: "sweep-run", "mlflow.parentRunId": parent,
-                    **({DATA: stable_hash(fingerprint)} if fingerprint is not None else {})}
-            run_id = store.new_run(tags, row["config"], metrics.get("n_trainable_layers", 1), metrics.get("unit", "layers:1"))
-            store.log_epochs(run_id, row["history"] or [])
-            store.end_run(run_id, row["status"], metrics, (row["timings"] or {}).get("train_loop_s"), None)
-            logged += 1
-        elif "test_acc" in done.data.metrics:
-            continue
-        else:
-            run_id = done.info.run_id
-        if row["test_acc"] is not None:
-            store.client.log_metric(run_id, "test_acc", row["test_acc"])
-    for (backbone, method), h in chosen.items():
-        if h is not None:
-            store.client.set_tag(parent, _tag_key(f"{TAG}chosen.{backbone}.{method}"), h)
-    store.log_artifacts(parent, out, SWEEP_ARTIFACTS)
-    store.client.set_terminated(parent, "FINISHED")
-    return logged
-
-
-def push_probe(store: Store, out: Path, run_id: str | None) -> int:
-    """Attach a probe's record and report to its MLflow run (`run_id`; None: log the run from run.json unless
-    a run of this very record is there already). Returns how many runs it logged."""
-    record = json.loads((out / "run.json").read_text())
-    digest = stable_hash(record)
-    logged = 0
-    if run_id is None:
-        if store.search(f"tags.`{TAG}record` = '{digest}'"):
-            return 0
-        tags = {HASH: str(out), BACKBONE: record["backbone"]["name"], METHOD: "probe", KIND: "probe"}
-        run_id = store.new_run(tags, record["config"]["train"], record["n_trainable_layers"], f"layers:{record['n_trainable_layers']}")
-        store.log_epochs(run_id, record["history"])
-        store.end_run(run_id, record["status"], record, record["timings"].get("train_loop_s"), None)
-        if record["test_acc"] is not None:
-            store.client.log_metric(run_id, "test_acc", record["test_acc"])
-        logged = 1
-    store.client.set_tag(run_id, DATA, record["data_digest"])
-    store.client.set_tag(run_id, TAG + "record", digest)
-    store.log_artifacts(run_id, out, PROBE_ARTIFACTS)
-    return logged
-
-
-def push_folder(out: Path, uri: str | None = None, experiment: str = "transferlab") -> int:
-    """``transferlab track OUT``: push what MLflow lacks of the sweep or probe in `out`; how many runs it logged.
-    A tracker that cannot be reached is a UserError naming the URI."""
-    if not (out / "ledger.sqlite").is_file() and not (out / "run.json").is_file():
-        raise UserError(f"{out}: neither a sweep's ledger.sqlite nor a probe's run.json here")
-    uri = uri or default_uri(out)
-    try:
-        store = Store(uri, experiment, out)
-        if (out / "ledger.sqlite").is_file():
-            return push_sweep(store, store.sweep_parent(out), out)
-        return push_probe(store, out, None)
-    except Exception as e:
-        if isinstance(e, UserError):
-            raise
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"--track-uri {uri}: {first}") from None
