@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image_folder
+from conftest import require, write_image_folder
 from transferlab.cli.main import main
 from transferlab.core.hashing import stable_hash
 from transferlab.sweep.ledger import Ledger
 from transferlab.train.config import TrainConfig
 
-mlflow_tracking = pytest.importorskip("mlflow.tracking")
+mlflow_tracking = require("mlflow.tracking")  # CI installs it (the test extra); elsewhere a missing one skips
 
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
         "--epochs", "6", "--patience", "3", "--ft-epochs", "6", "--ft-patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3",
@@ -162,6 +162,17 @@ def test_re_running_the_same_command_logs_nothing_twice(server, data, tracked):
 def test_two_worker_processes_log_the_same_content(server, data, tracked, tmp_path):
     out = tmp_path / "jobs2"
     assert sweep(data, out, "--jobs", "2", "--track-uri", server, "--track-experiment", "main") == 0
+    assert content(server, "main", out) == tracked[1]
+
+
+@pytest.mark.slow
+def test_ray_tasks_log_the_same_content(server, data, tracked, tmp_path, monkeypatch):
+    ray = require("ray")
+    init = ray.init
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: init(*a, **(kw if "address" in kw else {**kw, "num_cpus": 2})))
+    out = tmp_path / "ray"
+    assert sweep(data, out, "--executor", "ray", "--track-uri", server, "--track-experiment", "main") == 0
     assert content(server, "main", out) == tracked[1]
 
 
