@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import write_image_folder
 from transferlab.cli.main import main
 from transferlab.sweep.ledger import Ledger
 from transferlab.train.config import TrainConfig
@@ -42,3 +43,42 @@ def test_lp_ft_and_lpft_are_each_chosen_and_tested_once(tiny_folder, tmp_path):
     assert main(["export", str(out), "--out", str(model), "--method", "FT"]) == 0
     provenance = json.loads((model / "config.json").read_text())["provenance"]
     assert provenance["method"] == "FT" and provenance["train"]["wise_alphas"] == [] and provenance["backbone_weights_verified"]
+
+
+@pytest.mark.slow
+def test_ood_sets_are_read_once_per_chosen_model_after_every_choice(tiny_folder, tmp_path, capsys):
+    shift = write_image_folder(tmp_path / "ood", {"shift": {c: 4 for c in ("a", "b", "c")}}, seed=7) / "shift"
+    plain, with_ood = tmp_path / "plain", tmp_path / "with_ood"
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(plain), *GRID, "--lpft"]) == 0
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(with_ood), *GRID, "--lpft", "--ood", f"shift={shift}"]) == 0
+    a, b = (json.loads((o / "summary.json").read_text()) for o in (plain, with_ood))
+    # no choice read the OOD set: the same runs are chosen with the same numbers, and only columns are added
+    assert [{k: r[k] for k in r} for r in a] == [{k: r[k] for k in a[0]} for r in b]
+    assert [k for k in b[0] if k not in a[0]] == [f"ood_shift_{s}" for s in
+                                                    ("acc", "ci_low", "ci_high", "diff_vs_lp", "ci_low_vs_lp", "ci_high_vs_lp", "p_vs_lp")]
+    ledger = Ledger(with_ood / "ledger.sqlite", readonly=True)
+    for row in b:
+        h = ledger.choice("efficientnet_lite0", row["method"])
+        stored = json.loads((with_ood / "predictions" / "ood_shift" / f"{h}.json").read_text())
+        correct = sum(int(max(range(3), key=lambda c: p[c]) == y) for p, y in zip(stored["probs"], stored["labels"]))
+        assert len(stored["labels"]) == 12 and row["ood_shift_acc"] == pytest.approx(correct / 12)
+        assert row["ood_shift_ci_low"] <= row["ood_shift_acc"] <= row["ood_shift_ci_high"]
+    assert b[0]["ood_shift_diff_vs_lp"] is None
+    assert b[1]["ood_shift_diff_vs_lp"] == pytest.approx(b[1]["ood_shift_acc"] - b[0]["ood_shift_acc"], abs=1e-12)
+    count = ledger.db.execute("SELECT COUNT(*) FROM ood_evaluations").fetchone()[0]
+    ledger.close()
+    assert count == 2
+    assert main(["sweep", "--data", str(tiny_folder), "--out", str(with_ood), *GRID, "--lpft", "--ood", f"shift={shift}"]) == 0
+    ledger = Ledger(with_ood / "ledger.sqlite", readonly=True)
+    assert ledger.db.execute("SELECT COUNT(*) FROM ood_evaluations").fetchone()[0] == 2  # a re-run reads it no more
+    ledger.close()
+    assert "In distribution vs out of distribution" in (with_ood / "report.html").read_text()
+
+
+def test_an_ood_set_must_have_the_training_classes(tiny_folder, tmp_path, capsys):
+    odd = write_image_folder(tmp_path / "ood", {"shift": {"a": 2, "b": 2, "z": 2}}) / "shift"
+    code = main(["sweep", "--data", str(tiny_folder), "--out", str(tmp_path / "o"), *GRID, "--ood", f"shift={odd}"])
+    assert code == 2 and not (tmp_path / "o" / "ledger.sqlite").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"transferlab: error: --ood shift={odd}: its classes are not the training classes (only in the training data: c; "
+        f"only in {odd}: z)")

@@ -26,7 +26,7 @@ class Flag:
 
     field: str
     flag: str
-    kind: str  # "bool" | "list" | "value" | "mapping"
+    kind: str  # "bool" | "list" | "value" | "mapping" | "pairs" (a repeatable NAME=VALUE)
     base: type  # element type of a list, the type of a value
     invert: bool
     choices: tuple[str, ...] | None
@@ -53,6 +53,14 @@ class Flag:
                 raise UserError(f"{self.flag} {raw}: expected a comma list of {self.base.__name__} values") from None
         if raw is None:
             return None
+        if self.kind == "pairs":
+            if isinstance(raw, dict):  # YAML
+                return {str(k): str(v) for k, v in raw.items()}
+            items = [raw] if isinstance(raw, str) else list(raw)
+            bad = next((s for s in items if "=" not in str(s) or not str(s).partition("=")[0].strip()), None)
+            if bad is not None:
+                raise UserError(f"{self.flag} {bad}: expected NAME=VALUE")
+            return {str(s).partition("=")[0].strip(): str(s).partition("=")[2].strip() for s in items}
         if self.kind == "mapping":
             if isinstance(raw, str):
                 import json
@@ -98,6 +106,7 @@ def config_flags(cls: type, exclude: tuple[str, ...] = ()) -> list[Flag]:
             continue
         kind, base = _unwrap(hints[f.name])
         meta = f.metadata
+        kind = "pairs" if meta.get("pairs") else kind
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         flags.append(Flag(f.name, flag, kind, base, bool(meta.get("invert")), meta.get("choices"), meta.get("help", ""), f.default))
     return flags
@@ -113,6 +122,8 @@ def add_flags(group: argparse._ActionsContainer, flags: list[Flag], suppress: bo
         if fl.kind == "bool":
             kw["action"] = "store_true"
             kw["help"] = fl.help
+        elif fl.kind == "pairs":
+            kw.update(action="append", help=fl.help, metavar="NAME=VALUE")
         else:
             kw["help"] = help_text(fl)
             if fl.choices and fl.kind != "list":  # a list's items are checked one by one (Flag.parse)

@@ -17,13 +17,13 @@ from transferlab.core.errors import ConfigError
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-           invert: bool = False) -> Any:
+           invert: bool = False, pairs: bool = False) -> Any:
     """A config dataclass field with the metadata its command-line flag and YAML key are generated from.
 
     `flag` overrides the flag name (default ``--field-name``); `invert` makes a boolean field a
-    ``--no-...`` switch that stores False.
+    ``--no-...`` switch that stores False; `pairs` makes a mapping field a repeatable ``--flag NAME=VALUE``.
     """
-    meta = {"help": help, "flag": flag, "choices": choices, "invert": invert}
+    meta = {"help": help, "flag": flag, "choices": choices, "invert": invert, "pairs": pairs}
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -47,6 +47,11 @@ def _check(classes, files, labels, probs, where: str) -> None:
         raise ValueError(f"{where}: labels must be in 0..{c - 1}")
 
 
+def ood_predictions_path(out: str | os.PathLike, name: str, run_hash: str) -> Path:
+    """Where a sweep keeps a chosen run's per-image predictions on extra test set `name`."""
+    return Path(out) / "predictions" / f"ood_{name}" / f"{run_hash}.json"
+
+
 def sweep_predictions_path(out: str | os.PathLike, run_hash: str) -> Path:
     """Where a sweep keeps a chosen run's per-image test predictions: ``OUT/predictions/<hash>.json``."""
     return Path(out) / "predictions" / f"{run_hash}.json"

@@ -156,14 +156,14 @@ class CutInputs:
         uncached = "" if setup.cached else setup.notice or "drop --no-cache"
         refuse_feature_augment(feature_augment, uncached, setup.cut.name, shape, len(train), self.engine.cache_max_gb)
 
-    def test_source(self, n_trainable_layers: int) -> BatchSource | None:
-        """The test split's inputs at the cut (computed on first use; None without a test split)."""
-        if self.splits.test is None:
+    def split_source(self, n_trainable_layers: int, split: Split | None) -> BatchSource | None:
+        """`split`'s inputs at the cut (the test split, an extra test set), computed on first use; None for no split."""
+        if split is None:
             return None
         setup = self.setup(n_trainable_layers)
-        if "test" not in setup.sources:
-            setup.sources["test"] = self._source(self.splits.test, setup)
-        return setup.sources["test"]
+        if split.name not in setup.sources:
+            setup.sources[split.name] = self._source(split, setup)
+        return setup.sources[split.name]
 
     def net(self, n_trainable_layers: int) -> torch.nn.Module:
         """What maps these inputs to logits: the chain after the cut, or the whole chain."""

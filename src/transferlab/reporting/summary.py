@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.core.files import atomic_write_bytes, write_json
+from transferlab.reporting.extra_sets import extra_columns, extra_keys
 from transferlab.reporting.verdict import ModelPredictions, limit_warnings, verdict_numbers
 from transferlab.sweep.ledger import METHODS, Ledger, Method, RunRow
 from transferlab.sweep.manifest import SweepManifest, read_backbone, read_manifest
@@ -71,12 +72,13 @@ def summary_rows(ledger: Ledger, out: Path | None = None) -> list[dict]:
                 "best_epoch": m["best_epoch"], "val_xent": m["val_xent"], "val_err": m["val_err"],
                 "test_acc": run["test_acc"], "select": cfg.get("select", "val_xent"),
                 **_finetuning(method, cfg, m), **_over_seeds(ledger, name, method, cfg, m),
-                **_against_lp(ledger, out, name, method, run_hash),
+                **_against_lp(ledger, out, name, method, run_hash), **extra_columns(ledger, out, manifest, name, method),
                 "warnings": row_warnings(manifest, method, cfg, m, grid_scores(planned_runs(ledger, name, method), method, select),
                                          select),
             })
     numbers = verdict_numbers(rows, chosen_predictions(ledger, out, rows), select)
-    return [{k: {**r, **n}[k] for k in SUMMARY_KEYS} for r, n in zip(rows, numbers)]
+    keys = SUMMARY_KEYS + extra_keys(manifest)
+    return [{k: {**r, **n}[k] for k in keys} for r, n in zip(rows, numbers)]
 
 
 def chosen_predictions(ledger: Ledger, out: Path | None, rows: list[dict]) -> list[ModelPredictions | None]:
@@ -197,7 +199,7 @@ def write_summary(out: Path, rows: list[dict]) -> None:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_KEYS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else SUMMARY_KEYS, lineterminator="\n")
     writer.writeheader()
     writer.writerows([dict(r, warnings="; ".join(r["warnings"])) for r in rows])
     atomic_write_bytes(path, buf.getvalue().encode())

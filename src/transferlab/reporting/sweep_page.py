@@ -8,6 +8,7 @@ import base64
 import html
 from pathlib import Path
 
+from transferlab.reporting.extra_sets import extra_sets_html
 from transferlab.reporting.summary import SUMMARY_KEYS, finished_run
 from transferlab.reporting.sweep_figures import Figure, plural
 from transferlab.reporting.verdict import (
@@ -193,6 +194,7 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
     """The whole report page: the verdict first, then the LP vs LP-FT comparison, the chosen
     hyperparameters (compact; every column in a collapsible section), loss, data, figures, per-class insight."""
     manifest = read_manifest(ledger)
+    columns = tuple(rows[0]) if rows else SUMMARY_KEYS  # with extra test sets, their columns too
     data, command, skipped, select = manifest.data_summary, manifest.command, manifest.skipped_backbones, manifest.select
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title><style>{CSS}</style></head><body>",
              "<h1>transferlab report</h1>",
@@ -211,12 +213,13 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
             f"<td>{acc(lp)}</td><td>{acc(ft)}</td></tr>"
         )
     parts.append("</table>")
+    parts.append(extra_sets_html(manifest, rows))
     verdicts = _lpft_verdict(ledger, rows)
     if verdicts:
         parts.append("<h3>What LP-then-FT did</h3><ul>" + "".join(f"<li>{v}</li>" for v in verdicts) + "</ul>")
     parts.append("<h2>Chosen hyperparameters (on validation only)</h2><div class=wide>" + _table(rows, COMPACT_KEYS) + "</div>"
-                 f"<details><summary>Every column of summary.json ({len(SUMMARY_KEYS)})</summary><div class=wide>"
-                 + _table(rows, SUMMARY_KEYS) + "</div></details>")
+                 f"<details><summary>Every column of summary.json ({len(columns)})</summary><div class=wide>"
+                 + _table(rows, columns) + "</div></details>")
     criterion = {"val_xent": "validation cross-entropy (ties: validation error)",
                  "val_err": "validation error (ties: validation cross-entropy)"}.get(select, select)
     parts.append(f"<h2>Loss</h2><pre>{html.escape(manifest.objective)}</pre><p>"

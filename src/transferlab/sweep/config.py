@@ -140,6 +140,9 @@ class SweepConfig:
     model_dir: str = option(DEFAULT_MODEL_DIR, "folder with official pytorchcv .pth files")
     backbone_info: dict[str, dict] | None = option(None, "per backbone name, overrides of what the library says: "
                                                    "{NAME: {source: ..., source_top1: ...}} (YAML, or JSON on the command line)")
+    ood: dict[str, str] | None = option(None, "an out-of-distribution test set NAME=DIR (repeatable; DIR holds <class>/* "
+                                        "images or a path,label CSV with the training classes), evaluated once by every "
+                                        "chosen model and never by a choice; YAML ood: {NAME: DIR}", pairs=True)
     lp: PhaseGrid = field(default_factory=lp_grid_default)
     ft: PhaseGrid = field(default_factory=ft_grid_default)
 

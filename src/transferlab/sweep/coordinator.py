@@ -24,6 +24,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transferlab.core.files import FolderLock, check_writable_dir, write_json
 from transferlab.core.hashing import stable_hash
+from transferlab.data.eval_sets import load_eval_split
+from transferlab.data.splits import split_fingerprint
 from transferlab.features.cache import FeatureCache
 from transferlab.sweep.config import ExecutorConfig, SweepConfig
 from transferlab.sweep.executors import Executor, make_executor
@@ -82,7 +84,10 @@ class Sweep:
         preflight(cfg, names, splits)
         numerics = numerics_identity(cfg.engine)
         self.executor = executor = make_executor(self.executor_cfg, self.out, cfg.engine.device)
-        data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force, FeatureCache(self.cache_dir).digest_memo_dir)
+        memo_dir = FeatureCache(self.cache_dir).digest_memo_dir
+        ood = {name: load_eval_split(name, where, splits.classes) for name, where in (cfg.ood or {}).items()}
+        ood_digests = {name: stable_hash(split_fingerprint(split, memo_dir)) for name, split in ood.items()}
+        data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force, memo_dir)
         config = cfg.record()
         self.ledger.set_meta("grid", stable_hash(config))  # choices of other grids are not shown
         write_json(self.out / "sweep.json", {"config": config, "executor": dataclasses.asdict(self.executor_cfg),
@@ -94,8 +99,10 @@ class Sweep:
             config=config, grid={"lp": config["lp"], **({"ft": config["ft"]} if cfg.fine_tunes else {})},
             command=self.command, backbones=names, skipped_backbones=skipped, data_summary=splits.summary(),
             objective=describe_objective(cfg.lp.get("l2"), *ft_terms, smoothing_scope="fine-tuning: "),
-            select=cfg.select, numerics=numerics))
-        phases = {name: BackbonePhases(name, cfg, splits, self.ledger, self.out, self.cache_dir, data_digest, numerics)
+            select=cfg.select, numerics=numerics,
+            ood={n: {"where": (cfg.ood or {})[n], "digest": ood_digests[n], "n": len(s)} for n, s in ood.items()}))
+        extra = {n: (s, ood_digests[n]) for n, s in ood.items()}
+        phases = {name: BackbonePhases(name, cfg, splits, self.ledger, self.out, self.cache_dir, data_digest, numerics, extra)
                   for name in names}
         plans = {name: p.plan() for name, p in phases.items()}
         self._announce(plans)

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS choices (
     grid TEXT,
     PRIMARY KEY (backbone, method)
 );
+CREATE TABLE IF NOT EXISTS ood_evaluations (
+    hash TEXT NOT NULL REFERENCES runs(hash),
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    accuracy REAL,
+    time REAL NOT NULL,
+    PRIMARY KEY (hash, name, digest)
+);
 CREATE TABLE IF NOT EXISTS test_evaluations (
     id INTEGER PRIMARY KEY,
     hash TEXT NOT NULL REFERENCES runs(hash),
@@ -152,26 +160,30 @@ class Ledger:
             self.db.execute("INSERT INTO test_evaluations (hash, backbone, method, test_acc, time) VALUES (?, ?, ?, ?, ?)",
                             (run_hash, row["backbone"], row["method"], test_acc, time.time()))
 
+    def record_ood(self, run_hash: str, name: str, digest: str, accuracy: float) -> None:
+        """Store the one evaluation of a chosen run on extra test set `name` (its images' `digest`)."""
+        with self.db:
+            self.db.execute("INSERT INTO ood_evaluations (hash, name, digest, accuracy, time) VALUES (?, ?, ?, ?, ?)",
+                            (run_hash, name, digest, accuracy, time.time()))
+
+    def ood_accuracy(self, run_hash: str, name: str, digest: str) -> float | None:
+        """The run's accuracy on extra test set `name` with those images, if it was evaluated."""
+        row = self.db.execute("SELECT accuracy FROM ood_evaluations WHERE hash = ? AND name = ? AND digest = ?",
+                              (run_hash, name, digest)).fetchone()
+        return None if row is None else row["accuracy"]
+
     def test_evaluations(self, backbone: str | None = None, method: Method | None = None) -> int:
         """How many times the test split was evaluated (for `backbone` and `method`, if given)."""
-        query, args = "SELECT COUNT(*) FROM test_evaluations WHERE 1=1", list[str]()
-        if backbone is not None:
-            query, args = query + " AND backbone = ?", args + [backbone]
-        if method is not None:
-            query, args = query + " AND method = ?", args + [method]
-        return self.db.execute(query, args).fetchone()[0]
+        where, args = _where(backbone, method)
+        return self.db.execute("SELECT COUNT(*) FROM test_evaluations" + where, args).fetchone()[0]
 
     def run(self, run_hash: str) -> RunRow | None:
         row = self.db.execute("SELECT * FROM runs WHERE hash = ?", (run_hash,)).fetchone()
         return _decode(row) if row else None
 
     def runs(self, backbone: str | None = None, method: Method | None = None) -> list[RunRow]:
-        query, args = "SELECT * FROM runs WHERE 1=1", list[str]()
-        if backbone is not None:
-            query, args = query + " AND backbone = ?", args + [backbone]
-        if method is not None:
-            query, args = query + " AND method = ?", args + [method]
-        return [_decode(r) for r in self.db.execute(query + " ORDER BY rowid", args)]
+        where, args = _where(backbone, method)
+        return [_decode(r) for r in self.db.execute("SELECT * FROM runs" + where + " ORDER BY rowid", args)]
 
     # -- what the current grid planned ---------------------------------------------------------------
     # The report reads only these runs: rows of other grids in the same folder (another seed list, epoch
@@ -210,6 +222,12 @@ class Ledger:
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def _where(backbone: str | None, method: str | None) -> tuple[str, list[str]]:
+    """A WHERE clause selecting rows of `backbone` and `method` (None: any), and its arguments."""
+    given = [(column, value) for column, value in (("backbone", backbone), ("method", method)) if value is not None]
+    return " WHERE 1=1" + "".join(f" AND {column} = ?" for column, _ in given), [value for _, value in given]
 
 
 def _decode(row: sqlite3.Row) -> RunRow:

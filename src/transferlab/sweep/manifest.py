@@ -31,6 +31,7 @@ class SweepManifest:
     objective: str = ""
     select: str = "val_xent"
     numerics: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra test set name -> {where, digest, n}
     version: int = MANIFEST_VERSION
 
     def phase(self, name: str) -> dict[str, list]:

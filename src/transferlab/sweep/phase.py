@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from transferlab.core.errors import ConfigError
-from transferlab.data import ImageSplits
+from transferlab.data import ImageSplits, Split
 from transferlab.features.cut_inputs import CutInputs
 from transferlab.sweep.config import SweepConfig
 from transferlab.sweep.executors import Executor
@@ -16,7 +16,7 @@ from transferlab.sweep.manifest import BackboneRecord, read_backbone, write_back
 from transferlab.sweep.observers import SweepProgress
 from transferlab.sweep.plan import PhasePlan, PlannedRun, ft_layer_counts, progress_desc, run_hash
 from transferlab.sweep.preflight import load_checked
-from transferlab.sweep.select import choose, choose_and_test
+from transferlab.sweep.select import choose, choose_and_test, evaluate_extra_sets
 from transferlab.sweep.store import load_params
 from transferlab.sweep.tasks import Task, make_tasks
 from transferlab.train.config import TrainConfig
@@ -32,9 +32,10 @@ class BackbonePhases:
     fine-tuning from the pretrained backbone with a fresh head."""
 
     def __init__(self, name: str, cfg: SweepConfig, splits: ImageSplits, ledger: Ledger, out: Path, cache_dir: Path,
-                 data_digest: str, numerics: dict):
+                 data_digest: str, numerics: dict, ood: dict[str, tuple[Split, str]] | None = None):
         self.name, self.cfg, self.splits, self.ledger, self.out = name, cfg, splits, ledger, out
         self.cache_dir, self.data_digest, self.numerics = cache_dir, data_digest, numerics
+        self.ood = ood or {}  # extra test set name -> (its split, its images' digest)
         self.record = read_backbone(ledger, name)  # what an earlier run stored: kept until replaced
 
     def _session(self) -> tuple[RunSession, dict[str, int]]:
@@ -79,12 +80,7 @@ class BackbonePhases:
         self.record = BackboneRecord(**info, numerics=self.record.numerics)
         write_backbone(self.ledger, name, self.record)
         if cfg.fine_tunes:
-            for k in dict.fromkeys(ft_ks.values()):
-                for augment in cfg.ft.get("feature_augment", ("none",)):
-                    try:  # check_ft_grid planned this; the set-up is the final word, before any run
-                        session.inputs.check_feature_augment(augment, k)
-                    except ConfigError as e:
-                        raise ConfigError("ft.feature_augment", e.value, f"{e.reason} ({name})") from None
+            _check_feature_augment(session, cfg, ft_ks, name)
         executed = 0
         probes = self._probe_runs(session)
         probe_hash, n = self._phase(session, "LP", probes, executor, observers, progress)
@@ -102,6 +98,7 @@ class BackbonePhases:
         else:
             self.ledger.set_plan(name, "FT", [])
             self.ledger.unchoose(name, "FT")
+        evaluate_extra_sets(self.ledger, session, name, self.ood, self.out)  # every choice of this backbone is made
         self.record = BackboneRecord(**{**info, "skipped_files": session.inputs.skipped_files, "numerics": self.record.numerics})
         write_backbone(self.ledger, name, self.record)
         return executed
@@ -122,19 +119,17 @@ class BackbonePhases:
     def _finetune_runs(self, session: RunSession, probe_hash: str, ft_ks: dict[str, int]) -> list[PlannedRun]:
         probe = self.ledger.run(probe_hash)
         assert probe is not None
-        cfgs = self.cfg.finetune_configs(TrainConfig.from_dict(probe["config"]))
+        return self._unit_runs(session, "LP-FT", self.cfg.finetune_configs(TrainConfig.from_dict(probe["config"])), ft_ks, probe_hash)
+
+    def _plain_ft_runs(self, session: RunSession, ft_ks: dict[str, int]) -> list[PlannedRun]:
+        return self._unit_runs(session, "FT", self.cfg.plain_ft_configs(), ft_ks)
+
+    def _unit_runs(self, session: RunSession, method: Method, cfgs: list[TrainConfig], ft_ks: dict[str, int],
+                   start: str | None = None) -> list[PlannedRun]:
         planned: dict[str, PlannedRun] = {}  # blocks:N and layers:k may name the same layers: one run
         for unit, k in ft_ks.items():
             for c in cfgs:
-                h = self._hash(session, "LP-FT", c, k, probe_hash)
-                planned.setdefault(h, PlannedRun(h, c, k, unit))
-        return list(planned.values())
-
-    def _plain_ft_runs(self, session: RunSession, ft_ks: dict[str, int]) -> list[PlannedRun]:
-        planned: dict[str, PlannedRun] = {}  # blocks:N and layers:k may name the same layers: one run
-        for unit, k in ft_ks.items():
-            for c in self.cfg.plain_ft_configs():
-                h = self._hash(session, "FT", c, k)
+                h = self._hash(session, method, c, k, start)
                 planned.setdefault(h, PlannedRun(h, c, k, unit))
         return list(planned.values())
 
@@ -182,6 +177,16 @@ class BackbonePhases:
                 continue
             for p, result in zip(runs, results):
                 observers.run_end(p.hash, RunEnd(result.status, run_metrics(p, result, n_params, runtime), result=result))
+
+
+def _check_feature_augment(session: RunSession, cfg: SweepConfig, ft_ks: dict[str, int], name: str) -> None:
+    """check_ft_grid planned this; the set-up of the inputs is the final word, before any run."""
+    for k in dict.fromkeys(ft_ks.values()):
+        for augment in cfg.ft.get("feature_augment", ("none",)):
+            try:
+                session.inputs.check_feature_augment(augment, k)
+            except ConfigError as e:
+                raise ConfigError("ft.feature_augment", e.value, f"{e.reason} ({name})") from None
 
 
 def _epoch_events(observers: Observers, run_ids: list[str]) -> Callable[[int, EpochRecord], None]:

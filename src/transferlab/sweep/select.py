@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from transferlab.core.errors import ConfigError, UserError
-from transferlab.core.predictions import sweep_predictions_path, write_test_predictions
+from transferlab.core.predictions import ood_predictions_path, sweep_predictions_path, write_test_predictions
+from transferlab.data import Split
 from transferlab.sweep.ledger import METHODS, Ledger, Method, RunRow
 from transferlab.sweep.manifest import read_manifest
 from transferlab.sweep.plan import PlannedRun
@@ -87,3 +88,26 @@ def pick_choice(choices: list[dict], backbone: str | None, method: str | None, w
     if not finite:
         return fits[0]
     return min(finite, key=lambda c: selection_key(select, c["val_xent"], c["val_err"]))
+
+
+def evaluate_extra_sets(ledger: Ledger, session: RunSession, backbone: str, sets: dict[str, tuple[Split, str]], out: Path) -> None:
+    """Evaluate every chosen run of `backbone` once on each extra test set ({name: (split, digest)}), after
+    its choices are made: nothing chosen ever reads these sets. The per-image predictions go beside the
+    test predictions (``predictions/ood_<name>/<hash>.json``); a run already evaluated on the same images
+    is not evaluated again."""
+    for method in METHODS:
+        h = ledger.choice(backbone, method)
+        if h is None:
+            continue
+        for name, (split, digest) in sets.items():
+            if ledger.ood_accuracy(h, name, digest) is not None:
+                continue
+            run = ledger.run(h)
+            assert run is not None and run["metrics"] is not None
+            k = run["metrics"]["n_trainable_layers"]
+            session.load_trained(k, load_params(out, h))
+            result = session.evaluate_split(k, split)
+            assert result is not None
+            write_test_predictions(ood_predictions_path(out, name, h), session.inputs.splits.classes, result.files,
+                                   result.labels, result.probs.numpy())
+            ledger.record_ood(h, name, digest, result.accuracy)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from transferlab.core.errors import ConfigError
+from transferlab.data import Split
 from transferlab.features.cut_inputs import CutInputs
 from transferlab.features.sources import BatchSource, ImageSource, MapAugmentSource, SplitInputs, TensorSource, ViewSource
 from transferlab.models.freezing import FreezePlan, frozen_digest, layer_of, load_state_strict, plan_cut, set_train_mode, trainable_state_keys
@@ -115,12 +116,16 @@ class RunSession:
 
     def evaluate_test(self, n_trainable_layers: int) -> TestEvaluation | None:
         """The current model on the test split: accuracy and per-image probabilities (None without a test split)."""
-        test, source = self.inputs.splits.test, self.inputs.test_source(n_trainable_layers)
+        return self.evaluate_split(n_trainable_layers, self.inputs.splits.test)
+
+    def evaluate_split(self, n_trainable_layers: int, test: Split | None) -> TestEvaluation | None:
+        """The current model on `test` (the test split, or an extra test set): one pass; None for no split."""
+        source = self.inputs.split_source(n_trainable_layers, test)
         if test is None or source is None:
             return None
         set_train_mode(self.model, False)
-        probs = predict_proba(self.inputs.net(n_trainable_layers), source)  # one pass over the test split
-        bad = set(self.inputs.skipped_files.get("test", []))
+        probs = predict_proba(self.inputs.net(n_trainable_layers), source)  # one pass over the split
+        bad = set(self.inputs.skipped_files.get(test.name, []))
         kept = [i for i, f in enumerate(test.files) if f not in bad]
         labels = [test.labels[i] for i in kept]
         wrong = int((probs.argmax(1) != torch.tensor(labels)).sum())

@@ -1,0 +1,56 @@
+"""Extra test sets (out-of-distribution sets, ``--ood NAME=DIR``): a folder of ``<class>/*`` images or a
+``path,label`` CSV whose classes are the training classes, read as one split evaluated by chosen models only."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from transferlab.core.errors import UserError
+from transferlab.data.folders import _scan_class_folders
+from transferlab.data.splits import Split
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")  # it becomes summary keys (ood_<name>_acc) and folder names
+
+
+def load_eval_split(name: str, where: str, classes: tuple[str, ...] | list[str]) -> Split:
+    """The images of extra test set `name` at `where`, labelled by the index of their class in `classes`.
+
+    A UserError naming ``--ood NAME=DIR`` for a bad name, a missing folder or file, a CSV without
+    ``path,label`` columns, and classes that are not exactly the training classes (the difference said).
+    """
+    flag = f"--ood {name}={where}"
+    if not NAME.fullmatch(name):
+        raise UserError(f"{flag}: the name must be lower-case letters, digits, '_' or '-' (at most 40), starting with a letter or digit")
+    path = Path(where).expanduser()
+    if path.is_dir():
+        per_class, _ignored = _scan_class_folders(path)
+        pairs = [(f, c) for c, files in per_class.items() for f in files]
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        pairs = _csv_pairs(path, flag)
+    else:
+        raise UserError(f"{flag}: no such folder or .csv file")
+    found = {c for _f, c in pairs}
+    if found != set(classes):
+        parts = [f"only in the training data: {', '.join(sorted(set(classes) - found))}" if set(classes) - found else "",
+                 f"only in {path}: {', '.join(sorted(found - set(classes)))}" if found - set(classes) else ""]
+        raise UserError(f"{flag}: its classes are not the training classes ({'; '.join(p for p in parts if p)})")
+    index = {c: i for i, c in enumerate(classes)}
+    return Split(f"ood_{name}", tuple(f for f, _c in pairs), tuple(index[c] for _f, c in pairs), str(path))
+
+
+def _csv_pairs(path: Path, flag: str) -> list[tuple[str, str]]:
+    """(file, class) rows of a ``path,label`` CSV, relative paths resolved against its folder."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if not {"path", "label"} <= set(header):
+            raise UserError(f"{flag}: line 1: expected the columns path,label (header: {','.join(header) or 'empty'})")
+        reader.fieldnames = header
+        rows = [(str((path.parent / r["path"].strip()).resolve()) if not Path(r["path"].strip()).is_absolute() else r["path"].strip(),
+                 r["label"].strip()) for r in reader]
+    missing = [file for file, _c in rows if not Path(file).is_file()]
+    if missing:
+        raise UserError(f"{flag}: {len(missing)} listed file(s) do not exist (first: {missing[0]})")
+    return rows
