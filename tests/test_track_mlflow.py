@@ -141,7 +141,7 @@ def test_a_sweep_is_a_parent_run_with_one_nested_run_per_ledger_run(server, trac
         assert run["finals"].get("test_acc") == (None if row["test_acc"] is None else pytest.approx(row["test_acc"]))
     assert sum("test_acc" in r["finals"] for r in runs.values()) == 2
     client, parent, _ = parent_and_children(server, "main", out)
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags["transferlab.command"].startswith("transferlab sweep --data")
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.json", "report.html", "figures"} <= names
     assert any(a.path.endswith(".png") for a in client.list_artifacts(parent.info.run_id, "figures"))
@@ -271,6 +271,7 @@ def test_a_probe_is_one_run_in_the_folders_own_store(data, tmp_path, capsys):
     assert run.info.status == "FINISHED" and run.data.tags["transferlab.method"] == "probe"
     assert run.data.tags["transferlab.data_fingerprint"] == record["data_digest"]
     assert run.data.params["epochs"] == "4" and run.data.params["n_trainable_layers"] == "1"
+    assert run.data.tags["transferlab.command"] == record["command"]
     assert len(client.get_metric_history(run.info.run_id, "val_xent")) == len(record["history"]) == 5
     assert run.data.metrics["test_acc"] == pytest.approx(record["test_acc"])
     assert {"run.json", "report.html", "curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -59,6 +59,8 @@ def push_sweep(store: Store, parent: str, out: Path) -> int:
     for (backbone, method), h in chosen.items():
         if h is not None:
             store.client.set_tag(parent, re.sub(r"[^\w./ -]", "_", f"{TAG}chosen.{backbone}.{method}"), h)
+    if (out / "sweep.json").is_file():
+        _tag_command(store, parent, json.loads((out / "sweep.json").read_text()).get("command"))
     store.log_artifacts(parent, out, SWEEP_ARTIFACTS)
     if exported is not None and exported in finished:
         log_exported_model(store, finished[exported], out, exported)
@@ -85,10 +87,18 @@ def push_probe(store: Store, out: Path, run_id: str | None) -> int:
         logged = 1
     store.client.set_tag(run_id, DATA, record["data_digest"])
     store.client.set_tag(run_id, TAG + "record", digest)
+    _tag_command(store, run_id, record.get("command"))
     store.log_artifacts(run_id, out, PROBE_ARTIFACTS)
     if record["status"] == "done":
         log_exported_model(store, run_id, out, None)
     return logged
+
+
+def _tag_command(store: Store, run_id: str, command: str | None) -> None:
+    """The command that reproduces the folder, as a tag and as the run's description in the MLflow UI."""
+    if command:
+        store.client.set_tag(run_id, TAG + "command", command[:5000])
+        store.client.set_tag(run_id, "mlflow.note.content", f"`{command[:5000]}`")
 
 
 def log_exported_model(store: Store, run_id: str, out: Path, run_hash: str | None) -> None:
