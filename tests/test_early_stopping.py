@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from transferlab.train.early_stopping import EarlyStopping, divergence_threshold
 from transferlab.train.results import EpochRecord
 
@@ -62,3 +64,27 @@ def test_the_first_candidate_is_taken_whatever_its_score():
     plain = EarlyStopping("val_xent", 5, 3, zero)
     run(plain, [rec(1, 0.5, 0.2), rec(2, 0.6, 0.2), rec(3, 0.4, 0.1)])
     assert plain.best_epoch == 0
+
+
+def test_each_epoch_records_the_heads_learning_rate_after_warmup_and_schedule():
+    import torch
+
+    from transferlab.core.devices import Placement
+    from transferlab.features.sources import SplitInputs, TensorSource
+    from transferlab.train.config import TrainConfig
+    from transferlab.train.loop import fit
+    from transferlab.train.probes import fit_linear_probes
+    from transferlab.train.schedule import lr_factor
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, generator=gen), torch.arange(20) % 2
+    placement = Placement.of("cpu", "float32")
+    train = TensorSource(SplitInputs(x, y, []), placement)
+    cfg = TrainConfig(lr=0.1, epochs=4, patience=10, batch_size=8, lr_schedule="cosine", warmup_epochs=1)
+    steps = 3  # ceil(20 / 8) per epoch: the recorded lr is the one of each epoch's last step
+    expected = [None] + [0.1 * lr_factor(cfg, e * steps - 1, steps) for e in range(1, 5)]
+    head = torch.nn.Linear(4, 2)
+    result = fit(head, head, head, train, train, cfg)
+    assert [r["lr"] for r in result.history] == pytest.approx(expected)
+    batched = fit_linear_probes([torch.nn.Linear(4, 2)], train, train, [cfg])[0]
+    assert [r["lr"] for r in batched.history] == pytest.approx(expected)

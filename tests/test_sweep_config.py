@@ -129,3 +129,13 @@ def test_probe_names_the_sweep_options_it_does_not_take(tmp_path):
     for name, flag in [("lrs", "--lr"), ("ft_blocks", "--ft-blocks"), ("seeds", "--seeds"), ("kind", "--executor")]:
         with pytest.raises(ConfigError, match=f"is a sweep option \\(transferlab sweep {flag}\\), not a probe field"):
             transferlab.probe(tmp_path, tmp_path / "out", **{name: 1})
+
+
+def test_a_sweeps_yaml_may_say_where_its_runs_are_tracked(tmp_path):
+    from transferlab.cli.main import _track_config
+    from transferlab.track import TrackConfig
+
+    path = tmp_path / "g.yaml"
+    path.write_text("track: mlflow\ntrack_uri: http://127.0.0.1:5000\n")
+    assert _track_config(load_yaml(str(path))) == TrackConfig(track="mlflow", track_uri="http://127.0.0.1:5000")
+    assert _track_config({}) == TrackConfig()

@@ -28,7 +28,7 @@ mlflow_tracking = require("mlflow.tracking")  # CI installs it (the test extra);
 GRID = ["--backbones", "efficientnet_lite0", "--lr", "1e-3,3e-2", "--l2", "0,1", "--seeds", "0,1",
         "--epochs", "6", "--patience", "3", "--ft-epochs", "6", "--ft-patience", "3", "--lpft", "--ft-lr", "1e-4,1e-3",
         "--ft-layers", "3", "--device", "cpu", "--workers", "0", "--no-progress"]
-EPOCH_METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
+EPOCH_METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err", "lr")
 TIMED = ("train_loop_s",)  # differs between two executions of the same run
 
 
@@ -135,6 +135,8 @@ def test_a_sweep_is_a_parent_run_with_one_nested_run_per_ledger_run(server, trac
         history = row["history"]
         assert run["curves"]["val_xent"] == [(r["epoch"], pytest.approx(r["val_xent"])) for r in history]
         assert [s for s, _ in run["curves"]["train_loss"]] == [r["epoch"] for r in history[1:]]
+        # the head's learning rate at each epoch's last step (after warmup and the schedule), as the ledger has it
+        assert run["curves"]["lr"] == [(r["epoch"], pytest.approx(r["lr"])) for r in history[1:]]
         assert run["finals"]["final_val_xent"] == pytest.approx(row["metrics"]["val_xent"])
         assert run["finals"]["best_epoch"] == row["metrics"]["best_epoch"]
         # the test accuracy only where the test split was read: the two chosen runs

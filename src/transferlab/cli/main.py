@@ -123,7 +123,7 @@ def cmd_sweep(args) -> int:
     values = resolve(args)
     cfg, executor = build_configs(values)
     out = Path(values["out"])
-    with _tracking(args, out, "sweep") as observers:  # the tracker attaches the report once it is built
+    with _tracking(values, out, "sweep") as observers:  # the tracker attaches the report once it is built
         sweep(cfg, out, force=args.force, command=reproduce_command(args.argv), executor=executor, observers=observers)
         rows = build_report(out)
     for line in summary_lines(rows, n_test_images(out)):
@@ -132,19 +132,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _track_config(args):
+def _track_config(values):
+    """The TrackConfig of the given flag values (an argparse namespace, or a sweep's flags and YAML keys)."""
     from transferlab.cli.flags import config_flags, field_values
     from transferlab.core.fields import build_config
     from transferlab.track import TrackConfig
 
-    return build_config(TrackConfig, field_values(config_flags(TrackConfig), vars(args)))
+    given = values if isinstance(values, dict) else vars(values)
+    return build_config(TrackConfig, field_values(config_flags(TrackConfig), given))
 
 
-def _tracking(args, out: Path, kind):
+def _tracking(values, out: Path, kind):
     """The run observers of --track (none without it), as a context that ends the tracking (track.tracking)."""
     from transferlab.track import tracking
 
-    return tracking(_track_config(args), out, kind)
+    return tracking(_track_config(values), out, kind)
 
 
 def cmd_track(args) -> int:
@@ -233,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     from transferlab.cli.sweep import add_sweep_flags
 
     p = sub.add_parser("sweep", help="grid search (and LP-then-FT) over backbones, resumable")
-    add_sweep_flags(p)
-    add_flags(p.add_argument_group("tracking"), config_flags(TrackConfig))
+    add_sweep_flags(p)  # the tracking flags among them (a sweep's YAML may give them too)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="rebuild report.html: a sweep's summary, figures and report from its ledger, "

@@ -32,6 +32,7 @@ from transferlab.sweep.config import (
     phase_flag,
     train_fields,
 )
+from transferlab.track import TrackConfig
 from transferlab.train.config import TrainConfig
 
 
@@ -65,6 +66,7 @@ SWEEP_FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
     ("fine-tuning grid (ft: from the chosen probe; YAML ft: {field: [values]})", phase_flags("ft")),
     ("engine", config_flags(EngineConfig)),
     ("executor", config_flags(ExecutorConfig)),
+    ("tracking", config_flags(TrackConfig)),
 ]
 SWEEP_FLAGS = [fl for _, group in SWEEP_FLAG_GROUPS for fl in group]
 PHASE_FLAGS = {fl.field: fl for fl in SWEEP_FLAGS if "." in fl.field}

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 TAG = "transferlab."
 HASH, BACKBONE, METHOD, DATA, KIND, FOLDER, STATUS = (TAG + n for n in ("run_hash", "backbone", "method", "data_fingerprint",
                                                                        "kind", "folder", "status"))
-EPOCH_METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err")
+EPOCH_METRICS = ("train_loss", "train_xent", "train_err", "val_xent", "val_err", "lr")
 # A run's numbers when it ended, by their MLflow names: val_xent / val_err of the returned weights (after
 # WiSE-FT, if any) are final_*, so that they do not join the epoch curves of the same name.
 FINAL_METRICS = {"best_epoch": "best_epoch", "epochs_run": "epochs_run", "val_xent": "final_val_xent", "val_err": "final_val_err",

@@ -63,7 +63,7 @@ def predict_proba(net: nn.Module, source: BatchSource, batch_size: int = 512) ->
 
 def epoch_zero(val_xent: float, val_err: float) -> EpochRecord:
     """The record of epoch 0: the model before any update, on validation only."""
-    return EpochRecord(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=val_xent, val_err=val_err)
+    return EpochRecord(epoch=0, train_loss=None, train_xent=None, train_err=None, val_xent=val_xent, val_err=val_err, lr=None)
 
 
 def fit(
@@ -128,7 +128,7 @@ def fit(
         set_train_mode(model, False)
         val_xent, val_err = evaluate(net, val)
         record = EpochRecord(epoch=epoch, train_loss=loss_sum / n_train, train_xent=xent_sum / n_train,
-                             train_err=wrong / n_train, val_xent=val_xent, val_err=val_err)
+                             train_err=wrong / n_train, val_xent=val_xent, val_err=val_err, lr=cfg.lr * factor)
         history.append(record)
         if on_epoch:
             on_epoch(record)

@@ -152,7 +152,8 @@ def fit_linear_probes(
         for g in range(n_heads):
             if stopping[g].stopped:
                 continue
-            record = EpochRecord(epoch=epoch, train_loss=tl[g], train_xent=tx[g], train_err=te[g], val_xent=vx[g], val_err=ve[g])
+            record = EpochRecord(epoch=epoch, train_loss=tl[g], train_xent=tx[g], train_err=te[g], val_xent=vx[g], val_err=ve[g],
+                                 lr=cfgs[g].lr * factor)
             histories[g].append(record)
             if stopping[g].update(record):
                 best_state[g] = snapshot(g)

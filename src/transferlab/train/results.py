@@ -11,7 +11,8 @@ RunStatus = Literal["done", "diverged"]
 
 
 class EpochRecord(TypedDict):
-    """Metrics of one epoch; epoch 0 (before training) has no train metrics."""
+    """Metrics of one epoch; epoch 0 (before training) has no train metrics. `lr`: the head's learning rate
+    at the epoch's last step (after warmup and schedule; records written before it have none)."""
 
     epoch: int
     train_loss: float | None
@@ -19,6 +20,7 @@ class EpochRecord(TypedDict):
     train_err: float | None
     val_xent: float
     val_err: float
+    lr: float | None
 
 
 @dataclass
