@@ -61,3 +61,35 @@ def test_a_module_has_at_most_350_lines_and_a_class_at_most_150():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 150:
                 big.append(f"{path.relative_to(SRC)}:{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert big == []
+
+
+def test_no_modules_import_each_other_in_a_loop():
+    graph: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).with_suffix("")
+        parts = ["transferlab", *rel.parts]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transferlab"):
+                targets |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}  # a submodule, or a name
+    modules = set(graph)
+    graph = {m: {t for t in targets if t in modules} - {m} for m, targets in graph.items()}
+    for m, targets in graph.items():  # "from package import submodule" names the submodule, not the package face
+        graph[m] = {t for t in targets if not any(s.startswith(t + ".") and s in targets for s in targets)}
+    loops = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        if node in stack:
+            loops.append(" -> ".join(stack[stack.index(node):] + [node]))
+            return
+        if node in done:
+            return
+        for target in sorted(graph.get(node, ())):
+            visit(target, stack + [node], done)
+        done.add(node)
+
+    finished: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [], finished)
+    assert loops == []

@@ -10,25 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from transferlab.core.fields import option
+from transferlab.track.config import Kind, TrackConfig
 from transferlab.train.observer import RunObserver
-
-Kind = Literal["probe", "sweep"]
-
-
-@dataclass(frozen=True)
-class TrackConfig:
-    """Where the runs of a command are tracked (nothing is sent anywhere without ``--track``)."""
-
-    track: str | None = option(None, "also log every run to an experiment tracker: mlflow (pip install 'transferlab[mlflow]')",
-                               choices=("mlflow",))
-    track_uri: str | None = option(None, "the tracker: an MLflow server (http://host:port) or a sqlite:///FILE store "
-                                   "(default: OUT/mlflow.db, artifacts in OUT/mlruns)")
-    track_experiment: str = option("transferlab", "the MLflow experiment the runs go into")
 
 
 @contextmanager
@@ -40,6 +25,7 @@ def tracking(cfg: TrackConfig, out: str | Path, kind: Kind) -> Iterator[list[Run
         yield []
         return
     from transferlab.track.mlflow import MlflowTracker
+    from transferlab.track.push import push_missing
 
     tracker = MlflowTracker(Path(out), kind, cfg.track_uri, cfg.track_experiment)
     try:
@@ -47,7 +33,7 @@ def tracking(cfg: TrackConfig, out: str | Path, kind: Kind) -> Iterator[list[Run
     except BaseException:
         tracker.close(interrupted=True)
         raise
-    tracker.close()
+    tracker.close(push=push_missing)
 
 
 __all__ = ["Kind", "TrackConfig", "tracking"]

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from transferlab.core.hashing import stable_hash
 from transferlab.sweep.ledger import Ledger
-from transferlab.track import Kind
+from transferlab.track.config import Kind
 from transferlab.train.observer import RunEnd, RunInfo, RunObserver
 from transferlab.train.results import EpochRecord
 
@@ -249,22 +249,20 @@ class MlflowTracker(RunObserver):
             self._connect().client.log_metric(self.finished[run_id], "test_acc", accuracy)
 
     @_guarded
-    def close(self, interrupted: bool = False) -> None:
-        """End the command's tracking: push what is missing from the folder and attach its report (or, when
-        `interrupted`, mark the runs in flight and the sweep killed)."""
+    def close(self, interrupted: bool = False, push: Callable[[MlflowTracker], None] | None = None) -> None:
+        """End the command's tracking: `push` what is missing from the folder and attach its report
+        (``track.push.push_missing``), or, when `interrupted`, mark the runs in flight and the sweep killed."""
         if interrupted:
             if self.store is not None:
                 for mlflow_id in [*self.live.values(), *([self.parent] if self.parent else [])]:
                     self.store.mark_interrupted(mlflow_id, "KILLED")
             return
-        from transferlab.track.push import push_probe, push_sweep
+        if push is not None:
+            push(self)
 
-        store = self._connect()
-        if self.kind == "sweep":
-            assert self.parent is not None
-            push_sweep(store, self.parent, self.out)
-        else:
-            push_probe(store, self.out, self.finished.get(str(self.out)))
+    def connect(self) -> Store:
+        """The store, connected (and the sweep's parent run found or made) on first use."""
+        return self._connect()
 
 
 def _ledger_fingerprint(out: Path) -> str | None:

@@ -16,7 +16,7 @@ from transferlab.core.hashing import stable_hash
 from transferlab.sweep.ledger import FINISHED, METHODS, Ledger, RunRow
 from transferlab.sweep.manifest import read_manifest
 from transferlab.sweep.select import pick_choice, sweep_choices
-from transferlab.track.mlflow import BACKBONE, DATA, HASH, KIND, METHOD, PROBE_ARTIFACTS, SWEEP_ARTIFACTS, TAG, Store, default_uri
+from transferlab.track.mlflow import BACKBONE, DATA, HASH, KIND, METHOD, PROBE_ARTIFACTS, SWEEP_ARTIFACTS, TAG, MlflowTracker, Store, default_uri
 
 MODEL_ARTIFACT = "model"
 
@@ -131,3 +131,14 @@ def push_folder(out: Path, uri: str | None = None, experiment: str = "transferla
             raise
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"--track-uri {uri}: {first}") from None
+
+
+def push_missing(tracker: MlflowTracker) -> None:
+    """What the events of a finished command did not carry, from its folder: a sweep's runs finished by an
+    earlier command (or while the tracker was down), its report and figures; a probe's record."""
+    store = tracker.connect()
+    if tracker.kind == "sweep":
+        assert tracker.parent is not None
+        push_sweep(store, tracker.parent, tracker.out)
+    else:
+        push_probe(store, tracker.out, tracker.finished.get(str(tracker.out)))
