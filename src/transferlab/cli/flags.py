@@ -57,10 +57,15 @@ class Flag:
             if isinstance(raw, dict):  # YAML
                 return {str(k): str(v) for k, v in raw.items()}
             items = [raw] if isinstance(raw, str) else list(raw)
-            bad = next((s for s in items if "=" not in str(s) or not str(s).partition("=")[0].strip()), None)
+            pairs = [(str(s).partition("=")[0].strip(), str(s).partition("=")[2].strip(), str(s)) for s in items]
+            bad = next((s for name, value, s in pairs if "=" not in s or not name or not value), None)
             if bad is not None:
                 raise UserError(f"{self.flag} {bad}: expected NAME=VALUE")
-            return {str(s).partition("=")[0].strip(): str(s).partition("=")[2].strip() for s in items}
+            names = [name for name, _v, _s in pairs]
+            twice = next((n for n in names if names.count(n) > 1), None)
+            if twice is not None:
+                raise UserError(f"{self.flag} {twice}=...: given more than once")
+            return {name: value for name, value, _s in pairs}
         if self.kind == "mapping":
             if isinstance(raw, str):
                 import json

@@ -99,6 +99,9 @@ def load_yaml(path: str) -> dict:
         grid = data.pop(phase, None)
         if grid is None:
             continue
+        if phase == "ft" and isinstance(grid, bool):  # ft: true is the --ft switch; ft: {...} the fine-tuning grid
+            data["ft"] = grid
+            continue
         if not isinstance(grid, dict):
             raise UserError(f"--config {path}: {phase} must be a mapping of training fields to values")
         for name, values in grid.items():

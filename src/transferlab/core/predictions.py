@@ -47,9 +47,9 @@ def _check(classes, files, labels, probs, where: str) -> None:
         raise ValueError(f"{where}: labels must be in 0..{c - 1}")
 
 
-def ood_predictions_path(out: str | os.PathLike, name: str, run_hash: str) -> Path:
-    """Where a sweep keeps a chosen run's per-image predictions on extra test set `name`."""
-    return Path(out) / "predictions" / f"ood_{name}" / f"{run_hash}.json"
+def ood_predictions_path(out: str | os.PathLike, name: str, digest: str, run_hash: str) -> Path:
+    """Where a sweep keeps a chosen run's per-image predictions on extra test set `name` with images `digest`."""
+    return Path(out) / "predictions" / f"ood_{name}" / digest / f"{run_hash}.json"
 
 
 def sweep_predictions_path(out: str | os.PathLike, run_hash: str) -> Path:

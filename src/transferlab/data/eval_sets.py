@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from transferlab.core.errors import UserError
+from transferlab.data.decoding import BAD_IMAGE_ERRORS, describe_bad_image, load_rgb
 from transferlab.data.folders import _scan_class_folders
 from transferlab.data.splits import Split
 
@@ -40,6 +41,27 @@ def load_eval_split(name: str, where: str, classes: tuple[str, ...] | list[str])
     return Split(f"ood_{name}", tuple(f for f, _c in pairs), tuple(index[c] for _f, c in pairs), str(path))
 
 
+def checked_eval_split(split: Split, flag: str, on_bad_image: str) -> tuple[Split, list[str]]:
+    """`split` with its undecodable images refused (one line naming them) or, with ``skip``, dropped: the
+    split kept and the files dropped. Checked when the set is given, so a sweep never fails on it after training."""
+    bad = [f for f in split.files if not _decodes(f)]
+    if not bad:
+        return split, []
+    if on_bad_image != "skip":
+        raise UserError(f"{flag}: {len(bad)} image(s) do not decode (first: {bad[0]}: {describe_bad_image(bad[0])}); "
+                        "fix or remove them, or pass --on-bad-image skip")
+    keep = [i for i, f in enumerate(split.files) if f not in set(bad)]
+    return split.subset(keep), bad
+
+
+def _decodes(path: str) -> bool:
+    try:
+        load_rgb(path)
+    except BAD_IMAGE_ERRORS:
+        return False
+    return True
+
+
 def _csv_pairs(path: Path, flag: str) -> list[tuple[str, str]]:
     """(file, class) rows of a ``path,label`` CSV, relative paths resolved against its folder."""
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -48,8 +70,12 @@ def _csv_pairs(path: Path, flag: str) -> list[tuple[str, str]]:
         if not {"path", "label"} <= set(header):
             raise UserError(f"{flag}: line 1: expected the columns path,label (header: {','.join(header) or 'empty'})")
         reader.fieldnames = header
-        rows = [(str((path.parent / r["path"].strip()).resolve()) if not Path(r["path"].strip()).is_absolute() else r["path"].strip(),
-                 r["label"].strip()) for r in reader]
+        rows = []
+        for r in reader:
+            if not (r.get("path") or "").strip() or not (r.get("label") or "").strip():
+                raise UserError(f"{flag}: line {reader.line_num}: expected a path and a label")
+            file = r["path"].strip()
+            rows.append((file if Path(file).is_absolute() else str((path.parent / file).resolve()), r["label"].strip()))
     missing = [file for file, _c in rows if not Path(file).is_file()]
     if missing:
         raise UserError(f"{flag}: {len(missing)} listed file(s) do not exist (first: {missing[0]})")

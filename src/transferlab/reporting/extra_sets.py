@@ -29,13 +29,13 @@ def extra_columns(ledger: Ledger, out: Path | None, manifest: SweepManifest, bac
     h, lp = ledger.choice(backbone, method), ledger.choice(backbone, "LP")
     for name, info in manifest.ood.items():
         row = dict.fromkeys((f"ood_{name}_{s}" for s in SUFFIXES), None)
-        mine = _predictions(out, name, h) if h is not None and ledger.ood_accuracy(h, name, info["digest"]) is not None else None
+        mine = _predictions(ledger, out, name, info["digest"], h)
         if mine is not None:
             labels, pred = mine
             correct = int((pred == labels).sum())
             row[f"ood_{name}_acc"] = correct / len(labels)
             row[f"ood_{name}_ci_low"], row[f"ood_{name}_ci_high"] = wilson_interval(correct, len(labels))
-            theirs = _predictions(out, name, lp) if lp is not None and method != "LP" else None
+            theirs = _predictions(ledger, out, name, info["digest"], lp) if method != "LP" else None
             if theirs is not None and np.array_equal(theirs[0], labels):
                 c = paired_comparison(labels, theirs[1], pred)
                 row.update({f"ood_{name}_diff_vs_lp": c.diff, f"ood_{name}_ci_low_vs_lp": c.ci_low,
@@ -44,9 +44,12 @@ def extra_columns(ledger: Ledger, out: Path | None, manifest: SweepManifest, bac
     return values
 
 
-def _predictions(out: Path | None, name: str, run_hash: str) -> tuple[np.ndarray, np.ndarray] | None:
-    path = ood_predictions_path(out, name, run_hash) if out is not None else None
-    if path is None or not path.is_file():
+def _predictions(ledger: Ledger, out: Path | None, name: str, digest: str, run_hash: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, predicted classes) of a run's evaluation on the set's current images; None where there is none."""
+    if out is None or run_hash is None or ledger.ood_accuracy(run_hash, name, digest) is None:
+        return None
+    path = ood_predictions_path(out, name, digest, run_hash)
+    if not path.is_file():
         return None
     d = read_test_predictions(path)
     return d["labels"], d["probs"].argmax(1)

@@ -198,9 +198,11 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
     data, command, skipped, select = manifest.data_summary, manifest.command, manifest.skipped_backbones, manifest.select
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>transferlab report</title><style>{CSS}</style></head><body>",
              "<h1>transferlab report</h1>",
-             verdict_html(rows, select, _n_test(ledger, predictions or [None] * len(rows), rows)),
-             "<h2>Test accuracy: LP vs LP-then-FT</h2><table><tr><th>backbone</th><th>source</th><th>source top-1</th>"
-             "<th>LP test acc % [95% CI]</th><th>LP-FT test acc % [95% CI]</th></tr>"]
+             verdict_html(rows, select, _n_test(ledger, predictions or [None] * len(rows), rows))]
+    with_ft = any(r["method"] == "FT" for r in rows)  # FT columns only where the sweep ran FT (--ft)
+    parts.append(("<h2>Test accuracy: LP vs FT vs LP-then-FT</h2>" if with_ft else "<h2>Test accuracy: LP vs LP-then-FT</h2>")
+                 + "<table><tr><th>backbone</th><th>source</th><th>source top-1</th><th>LP test acc % [95% CI]</th>"
+                 + ("<th>FT test acc % [95% CI]</th>" if with_ft else "") + "<th>LP-FT test acc % [95% CI]</th></tr>")
     by = {(r["backbone"], r["method"]): r for r in rows}
 
     def acc(r: dict) -> str:
@@ -210,10 +212,11 @@ def render_html(ledger: Ledger, rows: list[dict], made: list[Figure], insights: 
         lp, ft = by.get((name, "LP"), {}), by.get((name, "LP-FT"), {})
         parts.append(
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(lp.get('source')))}</td><td>{html.escape(_fmt(lp.get('source_top1'), '.2f'))}</td>"
-            f"<td>{acc(lp)}</td><td>{acc(ft)}</td></tr>"
+            f"<td>{acc(lp)}</td>" + (f"<td>{acc(by.get((name, 'FT'), {}))}</td>" if with_ft else "") + f"<td>{acc(ft)}</td></tr>"
         )
     parts.append("</table>")
-    parts.append(extra_sets_html(manifest, rows))
+    if manifest.ood:
+        parts.append(extra_sets_html(manifest, rows))
     verdicts = _lpft_verdict(ledger, rows)
     if verdicts:
         parts.append("<h3>What LP-then-FT did</h3><ul>" + "".join(f"<li>{v}</li>" for v in verdicts) + "</ul>")

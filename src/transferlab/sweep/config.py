@@ -167,9 +167,11 @@ class SweepConfig:
         return self.lpft or self.plain_ft
 
     def plain_ft_configs(self) -> list[TrainConfig]:
-        """FT's grid: the fine-tuning grid from the probes' base config (its seed seeds the fresh head), without
-        interpolation (there is no start to interpolate with)."""
-        return [dataclasses.replace(c, wise_alphas=()) for c in self.ft.configs(self.probe_base)]
+        """FT's grid: the fine-tuning grid from the probes' base config, over the probes' seeds unless the
+        fine-tuning grid lists its own (a seed seeds the fresh head and the batch order), without interpolation
+        (there is no start to interpolate with). Its head's l2 is the probes' when they fix one, else 0."""
+        grid = self.ft if "seed" in dict(self.ft.values) else PhaseGrid.of("ft", {**dict(self.ft.values), "seed": self.lp.get("seed", (0,))})
+        return [dataclasses.replace(c, wise_alphas=()) for c in grid.configs(self.probe_base)]
 
     @property
     def select(self) -> str:

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transferlab.core.files import FolderLock, check_writable_dir, write_json
 from transferlab.core.hashing import stable_hash
-from transferlab.data.eval_sets import load_eval_split
+from transferlab.data.eval_sets import checked_eval_split, load_eval_split
 from transferlab.data.splits import split_fingerprint
 from transferlab.features.cache import FeatureCache
 from transferlab.sweep.config import ExecutorConfig, SweepConfig
@@ -85,7 +85,8 @@ class Sweep:
         numerics = numerics_identity(cfg.engine)
         self.executor = executor = make_executor(self.executor_cfg, self.out, cfg.engine.device)
         memo_dir = FeatureCache(self.cache_dir).digest_memo_dir
-        ood = {name: load_eval_split(name, where, splits.classes) for name, where in (cfg.ood or {}).items()}
+        ood = {name: checked_eval_split(load_eval_split(name, where, splits.classes), f"--ood {name}={where}", cfg.data.on_bad_image)[0]
+               for name, where in (cfg.ood or {}).items()}
         ood_digests = {name: stable_hash(split_fingerprint(split, memo_dir)) for name, split in ood.items()}
         data_digest = claim_folder(self.ledger, self.out, cfg.data, splits, self.force, memo_dir)
         config = cfg.record()

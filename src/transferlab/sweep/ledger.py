@@ -116,7 +116,7 @@ class Ledger:
     def start_over(self) -> None:
         """Forget every run, choice and test evaluation (the folder's data or splits changed)."""
         with self.db:
-            for table in ("test_evaluations", "choices", "runs", "meta"):
+            for table in ("ood_evaluations", "test_evaluations", "choices", "runs", "meta"):
                 self.db.execute(f"DELETE FROM {table}")
 
     # -- runs -------------------------------------------------------------------------------------

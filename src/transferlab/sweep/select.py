@@ -108,6 +108,6 @@ def evaluate_extra_sets(ledger: Ledger, session: RunSession, backbone: str, sets
             session.load_trained(k, load_params(out, h))
             result = session.evaluate_split(k, split)
             assert result is not None
-            write_test_predictions(ood_predictions_path(out, name, h), session.inputs.splits.classes, result.files,
+            write_test_predictions(ood_predictions_path(out, name, digest, h), session.inputs.splits.classes, result.files,
                                    result.labels, result.probs.numpy())
             ledger.record_ood(h, name, digest, result.accuracy)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 import warnings
@@ -135,7 +136,9 @@ class Store:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, float(r[name]), now, int(r["epoch"])) for r in records for name in EPOCH_METRICS if r.get(name) is not None]
+        # non-finite values (a diverged epoch) are left out, as the ledger's JSON leaves them out: live and pushed runs agree
+        metrics = [Metric(name, float(r[name]), now, int(r["epoch"])) for r in records for name in EPOCH_METRICS
+                   if r.get(name) is not None and math.isfinite(r[name])]
         for i in range(0, len(metrics), MAX_BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
 
@@ -143,7 +146,7 @@ class Store:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        finals = {FINAL_METRICS[k]: v for k, v in metrics.items() if k in FINAL_METRICS and isinstance(v, (int, float))}
+        finals = {FINAL_METRICS[k]: v for k, v in metrics.items() if k in FINAL_METRICS and isinstance(v, (int, float)) and math.isfinite(v)}
         if train_seconds is not None:
             finals["train_loop_s"] = train_seconds
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in finals.items()])

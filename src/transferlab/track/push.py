@@ -7,6 +7,7 @@ has the same params, curves and final metrics as one logged live by the tracker.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -19,6 +20,8 @@ from transferlab.sweep.select import pick_choice, sweep_choices
 from transferlab.track.mlflow import BACKBONE, DATA, HASH, KIND, METHOD, PROBE_ARTIFACTS, SWEEP_ARTIFACTS, TAG, MlflowTracker, Store, default_uri
 
 MODEL_ARTIFACT = "model"
+
+log = logging.getLogger(__name__)
 
 
 def push_sweep(store: Store, parent: str, out: Path) -> int:
@@ -35,9 +38,37 @@ def push_sweep(store: Store, parent: str, out: Path) -> int:
     finally:
         ledger.close()
     have = store.by_hash(f"tags.`mlflow.parentRunId` = '{parent}'")
-    logged, finished = 0, {}
+    logged, finished = 0, dict[str, str]()
+    try:
+        logged = _push_runs(store, parent, rows, have, fingerprint, finished)
+        for (backbone, method), h in chosen.items():
+            tag = re.sub(r"[^\w./ -]", "_", f"{TAG}chosen.{backbone}.{method}")
+            if h is not None:
+                store.client.set_tag(parent, tag, h)
+            elif tag in store.client.get_run(parent).data.tags:  # a choice of an earlier grid: not this sweep's
+                store.client.delete_tag(parent, tag)
+        if (out / "sweep.json").is_file():
+            _tag_command(store, parent, json.loads((out / "sweep.json").read_text()).get("command"))
+        store.log_artifacts(parent, out, SWEEP_ARTIFACTS)
+        if exported is not None and exported in finished:
+            try:
+                log_exported_model(store, finished[exported], out, exported)
+                store.client.set_tag(parent, TAG + "model_run", finished[exported])
+            except Exception as e:  # the runs are logged all the same; the model waits for `transferlab track OUT`
+                log.warning("MLflow: the model export takes could not be logged (%s: %s)", type(e).__name__, str(e)[:160])
+    finally:
+        store.client.set_terminated(parent, "FINISHED")
+    return logged
+
+
+def _push_runs(store: Store, parent: str, rows: list[RunRow], have: dict, fingerprint, finished: dict) -> int:
+    """Log the finished ledger runs MLflow lacks under `parent`; a child left RUNNING by a command that is
+    over (killed) is set FAILED. Fills `finished` {hash: MLflow run id}; returns how many runs it logged."""
+    logged = 0
     for row in rows:
         if row["status"] not in FINISHED:
+            for stale in (r for r in have.get(row["hash"], []) if r.info.status == "RUNNING"):
+                store.mark_interrupted(stale.info.run_id)
             continue
         runs = have.get(row["hash"], [])
         done = next((r for r in runs if r.info.status == "FINISHED"), None)
@@ -56,16 +87,6 @@ def push_sweep(store: Store, parent: str, out: Path) -> int:
         finished[row["hash"]] = run_id
         if row["test_acc"] is not None and (done is None or "test_acc" not in done.data.metrics):
             store.client.log_metric(run_id, "test_acc", row["test_acc"])
-    for (backbone, method), h in chosen.items():
-        if h is not None:
-            store.client.set_tag(parent, re.sub(r"[^\w./ -]", "_", f"{TAG}chosen.{backbone}.{method}"), h)
-    if (out / "sweep.json").is_file():
-        _tag_command(store, parent, json.loads((out / "sweep.json").read_text()).get("command"))
-    store.log_artifacts(parent, out, SWEEP_ARTIFACTS)
-    if exported is not None and exported in finished:
-        log_exported_model(store, finished[exported], out, exported)
-        store.client.set_tag(parent, TAG + "model_run", finished[exported])
-    store.client.set_terminated(parent, "FINISHED")
     return logged
 
 
