@@ -29,8 +29,10 @@ def test_a_run_without_metrics_is_taken_only_when_it_is_the_one_asked_for():
 
 
 def test_what_is_not_chosen_is_one_error_listing_the_chosen_runs():
-    with pytest.raises(ConfigError):
-        pick_choice(CHOICES, None, "FT", "sweep")
+    with pytest.raises(ConfigError, match="method=PT: expected LP, FT or LP-FT"):
+        pick_choice(CHOICES, None, "PT", "sweep")
+    with pytest.raises(UserError, match=r"^sweep: no chosen run for FT \(chosen runs: a/LP, a/LP-FT, b/LP, b/LP-FT\)$"):
+        pick_choice(CHOICES, None, "FT", "sweep")  # a method this sweep did not run
     with pytest.raises(UserError, match=r"^out: no chosen run for c/LP \(chosen runs: a/LP, a/LP-FT, b/LP, b/LP-FT\)$"):
         pick_choice(CHOICES, "c", "LP", "out")
     with pytest.raises(UserError, match=r"no chosen run for any \(chosen runs: none\)"):
