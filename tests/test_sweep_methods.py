@@ -98,7 +98,7 @@ def test_ood_input_is_checked_before_anything_is_written(tiny_folder, tmp_path, 
     good = write_image_folder(tmp_path / "ood", {"shift": {c: 2 for c in ("a", "b", "c")}}) / "shift"
     (good / "a" / "broken.png").write_bytes(b"not an image")
     for argv, message in [
-        (["--ood", f"shift={good}"], f"--ood shift={good}: 1 image(s) do not decode (first: {good / 'a' / 'broken.png'}"),
+        (["--ood", f"shift={good}"], f"--ood shift={good}: 1 image(s) in split 'ood_shift' cannot be decoded: {good / 'a' / 'broken.png'} ("),
         (["--ood", "shift="], "--ood shift=: expected NAME=VALUE"),
         (["--ood", f"s={good}", "--ood", f"s={good}"], "--ood s=...: given more than once"),
         (["--ood", f"Bad={good}"], f"--ood Bad={good}: the name must be lower-case"),

@@ -67,7 +67,7 @@ class FakeSession:
     def load_trained(self, k, state):
         self.loaded = (k, sorted(state))
 
-    def evaluate_test(self, k):
+    def evaluate_split(self, k, split):
         self.evaluations += 1
         return SimpleNamespace(accuracy=0.75, files=["x.png", "y.png"], labels=[0, 1],
                                probs=torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64))

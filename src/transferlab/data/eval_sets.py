@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 from transferlab.core.errors import UserError
-from transferlab.data.decoding import BAD_IMAGE_ERRORS, describe_bad_image, load_rgb
+from transferlab.data.decoding import BAD_IMAGE_ERRORS, load_rgb
 from transferlab.data.folders import _scan_class_folders
-from transferlab.data.splits import Split
+from transferlab.data.splits import Split, bad_image_policy
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")  # it becomes summary keys (ood_<name>_acc) and folder names
 
@@ -45,13 +45,11 @@ def checked_eval_split(split: Split, flag: str, on_bad_image: str) -> tuple[Spli
     """`split` with its undecodable images refused (one line naming them) or, with ``skip``, dropped: the
     split kept and the files dropped. Checked when the set is given, so a sweep never fails on it after training."""
     bad = [f for f in split.files if not _decodes(f)]
-    if not bad:
-        return split, []
-    if on_bad_image != "skip":
-        raise UserError(f"{flag}: {len(bad)} image(s) do not decode (first: {bad[0]}: {describe_bad_image(bad[0])}); "
-                        "fix or remove them, or pass --on-bad-image skip")
-    keep = [i for i, f in enumerate(split.files) if f not in set(bad)]
-    return split.subset(keep), bad
+    try:
+        keep = bad_image_policy(split, bad, on_bad_image)  # the training splits' policy
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+    return (split, []) if not bad else (split.subset(keep), bad)
 
 
 def _decodes(path: str) -> bool:

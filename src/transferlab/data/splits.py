@@ -4,6 +4,7 @@ splits, how train is sampled and carved into train and validation, and what a sp
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from transferlab.core.errors import ConfigError, UserError
+from transferlab.data.decoding import describe_bad_image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,3 +141,19 @@ def take_and_carve(classes: tuple[str, ...], train_files: dict[str, list[str]], 
         tr_files += sorted(chosen[n_val:])
         tr_labels += [label] * (len(chosen) - n_val)
     return tr_files, tr_labels, va_files, va_labels
+
+
+def bad_image_policy(split: Split, bad_files: list[str], on_bad_image: str) -> list[int]:
+    """Indices of `split` to keep. 'error': one UserError listing every bad file; 'skip': drop them (logged)."""
+    if not bad_files:
+        return list(range(len(split)))
+    if on_bad_image == "error":
+        listing = "; ".join(f"{p} ({describe_bad_image(p)})" for p in bad_files)
+        raise UserError(
+            f"{len(bad_files)} image(s) in split '{split.name}' cannot be decoded: {listing} "
+            "(fix or remove them, or pass --on-bad-image skip)"
+        )
+    for p in bad_files:
+        log.warning("skipping unreadable image %s", p)
+    bad = set(bad_files)
+    return [i for i, f in enumerate(split.files) if f not in bad]

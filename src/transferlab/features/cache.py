@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transferlab.core.devices import Placement
-from transferlab.core.errors import UserError
 from transferlab.core.files import atomic_write_bytes
 from transferlab.core.hashing import stable_hash
-from transferlab.data import DECODER, Preprocessing, Split, default_num_workers, describe_bad_image, image_loader, split_fingerprint
+from transferlab.data import DECODER, Preprocessing, Split, default_num_workers, image_loader, split_fingerprint
+from transferlab.data.splits import bad_image_policy
 from transferlab.features.runtimes import PrefixRunner, RuntimeFellBack, eager_runner, onnx_export_key, planned_runner, prepare_prefix_runner
 from transferlab.features.sources import SplitInputs
 from transferlab.models import Backbone
@@ -179,22 +179,6 @@ class FeatureCache:
         }
         data = save({"inputs": item.inputs.contiguous(), "labels": item.labels.contiguous()}, metadata=meta)
         atomic_write_bytes(self.path(split, key), data)
-
-
-def bad_image_policy(split: Split, bad_files: list[str], on_bad_image: str) -> list[int]:
-    """Indices of `split` to keep. 'error': one UserError listing every bad file; 'skip': drop them (logged)."""
-    if not bad_files:
-        return list(range(len(split)))
-    if on_bad_image == "error":
-        listing = "; ".join(f"{p} ({describe_bad_image(p)})" for p in bad_files)
-        raise UserError(
-            f"{len(bad_files)} image(s) in split '{split.name}' cannot be decoded: {listing} "
-            "(fix or remove them, or pass --on-bad-image skip)"
-        )
-    for p in bad_files:
-        log.warning("skipping unreadable image %s", p)
-    bad = set(bad_files)
-    return [i for i, f in enumerate(split.files) if f not in bad]
 
 
 def find_bad_images(split: Split, pre: Preprocessing, num_workers: int | None = None, progress: bool = True) -> list[str]:

@@ -18,7 +18,8 @@ import torch
 
 from transferlab.core.devices import Placement
 from transferlab.data import ImageSplits, Split
-from transferlab.features.cache import Chain, FeatureCache, bad_image_policy, estimate_cache_bytes, find_bad_images
+from transferlab.data.splits import bad_image_policy
+from transferlab.features.cache import Chain, FeatureCache, estimate_cache_bytes, find_bad_images
 from transferlab.features.cut_plan import cache_refusal, n_images, parse_feature_augment, refuse_feature_augment, shared_base
 from transferlab.features.cut_setup import Setup, ViewsKey, split_inputs_at
 from transferlab.features.engine import EngineConfig

@@ -48,14 +48,20 @@ def choose_and_test(ledger: Ledger, session: RunSession, backbone: str, method: 
     h = chosen["hash"]
     ledger.choose(backbone, method, h)
     k = next(p.k for p in planned if p.hash == h)
-    if chosen["test_acc"] is None and session.inputs.splits.test is not None:
-        session.load_trained(k, load_params(out, h))
-        test = session.evaluate_test(k)
-        assert test is not None
+    test = session.inputs.splits.test
+    if chosen["test_acc"] is None and test is not None:
         # Per-image predictions of this one evaluation: the report's per-class insight reads them.
-        write_test_predictions(sweep_predictions_path(out, h), session.inputs.splits.classes, test.files, test.labels, test.probs.numpy())
-        observers.test(h, test.accuracy)
+        observers.test(h, evaluate_once(session, out, h, k, test, sweep_predictions_path(out, h)))
     return h
+
+
+def evaluate_once(session: RunSession, out: Path, run_hash: str, k: int, split: Split, predictions: Path) -> float:
+    """Run `run_hash`'s trained state on `split` once, keep the per-image predictions in `predictions`; the accuracy."""
+    session.load_trained(k, load_params(out, run_hash))
+    result = session.evaluate_split(k, split)
+    assert result is not None
+    write_test_predictions(predictions, session.inputs.splits.classes, result.files, result.labels, result.probs.numpy())
+    return result.accuracy
 
 
 def sweep_choices(ledger: Ledger) -> list[dict]:
@@ -105,9 +111,4 @@ def evaluate_extra_sets(ledger: Ledger, session: RunSession, backbone: str, sets
             run = ledger.run(h)
             assert run is not None and run["metrics"] is not None
             k = run["metrics"]["n_trainable_layers"]
-            session.load_trained(k, load_params(out, h))
-            result = session.evaluate_split(k, split)
-            assert result is not None
-            write_test_predictions(ood_predictions_path(out, name, digest, h), session.inputs.splits.classes, result.files,
-                                   result.labels, result.probs.numpy())
-            ledger.record_ood(h, name, digest, result.accuracy)
+            ledger.record_ood(h, name, digest, evaluate_once(session, out, h, k, split, ood_predictions_path(out, name, digest, h)))
