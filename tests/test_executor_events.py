@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import require
 from transferlab.sweep.executors import InProcessExecutor, ProcessExecutor, RayExecutor
 
 
@@ -54,7 +55,7 @@ def test_worker_process_events_reach_the_coordinator():
 
 @pytest.mark.slow
 def test_ray_task_events_reach_the_coordinator(tmp_path):
-    pytest.importorskip("ray")
+    require("ray")
     import sys
 
     from ray import cloudpickle
