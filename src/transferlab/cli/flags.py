@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ class Flag:
     field: str
     flag: str
     kind: str  # "bool" | "list" | "value" | "mapping" | "pairs" (a repeatable NAME=VALUE)
-    base: type  # element type of a list, the type of a value
+    base: Callable[[Any], Any]  # element type of a list, the type of a value (or a parser)
     invert: bool
     choices: tuple[str, ...] | None
     help: str

@@ -1,4 +1,4 @@
-"""One training run: minibatch Adam (or SGD) with early stopping on a validation criterion.
+"""One training run: minibatch Adam (AdamW, SGD) with early stopping on a validation criterion.
 
 The loss is the :class:`~transferlab.objective.Objective`. Epoch 0 evaluates the untrained model on
 validation before any update. After every epoch the selection criterion (``--select``: validation
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +28,54 @@ from transferlab.train.results import EpochRecord, FitResult
 from transferlab.train.schedule import lr_factor
 
 
-def make_optimizer(model: nn.Module, head: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD over `model`'s trainable parameters: the head at ``cfg.lr``, the backbone's at
-    ``cfg.lr * cfg.backbone_lr_mult``. Each group remembers its ``base_lr`` for the schedule."""
+def lr_scales(model: nn.Module, head: nn.Module, cfg: TrainConfig,
+              blocks: Sequence[nn.Module] = ()) -> dict[int, float]:
+    """{id(parameter): its lr / cfg.lr} for `model`'s trainable parameters.
+
+    The head learns at 1. A backbone parameter in block j of `blocks` (the chain's blocks that hold
+    parameters, the head's block last, index L) learns at ``backbone_lr_mult * layer_decay ** (L - j)``
+    (timm's ``layer_decay``: the last backbone block one factor below the head, the stem the most);
+    without `blocks`, or outside them, at ``backbone_lr_mult``.
+    """
     head_ids = {id(p) for p in head.parameters()}
-    params = list(trainable_parameters(model).values())
-    groups = [{"params": [p for p in params if id(p) in head_ids], "base_lr": cfg.lr},
-              {"params": [p for p in params if id(p) not in head_ids], "base_lr": cfg.lr * cfg.backbone_lr_mult}]
-    groups = [dict(g, lr=g["base_lr"]) for g in groups if g["params"]]
+    depth: dict[int, int] = {}
+    if cfg.layer_decay != 1.0 and blocks:
+        last = len(blocks) - 1
+        for j, block in enumerate(blocks):
+            for p in block.parameters():
+                depth.setdefault(id(p), last - j)
+    return {id(p): 1.0 if id(p) in head_ids else cfg.backbone_lr_mult * cfg.layer_decay ** depth.get(id(p), 0)
+            for p in trainable_parameters(model).values()}
+
+
+def make_optimizer(model: nn.Module, head: nn.Module, cfg: TrainConfig,
+                   blocks: Sequence[nn.Module] = ()) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over `model`'s trainable parameters, each at ``cfg.lr`` times its
+    :func:`lr_scales` (one group per scale, the head's first). Weight decay applies to the backbone's
+    weight tensors (2-D and up; as timm, not biases or normalisation), never to the head, whose penalty
+    is the objective's l2. Each group remembers its ``base_lr`` for the schedule."""
+    scales = lr_scales(model, head, cfg, blocks)
+    head_ids = {id(p) for p in head.parameters()}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for p in trainable_parameters(model).values():
+        decays = bool(cfg.weight_decay) and id(p) not in head_ids and p.dim() > 1
+        groups.setdefault((scales[id(p)], decays), []).append(p)
+    order = sorted(groups, key=lambda g: (not any(id(p) in head_ids for p in groups[g]), -g[0], g[1]))
+    param_groups = [{"params": groups[g], "base_lr": cfg.lr * g[0], "lr": cfg.lr * g[0],
+                     "weight_decay": cfg.weight_decay if g[1] else 0.0} for g in order]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr)
+    return torch.optim.Adam(param_groups, lr=cfg.lr)
+
+
+def forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`net`'s logits for `x`, in float32: on CUDA under bf16 autocast (as extraction runs there), else plain."""
+    cuda = x.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        logits = net(x)
+    return logits.float()
 
 
 @torch.no_grad()
@@ -47,9 +84,9 @@ def evaluate(net: nn.Module, source: BatchSource, batch_size: int = 512) -> tupl
     xent_sum, wrong, n = 0.0, 0, 0
     order = torch.arange(len(source))
     for x, y in source.batches(order, batch_size):
-        logits = net(x)
+        logits = forward(net, x)
         xent_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        wrong += (logits.argmax(1) != y).sum().item()
+        wrong += int((logits.argmax(1) != y).sum())
         n += len(y)
     return xent_sum / n, wrong / n
 
@@ -58,7 +95,7 @@ def evaluate(net: nn.Module, source: BatchSource, batch_size: int = 512) -> tupl
 def predict_proba(net: nn.Module, source: BatchSource, batch_size: int = 512) -> torch.Tensor:
     """Softmax probabilities (N, C), float64 on CPU, in the source's order."""
     order = torch.arange(len(source))
-    return torch.cat([torch.softmax(net(x).double(), 1).cpu() for x, _y in source.batches(order, batch_size)])
+    return torch.cat([torch.softmax(forward(net, x).double(), 1).cpu() for x, _y in source.batches(order, batch_size)])
 
 
 def epoch_zero(val_xent: float, val_err: float) -> EpochRecord:
@@ -76,11 +113,15 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     pretrained: dict[str, torch.Tensor] | None = None,
     first_candidate: int = 0,
+    blocks: Sequence[nn.Module] = (),
 ) -> FitResult:
     """Train `model`'s trainable parameters; `net` maps a source's inputs to logits.
 
     The best epoch is chosen among epochs >= `first_candidate` (when any ran): 1 makes a run that
     will be interpolated with its start (WiSE-FT) return a trained state, the start being a = 0.
+
+    `blocks` are the backbone's chain blocks holding parameters (the head's last), for layer-wise lr
+    decay (:func:`lr_scales`).
 
     `pretrained` holds the pretrained values of the fine-tuned backbone tensors (by parameter name),
     the anchors of the L2-SP term when ``cfg.l2sp`` > 0.
@@ -91,7 +132,7 @@ def fit(
     """
     if len(train) == 0 or len(val) == 0:
         raise UserError("training and validation splits must both hold at least one image")
-    optimizer = make_optimizer(model, head, cfg)
+    optimizer = make_optimizer(model, head, cfg, blocks)
     objective = Objective(cfg.l2, len(train), cfg.label_smoothing, cfg.l2sp)
     named = trainable_parameters(model)
     anchors: list[tuple[torch.Tensor, torch.Tensor]] | None = (
@@ -107,15 +148,17 @@ def fit(
     if on_epoch:
         on_epoch(history[-1])
     start = time.perf_counter()
+    step_seconds = 0.0
     for epoch in range(1, cfg.epochs + 1):
         set_train_mode(model, True, cfg.train_bn)
         loss_sum = xent_sum = 0.0
         wrong = 0
+        pass_start = time.perf_counter()
         for x, y in train.batches(torch.randperm(n_train, generator=order_gen), cfg.batch_size):
             factor = lr_factor(cfg, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            logits = net(x)
+            logits = forward(net, x)
             loss, xent = objective.loss(logits, y, head.weight, anchors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +167,8 @@ def fit(
             b = len(y)
             loss_sum += loss.item() * b
             xent_sum += xent.item() * b
-            wrong += (logits.detach().argmax(1) != y).sum().item()
+            wrong += int((logits.detach().argmax(1) != y).sum())
+        step_seconds += time.perf_counter() - pass_start
         set_train_mode(model, False)
         val_xent, val_err = evaluate(net, val)
         record = EpochRecord(epoch=epoch, train_loss=loss_sum / n_train, train_xent=xent_sum / n_train,
@@ -139,4 +183,5 @@ def fit(
     train_seconds = time.perf_counter() - start
     load_state_strict(model, best_state)
     set_train_mode(model, False)
-    return FitResult(history, stopping.best_epoch, stopping.status, best_state, train_seconds, start_state)
+    return FitResult(history, stopping.best_epoch, stopping.status, best_state, train_seconds, start_state,
+                     step_seconds=step_seconds, images_trained=(len(history) - 1) * n_train)

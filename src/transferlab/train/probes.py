@@ -32,7 +32,8 @@ def probe_groups(configs: list[TrainConfig]) -> list[list[int]]:
 
 
 class _StackedOptimizer:
-    """Adam / SGD-momentum on stacked per-head tensors with a per-head learning rate.
+    """Adam / SGD-momentum (Nesterov or not) on stacked per-head tensors with a per-head learning rate
+    (AdamW is Adam here: weight decay is the backbone's, and a probe trains only its head).
 
     Mirrors the arithmetic of ``torch.optim.Adam`` (single-tensor path) and ``torch.optim.SGD`` so a
     batched run reproduces the individual runs. Every operation is elementwise, so a head's update
@@ -57,7 +58,7 @@ class _StackedOptimizer:
                     m.copy_(g)
                 else:
                     m.mul_(self.cfg.momentum).add_(g)
-                p.sub_(lr * m)
+                p.sub_(lr * (g.add(m, alpha=self.cfg.momentum) if self.cfg.nesterov else m))
                 continue
             b1, b2 = self.betas
             m.lerp_(g, 1 - b1)

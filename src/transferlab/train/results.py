@@ -35,6 +35,8 @@ class FitResult:
     start_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the trainable state at epoch 0
     wise_alpha: float | None = None  # the chosen interpolation weight (None: not interpolated)
     wise: list[dict] = field(default_factory=list)  # {alpha, val_xent, val_err} of every interpolation tried
+    step_seconds: float = 0.0  # of train_seconds, the training passes (batches and updates; not validation)
+    images_trained: int = 0  # training examples the passes went through (epochs run x training images)
 
     @property
     def best(self) -> EpochRecord:
