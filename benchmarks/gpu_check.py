@@ -4,9 +4,12 @@ Runs (each from the command line, in fresh folders under --out):
   1. ``transferlab probe`` on CPU and on CUDA;
   2. ``transferlab sweep --lpft`` (a small grid) on CPU and on CUDA;
   3. the same sweep on CUDA with ``--executor ray``;
-and prints one JSON line: per comparison the largest |val_xent difference| (target <= 2e-3), whether
-the chosen configuration is the same (or, if not, whether the two were within that margin on CPU),
-and extraction img/s on GPU vs CPU (from run.json timings).
+  4. FT and LP-FT of every block (``--ft --lpft --ft-blocks all``, 2 epochs) on CPU and on CUDA, where
+     training runs under bf16 autocast;
+and prints one JSON line: per comparison the largest |val_xent difference| (target <= 2e-3; for the
+whole-network runs, trained in bf16 on CUDA, <= 5e-2), whether the chosen configuration is the same
+(or, if not, whether the two were within that margin on CPU), extraction img/s on GPU vs CPU (from
+run.json timings) and whole-network training img/s per method on each device.
 
     python benchmarks/gpu_check.py --data ../shared/data/birds10 [--out gpu-check]
 
@@ -24,6 +27,9 @@ import time
 from pathlib import Path
 
 TOL = 2e-3
+FT_TOL = 5e-2  # whole-network training in bf16 autocast on CUDA vs fp32 on CPU, 2 epochs
+FT_GRID = ["--lr", "1e-2", "--l2", "0", "--seeds", "0", "--epochs", "40", "--lpft", "--ft", "--ft-blocks", "all",
+           "--ft-epochs", "2", "--ft-lr", "1e-3", "--no-progress"]
 GRID = ["--lr", "1e-3,1e-2", "--l2", "0,1e-2", "--seeds", "0", "--lpft", "--ft-lr", "1e-5,1e-4", "--epochs", "40",
         "--no-progress"]
 
@@ -37,6 +43,19 @@ def transferlab(*args: str) -> float:
 
 def chosen(summary: list[dict]) -> dict:
     return {(r["backbone"], r["method"]): r for r in summary}
+
+
+def training_img_s(sweep_dir: Path, method: str) -> float | None:
+    """Training examples per second of `method`'s runs, from the ledger's timings."""
+    import sqlite3
+
+    con = sqlite3.connect(sweep_dir / "ledger.sqlite")
+    try:
+        rows = [json.loads(t or "{}") for (t,) in con.execute("SELECT timings FROM runs WHERE method = ?", (method,))]
+    finally:
+        con.close()
+    seconds = sum(r.get("train_step_s", 0.0) for r in rows)
+    return round(sum(r.get("images_trained", 0) for r in rows) / seconds, 1) if seconds else None
 
 
 def compare_sweeps(cpu_dir: Path, gpu_dir: Path) -> dict:
@@ -93,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, extra in (("sweep_cpu", ["--device", "cpu"]), ("sweep_cuda", ["--device", "cuda"]),
                         ("sweep_cuda_ray", ["--device", "cuda", "--executor", "ray"])):
         seconds[name] = transferlab(*sweep, *extra, "--out", str(out / name))
+    whole = ["sweep", "--data", args.data, "--backbones", args.backbone, *FT_GRID]
+    for device in ("cpu", "cuda"):
+        seconds[f"whole_network_{device}"] = transferlab(*whole, "--device", device, "--out", str(out / f"whole_network_{device}"))
     result = {
         "gpu": torch.cuda.get_device_name(0),
         "probe": {"val_xent_cpu": probe["cpu"]["val_xent"], "val_xent_gpu": probe["cuda"]["val_xent"],
@@ -100,13 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
                   "test_acc_cpu": probe["cpu"]["test_acc"], "test_acc_gpu": probe["cuda"]["test_acc"]},
         "sweep_cuda": compare_sweeps(out / "sweep_cpu", out / "sweep_cuda"),
         "sweep_cuda_ray": compare_sweeps(out / "sweep_cpu", out / "sweep_cuda_ray"),
+        "whole_network": compare_sweeps(out / "whole_network_cpu", out / "whole_network_cuda"),
+        "train_img_s": {m: {d: training_img_s(out / f"whole_network_{d}", m) for d in ("cpu", "cuda")} for m in ("FT", "LP-FT")},
         "extract_img_s": {"cpu": round(img_s["cpu"], 1), "cuda": round(img_s["cuda"], 1), "ratio": round(img_s["cuda"] / img_s["cpu"], 2)},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     diffs = [result["probe"]["abs_diff"]] + [v.get("abs_diff", float("inf")) for s in ("sweep_cuda", "sweep_cuda_ray")
                                              for v in result[s].values()]
     choices = [v.get("choice_ok", False) for s in ("sweep_cuda", "sweep_cuda_ray") for v in result[s].values()]
-    result["ok"] = max(diffs) <= TOL and all(choices)
+    whole_diffs = [v.get("abs_diff", float("inf")) for v in result["whole_network"].values()]
+    result["ok"] = max(diffs) <= TOL and all(choices) and max(whole_diffs) <= FT_TOL
     print(json.dumps(result))
     return result
 

@@ -64,7 +64,7 @@ def test_every_family_gives_eager_features_within_1e_4_on_real_photos(name, pret
         if runtime != "torch":
             need(runtime)
         runner = prepare_prefix_runner(prefix, tuple(x.shape), runtime, CPU, export_dir, key)
-        assert (runner.name, runner.notice, runner.precision) == (runtime, "", "fp32")
+        assert (runner.name, runner.notice, runner.precision) == (runtime, "", "fp32 channels_last" if runtime == "torch" else "fp32")
         out = runner(x)
         assert out.dtype == torch.float32 and out.shape == reference.shape
         assert (out - reference).abs().max().item() <= 1e-4, (name, runtime)

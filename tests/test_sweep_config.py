@@ -41,13 +41,14 @@ def test_the_default_grids_nest_seed_lr_l2_and_lr_augment_l2sp_smoothing():
     expected = [(s, lr, l2) for s in (0, 1) for lr in (1e-4, 1e-3, 1e-2) for l2 in (0.0, 1e-2, 1.0)]
     assert [(c.seed, c.lr, c.l2) for c in cfg.probe_configs()] == expected
     probe = TrainConfig(lr=1e-2, l2=1.0, seed=1, batch_size=32)
-    ft = cfg.finetune_configs(probe)
-    assert [c.lr for c in ft] == [3e-5, 1e-4]
+    ft = cfg.for_training_size(1000).finetune_configs(probe)
+    assert [c.lr for c in ft] == [1e-3, 3e-3]  # the fine-tuning rule's (sweep/hyper_rule.py)
     # fixed fine-tuning values override the probe's; what the phase does not set is inherited from it
     assert {(c.epochs, c.patience, c.lr_schedule, c.warmup_epochs, c.backbone_lr_mult, c.wise_alphas) for c in ft} == {
-        (10, 5, "cosine", 1, 0.3, (0.0, 0.25, 0.5, 0.75, 1.0))}
-    assert {(c.l2, c.seed, c.batch_size) for c in ft} == {(1.0, 1, 32)}
-    assert cfg.ft_units() == [("blocks", 4)]
+        (8, 5, "cosine", 1, 0.1, (0.0, 0.25, 0.5, 0.75, 1.0))}  # 8 = round(8000 / 1000) epochs
+    assert {(c.optimizer, c.weight_decay, c.feature_augment, c.batch_size, c.seed) for c in ft} == {("adamw", 0.05, "views:4", 32, 0)}
+    assert {(c.l2, c.label_smoothing) for c in ft} == {(1.0, 0.0)}  # the probe's l2
+    assert cfg.ft_units() == [("blocks", "all")]
 
 
 def test_flags_fill_the_phase_mappings_and_any_field_can_be_an_axis():
@@ -66,8 +67,8 @@ def test_flags_fill_the_phase_mappings_and_any_field_can_be_an_axis():
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--lpft", "--ft-lr", "-1"], "--ft-lr -1.0: must be a positive number"),
     (["--lr", "-1"], "--lr -1.0: must be a positive number"),
-    (["--lpft", "--ft-warmup-epochs", "20"], "--ft-warmup-epochs 20: must be in [0, epochs = 10]"),
-    (["--lpft", "--ft-momentum", "0.5", "--ft-optimizer", "rmsprop"], "--ft-optimizer rmsprop: expected one of adam, sgd"),
+    (["--lpft", "--ft-warmup-epochs", "20"], "--ft-warmup-epochs 20: must be in [0, epochs = 15]"),
+    (["--lpft", "--ft-momentum", "0.5", "--ft-optimizer", "rmsprop"], "--ft-optimizer rmsprop: expected one of adam, adamw, sgd"),
     (["--lpft", "--ft-l2sp", "-1"], "--ft-l2sp -1.0: must be zero or positive"),
     (["--lpft", "--ft-blocks", "0"], "--ft-blocks 0: must be at least 1"),
     (["--select", "val_err,val_xent"], "--select val_err,val_xent: takes one value for the whole sweep"),

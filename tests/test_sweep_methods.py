@@ -107,13 +107,13 @@ def test_ood_input_is_checked_before_anything_is_written(tiny_folder, tmp_path, 
         assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_ft_trains_over_the_probes_seeds_and_yaml_can_switch_it_on(tmp_path):
+def test_ft_trains_the_fine_tuning_grids_seeds_and_yaml_can_switch_it_on(tmp_path):
     from transferlab.cli.sweep import build_configs, load_yaml
 
     path = tmp_path / "g.yaml"
     path.write_text("ft: true\nseeds: [3, 4]\nft_lr: [1e-4]\n")
     cfg = build_configs(load_yaml(str(path)))[0]
-    assert cfg.plain_ft and [c.seed for c in cfg.plain_ft_configs()] == [3, 4]
+    assert cfg.plain_ft and [c.seed for c in cfg.plain_ft_configs()] == [0]  # the fine-tuning rule's one seed
     path.write_text("ft:\n  lr: [1e-4]\n  seed: [7]\nft_plain: false\n".replace("ft_plain: false\n", ""))
     cfg = build_configs(load_yaml(str(path)))[0]
     assert not cfg.plain_ft and [c.seed for c in cfg.plain_ft_configs()] == [7]

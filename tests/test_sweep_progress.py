@@ -116,7 +116,7 @@ def test_a_fresh_sweep_prints_its_plan_the_phase_in_the_bar_and_lpft_rows_with_t
     ft = next(r for r in rows if r["method"] == "LP-FT")
     assert ft["lr"] in (1e-4, 2e-4)  # the fine-tuning grid's lr, the one the row reports
     ft_line = next(line for line in proc.stdout.splitlines() if " LP-FT " in line)
-    assert f"ft_lr={ft['lr']:<8g} unit={ft['ft_unit']} augment=none a={ft['wise_alpha']:g}" in ft_line
+    assert f"ft_lr={ft['lr']:<8g} unit={ft['ft_unit']} augment=views:4 a={ft['wise_alpha']:g}" in ft_line
     assert "l2=" not in ft_line and "seed=" not in ft_line
     # best first, then what export takes (the rank-1 row of summary.json) and the tiny folder's 9 test images
     stdout = proc.stdout.splitlines()

@@ -20,6 +20,8 @@ from transferlab.core.errors import ConfigError, UserError
 from transferlab.core.fields import build_config
 from transferlab.data import DataConfig
 from transferlab.features.engine import EngineConfig
+from transferlab.models.freezing import block_unit
+from transferlab.sweep import hyper_rule
 from transferlab.sweep.config import (
     PHASE_HELP,
     PHASES,
@@ -36,12 +38,18 @@ from transferlab.track import TrackConfig
 from transferlab.train.config import TrainConfig
 
 
+def block(text: str) -> int | str:
+    """One --ft-blocks value: N, all or from:N."""
+    return block_unit(text)
+
+
 def phase_flags(phase: str) -> list[Flag]:
     """One flag per TrainConfig field for `phase` (and fine-tuning's blocks and layers): a comma list, one
     value fixing the field for the phase, several making it an axis of the phase's grid."""
     defaults = dict(PhaseGrid.of(phase).values)
     flags = []
-    units = [Flag(f"ft.{n}", phase_flag("ft", n), "list", int, False, None, PHASE_HELP[("ft", n)], ()) for n in UNIT_FIELDS]
+    units = [Flag(f"ft.{n}", phase_flag("ft", n), "list", block if n == "blocks" else int, False, None, PHASE_HELP[("ft", n)], ())
+             for n in UNIT_FIELDS]
     for fl in config_flags(TrainConfig):
         if phase == "ft" and fl.field in SWEEP_WIDE:
             continue  # one value for the whole sweep: the probes' flag sets it
@@ -50,6 +58,8 @@ def phase_flags(phase: str) -> list[Flag]:
         text = fl.help + ("; a comma list is a grid axis" if axis else "; one value for the whole sweep" if fl.field in SWEEP_WIDE else "")
         if phase == "ft" and fl.field not in defaults:
             default, text = None, text + " (default: the chosen probe's)"
+        elif phase == "ft" and fl.field in hyper_rule.sized(1):
+            default, text = None, text + " (default: the fine-tuning rule's, from the training-set size)"
         else:
             default = defaults.get(fl.field, (fl.default,))
             default = default[0] if is_tuple_field(fl.field) else default

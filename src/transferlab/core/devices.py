@@ -40,7 +40,9 @@ class Placement:
         return cls(resolve_device(device), DTYPES[dtype])
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` on this device; floating tensors also in this dtype."""
+        """`x` on this device; floating tensors also in this dtype, image-shaped ones (N, C, H, W) channels_last
+        as the models are (convolutions run 1.5-2.5x faster so on CPU and on CUDA)."""
         if x.is_floating_point():
-            return x.to(self.device, self.dtype, non_blocking=True)
+            x = x.to(self.device, self.dtype, non_blocking=True)
+            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         return x.to(self.device, non_blocking=True)

@@ -74,6 +74,31 @@ def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers:
     return ChildSignalSafeLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs))
 
 
+def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[int]], threads: int = 1, ahead: int = 2,
+                     augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
+    """``(image, label, index, ok)`` batches in `batch_sampler`'s order, decoded by `threads` threads of this
+    process up to `ahead` batches before they are used: the decoding overlaps the model's work (PIL and
+    the transforms release the GIL) without worker processes competing for the cores or pickling
+    images. Items are :class:`ImageDataset`'s, so the numbers equal the DataLoader's."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    dataset = ImageDataset(split, pre, augment_seed, min_scale)
+
+    def load(indices: list[int]):
+        return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+    pending: deque = deque()
+    chunks = iter(batch_sampler)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        for indices in chunks:
+            pending.append(pool.submit(load, indices))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Items are ``(image_tensor, label, index, ok)``; a file that fails to decode gives ``ok=False``
     and a zero image, so one bad file never stops a pass and every bad file can be reported.

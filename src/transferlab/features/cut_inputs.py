@@ -20,7 +20,7 @@ from transferlab.core.devices import Placement
 from transferlab.data import ImageSplits, Split
 from transferlab.data.splits import bad_image_policy
 from transferlab.features.cache import Chain, FeatureCache, estimate_cache_bytes, find_bad_images
-from transferlab.features.cut_plan import cache_refusal, n_images, parse_feature_augment, refuse_feature_augment, shared_base
+from transferlab.features.cut_plan import AT_INPUT, cache_refusal, n_images, parse_feature_augment, refuse_feature_augment, shared_base
 from transferlab.features.cut_setup import Setup, ViewsKey, split_inputs_at
 from transferlab.features.engine import EngineConfig
 from transferlab.features.sources import BatchSource, ImageSource, SplitInputs, TensorSource, view_seed
@@ -58,12 +58,11 @@ class CutInputs:
         self.skipped_files: dict[str, list[str]] = {name: list(files) for name, files in splits.missing_files.items()}
         self.timings: dict[str, float] = {}
         self._setups: dict[int, Setup] = {}
-        self._origins: dict[int, str] = {}
+        self._origins: dict[int, str | None] = {}
         # The backbone as every cut sees it: a head for these classes, on the engine's device.
         backbone.reset_classifier(new_head(backbone.feature_dim, self.n_classes, seed=0))
         backbone.model.to(self.placement.device, self.placement.dtype)
-        if self.placement.device.type == "cuda":
-            backbone.model.to(memory_format=torch.channels_last)
+        backbone.model.to(memory_format=torch.channels_last)  # as Placement.put gives it images
 
     def setup(self, n_trainable_layers: int) -> Setup:
         """The cut and train/val inputs for `n_trainable_layers` (computed on first use, then kept)."""
@@ -79,7 +78,8 @@ class CutInputs:
                 prefix, self.backbone.spec.preprocessing, n_images(self.splits), self.placement), self.engine.cache_max_gb)
             if notice:
                 log.warning(notice)
-        cached = self.engine.use_cache and not notice
+        # Training from the image (the whole network): nothing frozen runs before it, nothing to cache.
+        cached = self.engine.use_cache and not notice and cut.index > 0
         setup = Setup(cut, cached, notice, self._shared_base(cut) if cached else None)
         for split in (self.splits.train, self.splits.val):
             setup.sources[split.name] = self._source(split, setup)
@@ -144,7 +144,7 @@ class CutInputs:
         if n_trainable_layers not in self._origins:
             cut = plan_cut(self.backbone, n_trainable_layers, self.layer_order)
             base = self._shared_base(cut)
-            self._origins[n_trainable_layers] = self.backbone.chain()[cut.index if base is None else base][0]
+            self._origins[n_trainable_layers] = None if cut.index == 0 else self.backbone.chain()[cut.index if base is None else base][0]
         return self._origins[n_trainable_layers]
 
     def check_feature_augment(self, feature_augment: str, n_trainable_layers: int) -> None:
@@ -154,8 +154,9 @@ class CutInputs:
         setup = self.setup(n_trainable_layers)
         train = setup.sources["train"]
         shape = tuple(train.inputs.shape[1:]) if isinstance(train, TensorSource) else ()
-        uncached = "" if setup.cached else setup.notice or "drop --no-cache"
-        refuse_feature_augment(feature_augment, uncached, setup.cut.name, shape, len(train), self.engine.cache_max_gb)
+        uncached = "" if setup.cached else setup.notice or (AT_INPUT if setup.cut.index == 0 else "drop --no-cache")
+        refuse_feature_augment(feature_augment, uncached, setup.cut.name, shape, len(train), self.engine.cache_max_gb,
+                               setup.cut.index == 0)
 
     def split_source(self, n_trainable_layers: int, split: Split | None) -> BatchSource | None:
         """`split`'s inputs at the cut (the test split, an extra test set), computed on first use; None for no split."""

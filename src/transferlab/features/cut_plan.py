@@ -37,6 +37,9 @@ def n_images(splits: ImageSplits) -> int:
     return sum(len(s) for s in (splits.train, splits.val, splits.test) if s is not None)
 
 
+AT_INPUT = "the trainable part starts at the image, so nothing before it is cached"
+
+
 def cache_refusal(backbone: Backbone, cut: Cut, need_bytes: Callable[[], float], max_gb: float) -> str:
     """Why the input of `cut` is not cached (the notice's words), or ''; `need_bytes` is asked only for a cut
     after the first block."""
@@ -57,18 +60,19 @@ def shared_base(backbone: Backbone, cut: Cut, share_cut_layers: int | None, laye
     if share_cut_layers is None:
         return None
     base = plan_cut(backbone, share_cut_layers, layer_order).index
-    if base >= cut.index:
+    if base >= cut.index or base == 0:  # at the input there is no frozen pass to share, only images
         return None
     need = estimate_cache_bytes(Chain(backbone.chain()[:base]), backbone.spec.preprocessing, n_images, placement)
     return base if need <= max_gb * 1e9 else None
 
 
 def refuse_feature_augment(feature_augment: str, uncached: str, cut_name: str, shape: tuple[int, ...], n_train: int,
-                           max_gb: float) -> None:
+                           max_gb: float, at_input: bool = False) -> None:
     """A ConfigError if `feature_augment` cannot run on a cut whose input is not cached (`uncached` says why)
-    or has `shape` per image (float32) for `n_train` training images."""
+    or has `shape` per image (float32) for `n_train` training images. Views of a cut `at_input` (the
+    trainable part starts at the image) are drawn on the fly, fresh every epoch: nothing to cache."""
     kind, n_views = parse_feature_augment(feature_augment) or ("none", 0)
-    if kind == "none":
+    if kind == "none" or (kind == "views" and at_input):
         return
     if uncached:
         raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({uncached}; or --ft-augment none)")
@@ -100,5 +104,6 @@ def check_feature_augment_planned(backbone: Backbone, splits: ImageSplits, engin
         for module, training in modes.items():
             module.training = training
     need = math.prod(shape) * 4 * n_images(splits)  # float32, as cached
-    uncached = "drop --no-cache" if not engine.use_cache else cache_refusal(backbone, cut, lambda: need, engine.cache_max_gb)
-    refuse_feature_augment(feature_augment, uncached, cut.name, shape, len(splits.train), engine.cache_max_gb)
+    uncached = ("drop --no-cache" if not engine.use_cache else AT_INPUT if cut.index == 0
+                else cache_refusal(backbone, cut, lambda: need, engine.cache_max_gb))
+    refuse_feature_augment(feature_augment, uncached, cut.name, shape, len(splits.train), engine.cache_max_gb, cut.index == 0)

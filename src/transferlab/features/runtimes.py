@@ -88,10 +88,12 @@ def runtime_version(runtime: str) -> str:
 
 
 def precision(runtime: str, placement: Placement) -> str:
-    """What the arithmetic is: bf16 autocast on CUDA (as always), else the model's dtype (fp32 for runtimes)."""
+    """What the arithmetic is: bf16 autocast on CUDA (as always), else the model's dtype (fp32 for runtimes);
+    PyTorch runs channels_last (Placement.put), whose rounding differs from the default layout."""
     if placement.device.type == "cuda" and runtime in ("torch", "compile"):
         return "bf16-autocast"
-    return "fp64" if placement.dtype == torch.float64 else "fp32"
+    dtype = "fp64" if placement.dtype == torch.float64 else "fp32"
+    return f"{dtype} channels_last" if runtime in ("torch", "compile") else dtype
 
 
 @dataclass
@@ -142,9 +144,8 @@ def _reason(e: BaseException) -> str:
 
 # -- eager and compiled PyTorch -------------------------------------------------------------------
 def eager_runner(prefix: nn.Module, placement: Placement, input_shape: tuple = ()) -> PrefixRunner:
-    """Eager PyTorch, the reference: on CPU exactly what the uncached path computes (default layout; a
-    channels_last pass is faster but differs by float rounding, which training then amplifies past
-    1e-5); on CUDA channels_last and bf16 autocast."""
+    """Eager PyTorch, the reference: on CPU exactly what the uncached path computes (both channels_last,
+    Placement.put); on CUDA channels_last and bf16 autocast."""
     prefix.eval()
     device = placement.device
     cuda = device.type == "cuda"
@@ -152,8 +153,6 @@ def eager_runner(prefix: nn.Module, placement: Placement, input_shape: tuple = (
     @torch.no_grad()
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = placement.put(x)
-        if cuda and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             y = prefix(x)
         return y.float().cpu().contiguous()

@@ -96,15 +96,45 @@ class FreezePlan:
         return trainable
 
 
-def layers_of_last_blocks(backbone: Backbone, n_blocks: int) -> int:
-    """How many layers the last `n_blocks` parameter-holding blocks of the chain hold (the head is one).
+def parameter_blocks(backbone: Backbone) -> list[tuple[str, nn.Module]]:
+    """The chain's blocks that hold parameters, in forward order (the head's block last)."""
+    return [(name, b) for name, b in backbone.chain() if next(b.parameters(), None) is not None]
+
+
+def block_unit(value: int | str) -> int | str:
+    """A fine-tuning block unit as the grid holds it: N (the last N blocks), ``all`` or ``from:N`` (block N on,
+    0-based); a ValueError for anything else."""
+    text = str(value).strip()
+    if text == "all":
+        return text
+    if text.startswith("from:") and text[5:].isdigit():
+        return f"from:{int(text[5:])}"
+    if isinstance(value, bool) or not text.lstrip("-").isdigit():
+        raise ValueError(f"not a block unit: {value!r}")
+    return int(text)
+
+
+def last_blocks_count(backbone: Backbone, unit: int | str) -> int:
+    """How many last blocks with parameters `unit` names (:func:`block_unit`): ``all`` is every one of them,
+    ``from:N`` those from block N on, the head's block counting; a ConfigError naming ft.blocks otherwise."""
+    n_total = len(parameter_blocks(backbone))
+    value = block_unit(unit)
+    n = n_total if value == "all" else n_total - int(str(value)[5:]) if isinstance(value, str) else value
+    if not 1 <= n <= n_total:
+        what = f"from block {str(value)[5:]}" if isinstance(value, str) else value
+        raise ConfigError("ft.blocks", what, f"must be between 1 and {n_total} ({backbone.spec.name}'s blocks with "
+                          f"parameters; from:N takes N from 0 to {n_total - 1})")
+    return n
+
+
+def layers_of_last_blocks(backbone: Backbone, unit: int | str) -> int:
+    """How many layers the last blocks `unit` names hold (:func:`last_blocks_count`; the head is one block).
 
     Blocks run one after the other, so their layers are the last ones in forward order: training the
     last N blocks is training that many last layers, with ``order="forward"``.
     """
-    blocks = [(name, b) for name, b in backbone.chain() if next(b.parameters(), None) is not None]
-    if not 1 <= n_blocks <= len(blocks):
-        raise ConfigError("ft.blocks", n_blocks, f"must be between 1 and {len(blocks)} ({backbone.spec.name}'s blocks with parameters)")
+    blocks = parameter_blocks(backbone)
+    n_blocks = last_blocks_count(backbone, unit)
     owner = {id(p): layer_of(name) for name, p in backbone.model.named_parameters()}
     return len({owner[id(p)] for _, b in blocks[-n_blocks:] for p in b.parameters() if id(p) in owner})
 

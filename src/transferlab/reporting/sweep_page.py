@@ -61,10 +61,14 @@ def _lpft_verdict(ledger: Ledger, rows: list[dict]) -> list[str]:
             real = ft["ci_low"] > 0 or ft["ci_high"] < 0
             noise = (f" Paired on the same test images: 95% bootstrap interval [{100 * ft['ci_low']:+.1f}, {100 * ft['ci_high']:+.1f}] "
                      f"points, McNemar p = {ft['p_mcnemar']:.3g}: {'more than' if real else 'within'} noise.")
-        unit, n = (ft["ft_unit"] or f"layers:{ft['n_trainable_layers']}").split(":")
+        unit, n = (ft["ft_unit"] or f"layers:{ft['n_trainable_layers']}").split(":", 1)
         layers = plural(ft["n_trainable_layers"], "layer")
         if ft["n_trainable_layers"] == 1:  # the head is the last layer: nothing of the backbone trains
             what = "only the head (the probe's own layer; no backbone weight)"
+        elif unit == "blocks" and n == "all":
+            what = f"every block, the whole network ({layers})"
+        elif unit == "blocks" and n.startswith("from:"):
+            what = f"the blocks from block {e(n[5:])} on ({layers})"
         elif unit == "blocks":
             what = f"the last {e(plural(n, 'block'))} ({layers})"
         else:

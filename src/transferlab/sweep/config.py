@@ -25,27 +25,28 @@ from transferlab.core.fields import fits, option, plain, type_text
 from transferlab.data import DataConfig
 from transferlab.features.engine import EngineConfig
 from transferlab.models import DEFAULT_MODEL_DIR
+from transferlab.models.freezing import block_unit
+from transferlab.sweep import hyper_rule
 from transferlab.train.config import TrainConfig
 
 PHASES = ("lp", "ft")
 UNIT_FIELDS = ("blocks", "layers")  # what fine-tuning trains: not TrainConfig fields, the outer loop of its grid
-DEFAULT_FT_BLOCKS = 4
+DEFAULT_FT_BLOCKS: int | str = hyper_rule.DEFAULT_UNIT
 # The nesting of each phase's grid, outermost first (the order also breaks validation ties); fields not
 # named here follow in TrainConfig's order.
 AXIS_ORDER = {"lp": ("seed", "lr", "l2"), "ft": ("lr", "feature_augment", "l2sp", "label_smoothing")}
 DEFAULT_GRID: dict[str, dict[str, tuple]] = {
     "lp": {"seed": (0, 1), "lr": (1e-4, 1e-3, 1e-2), "l2": (0.0, 1e-2, 1.0)},
-    "ft": {"lr": (3e-5, 1e-4), "feature_augment": ("none",), "l2sp": (0.0,), "label_smoothing": (0.0,),
-           "epochs": (10,), "patience": (5,), "lr_schedule": ("cosine",), "warmup_epochs": (1,),
-           "backbone_lr_mult": (0.3,), "wise_alphas": ((0.0, 0.25, 0.5, 0.75, 1.0),), "train_bn": (False,)},
+    "ft": dict(hyper_rule.FIXED),  # and hyper_rule.sized(n_train) once the data is known
 }
 # Flags that differ from the rule of phase_flag (kept from earlier versions of the command line).
 FLAG_NAMES = {("lp", "seed"): "--seeds", ("lp", "label_smoothing"): "--lp-label-smoothing",
               ("ft", "feature_augment"): "--ft-augment", ("ft", "wise_alphas"): "--ft-wise",
               ("ft", "label_smoothing"): "--label-smoothing", ("ft", "augment"): "--ft-augment-images"}
 SWEEP_WIDE = ("select", "layer_order", "augment")  # fields one value of which holds for every run of a sweep
-PHASE_HELP = {("ft", "blocks"): "LP-then-FT trains the last N blocks of the chain holding parameters, the head counting "
-                                "as one (all their layers); with neither this nor --ft-layers: 4",
+PHASE_HELP = {("ft", "blocks"): "fine-tuning trains the last N blocks of the chain holding parameters, the head counting "
+                                "as one (all their layers), every block (all) or the blocks from block N on (from:N, "
+                                "0-based); with neither this nor --ft-layers: all",
               ("ft", "layers"): "LP-then-FT trains the last k layers (see --layer-order)"}
 
 
@@ -73,6 +74,7 @@ class PhaseGrid:
     """One phase's search space: ``(field, values)`` pairs; one value is fixed, several are a grid axis."""
 
     values: tuple[tuple[str, tuple], ...] = ()
+    given: frozenset[str] = frozenset()  # the fields set by the user (the rest: the phase's defaults)
 
     @classmethod
     def of(cls, phase: str, given: Mapping[str, Iterable] | None = None) -> PhaseGrid:
@@ -91,7 +93,14 @@ class PhaseGrid:
             wrong = next((v for v in merged[name] if not fits(hints[name], v)), None) if merged[name] else None
             if wrong is not None:
                 raise ConfigError(f"{phase}.{name}", wrong, f"expected {type_text(hints[name])}")
-        return cls(tuple((n, tuple(plain(hints[n], v) for v in merged[n]) if n in hints else merged[n]) for n in units + order))
+        return cls(tuple((n, tuple(plain(hints[n], v) for v in merged[n]) if n in hints else merged[n]) for n in units + order),
+                   frozenset(given or {}))
+
+    def with_defaults(self, phase: str, defaults: Mapping[str, Iterable]) -> PhaseGrid:
+        """This grid with `defaults` (``{field: values}``) for the fields the user did not set."""
+        own = {n: v for n, v in self.values if n in self.given}
+        grid = PhaseGrid.of(phase, {**defaults, **own})
+        return dataclasses.replace(grid, given=self.given)
 
     def get(self, name: str, default: Any = None) -> tuple:
         return dict(self.values).get(name, default)
@@ -154,6 +163,11 @@ class SweepConfig:
         out["ft"] = self.ft.as_dict()
         return out
 
+    def for_training_size(self, n_train: int) -> SweepConfig:
+        """The config with the fine-tuning rule's size-dependent values (:mod:`hyper_rule`: epochs) filled in
+        for `n_train` training images, where the user did not set them."""
+        return dataclasses.replace(self, ft=self.ft.with_defaults("ft", hyper_rule.sized(n_train)))
+
     @property
     def probe_base(self) -> TrainConfig:
         """The probes' config before the grid: TrainConfig's defaults with the probe phase's fixed values;
@@ -167,11 +181,10 @@ class SweepConfig:
         return self.lpft or self.plain_ft
 
     def plain_ft_configs(self) -> list[TrainConfig]:
-        """FT's grid: the fine-tuning grid from the probes' base config, over the probes' seeds unless the
-        fine-tuning grid lists its own (a seed seeds the fresh head and the batch order), without interpolation
-        (there is no start to interpolate with). Its head's l2 is the probes' when they fix one, else 0."""
-        grid = self.ft if "seed" in dict(self.ft.values) else PhaseGrid.of("ft", {**dict(self.ft.values), "seed": self.lp.get("seed", (0,))})
-        return [dataclasses.replace(c, wise_alphas=()) for c in grid.configs(self.probe_base)]
+        """FT's grid: the fine-tuning grid from the probes' base config (its seeds are the grid's: a seed seeds
+        the fresh head, the batch order and the crops), without interpolation (there is no start to
+        interpolate with). Its head's l2 is the probes' when they fix one, else 0."""
+        return [dataclasses.replace(c, wise_alphas=()) for c in self.ft.configs(self.probe_base)]
 
     @property
     def select(self) -> str:
@@ -182,8 +195,9 @@ class SweepConfig:
         """The LP grid in a fixed order (seed, lr, l2 by default): the order also breaks validation ties."""
         return self.lp.configs(TrainConfig())
 
-    def ft_units(self) -> list[tuple[str, int]]:
-        """What fine-tuning trains, in grid order: ("blocks", N) for each --ft-blocks, else ("layers", k)."""
+    def ft_units(self) -> list[tuple[str, int | str]]:
+        """What fine-tuning trains, in grid order: ("blocks", N, "all" or "from:N") for each --ft-blocks, then
+        ("layers", k) for each --ft-layers; with neither, the whole network (("blocks", "all"))."""
         blocks, layers = self.ft.get("blocks", ()), self.ft.get("layers", ())
         if not blocks and not layers:
             return [("blocks", DEFAULT_FT_BLOCKS)]
@@ -216,7 +230,12 @@ class SweepConfig:
                 raise ConfigError("ft.blocks", ",".join(map(str, self.ft.get("blocks"))), "counts blocks in forward order "
                                   "(drop --layer-order definition)")
             for unit, n in self.ft_units():
-                if n < 1:
+                if unit == "blocks":
+                    try:
+                        n = block_unit(n)
+                    except ValueError:
+                        raise ConfigError("ft.blocks", n, "expected N (the last N blocks), all, or from:N (block N on)") from None
+                if isinstance(n, int) and n < 1:
                     raise ConfigError(f"ft.{unit}", n, "must be at least 1")
             _validate_each(self.finetune_configs(self.probe_configs()[0]), "ft", self.ft)
         for name, info in (self.backbone_info or {}).items():

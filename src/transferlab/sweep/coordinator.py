@@ -80,6 +80,9 @@ class Sweep:
         # Everything that can be refused is checked, for every backbone, before the ledger, sweep.json or
         # anything else is written: a refused re-run keeps the folder's previous choices.
         splits = cfg.data.load()
+        if cfg.fine_tunes:  # the fine-tuning rule's epochs follow from the training split's size
+            cfg = self.cfg = cfg.for_training_size(len(splits.train))
+            cfg.validate()
         names, skipped = resolve_backbones(cfg)
         preflight(cfg, names, splits)
         numerics = numerics_identity(cfg.engine)

@@ -31,7 +31,9 @@ class LedgerRecorder(RunObserver):
             return
         save_params(self.out, run_id, end.result.best_state)
         self.ledger.finish(run_id, "diverged" if end.status == "diverged" else "done", end.metrics,
-                           list(end.result.history), {"train_loop_s": end.result.train_seconds})
+                           list(end.result.history), {"train_loop_s": end.result.train_seconds,
+                                                      "train_step_s": end.result.step_seconds,
+                                                      "images_trained": end.result.images_trained})
 
     def test(self, run_id: str, accuracy: float) -> None:
         self.ledger.record_test(run_id, accuracy)

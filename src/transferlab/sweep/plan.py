@@ -24,7 +24,7 @@ def numerics_identity(engine: EngineConfig) -> dict:
     placement = Placement.of(engine.device, engine.dtype)
     runner = planned_runner(engine.runtime, placement)
     return {"device": placement.device.type, "dtype": engine.dtype, "runtime": [runner.name, runner.version, runner.precision],
-            "cached": engine.use_cache}
+            "cached": engine.use_cache, "layout": "channels_last"}
 
 
 def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: str, data: DataConfig,
@@ -40,7 +40,7 @@ def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: st
 
 def ft_layer_counts(cfg: SweepConfig, backbone) -> dict[str, int]:
     """{unit text ("blocks:2", "layers:3"): number of trainable layers} of the fine-tuning grid on `backbone`."""
-    return {f"{unit}:{n}": (layers_of_last_blocks(backbone, n) if unit == "blocks" else n) for unit, n in cfg.ft_units()}
+    return {f"{unit}:{n}": (layers_of_last_blocks(backbone, n) if unit == "blocks" else int(n)) for unit, n in cfg.ft_units()}
 
 
 @dataclass(frozen=True)

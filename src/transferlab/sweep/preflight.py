@@ -55,7 +55,7 @@ def check_ft_grid(cfg: SweepConfig, name: str, backbone: Backbone, splits: Image
     for unit, n in cfg.ft_units():
         if unit == "blocks":
             layers_of_last_blocks(backbone, n)
-        elif n > n_layers:
+        elif int(n) > n_layers:
             raise ConfigError("ft.layers", n, f"{name} has only {n_layers} layers")
     if all(augment == "none" for augment in cfg.ft.get("feature_augment", ("none",))):
         return

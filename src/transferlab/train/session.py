@@ -63,13 +63,16 @@ class RunSession:
         return head
 
     def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
-        """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``)."""
+        """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``; views
+        of a cut at the input are drawn on the fly every epoch, as ``--augment`` draws them)."""
         inputs = self.inputs
         train = inputs.setup(n_trainable_layers).sources["train"]
         kind, n_views = parse_feature_augment(cfg.feature_augment) or ("none", 0)
         if cfg.augment:
             if not isinstance(train, ImageSource):
                 raise ConfigError("augment", True, "needs the backbone to run on every image every epoch (--no-cache)")
+            return train.augmented(cfg.seed, cfg.augment_min_scale)
+        if kind == "views" and isinstance(train, ImageSource):  # training from the image: a fresh view every epoch
             return train.augmented(cfg.seed, cfg.augment_min_scale)
         if kind == "views":
             views = inputs.views(n_trainable_layers, n_views, cfg.seed, cfg.augment_min_scale)
@@ -101,7 +104,9 @@ class RunSession:
         net = self.inputs.net(n_trainable_layers)
         wise = start_state is not None and bool(cfg.wise_alphas) and tuple(cfg.wise_alphas) != (1.0,)  # (1,): no interpolation
         # With interpolation, a = 0 is the start: early stopping picks the best trained epoch (>= 1).
-        result = fit(self.model, net, head, train, setup.sources["val"], cfg, on_epoch, pretrained, first_candidate=int(wise))
+        blocks = [b for _, b in self.inputs.backbone.chain() if next(b.parameters(), None) is not None]
+        result = fit(self.model, net, head, train, setup.sources["val"], cfg, on_epoch, pretrained, first_candidate=int(wise),
+                     blocks=blocks)
         if wise and result.status == "done":
             result = wise_interpolate(self.model, net, setup.sources["val"], result, cfg.wise_alphas, cfg.select)
         if frozen_digest(self.model) != frozen_before:
