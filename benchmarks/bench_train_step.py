@@ -9,7 +9,8 @@ rule trains) on one fixed batch:
   - ``eager_channels_last``: model and inputs channels_last (what transferlab runs);
   - ``compiled_channels_last``: ``torch.compile`` of the model (inductor), after its compile (timed apart);
 and, with --data, one training epoch of the real input path (``ImageSource``: decoding workers, random
-crops) against the same steps on pre-decoded tensors, for 0, 1 and 2 decoding workers. Prints one JSON
+crops) against the same steps on pre-decoded tensors: the default (None: one decoding thread beside the
+model) and 0, 1 and 2 decoding worker processes. Prints one JSON
 line: img/s of each, their ratios to ``eager_contiguous``, the compile seconds, and per worker count
 ``input_path_over_tensors`` (1.0: decoding costs the model nothing).
 """
@@ -116,7 +117,7 @@ def main(argv=None) -> dict:
     result["img_s"] = {k: round(v, 1) for k, v in result["img_s"].items()}
     result["over_eager_contiguous"] = {k: round(v / base, 2) for k, v in result["img_s"].items()}
     if args.data:
-        result["input_path"] = input_path(backbone, args.data, args.batch, (0, 1, 2))
+        result["input_path"] = input_path(backbone, args.data, args.batch, (None, 0, 1, 2))
     print(json.dumps(result))
     return result
 

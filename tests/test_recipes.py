@@ -115,7 +115,7 @@ def test_sgd_nesterov_is_torchs_nesterov_and_the_batched_probes_follow_it():
     for a, b in zip(batched.history, alone.history):
         assert a["val_xent"] == pytest.approx(b["val_xent"], rel=1e-5)
     assert alone.history[-1]["val_xent"] != pytest.approx(plain.history[-1]["val_xent"], rel=1e-6)
-    with pytest.raises(ConfigError, match="nesterov=True: needs --optimizer sgd"):
+    with pytest.raises(ConfigError, match="nesterov=True: needs the sgd optimizer with a momentum above 0"):
         TrainConfig(nesterov=True).validate()
 
 
@@ -135,8 +135,8 @@ def test_one_cycle_factors_are_torchs_onecycle_lr():
         assert 0.02 * lr_factor(cfg, step, steps) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), step
         opt.step()
         sched.step()
-    with pytest.raises(ConfigError, match="warmup_epochs=1: must be 0 with --lr-schedule one_cycle"):
-        dataclasses.replace(cfg, warmup_epochs=1).validate()
+    warm = dataclasses.replace(cfg, warmup_epochs=1)  # one-cycle warms up itself: warmup_epochs is not used
+    assert [lr_factor(warm, s, steps) for s in range(cfg.epochs * steps)] == [lr_factor(cfg, s, steps) for s in range(cfg.epochs * steps)]
 
 
 def test_block_units_all_and_from_n_count_blocks_from_the_stem(resnet10_random):
@@ -145,7 +145,7 @@ def test_block_units_all_and_from_n_count_blocks_from_the_stem(resnet10_random):
     assert layers_of_last_blocks(bb, "all") == len(layer_names(bb.model)) == layers_of_last_blocks(bb, "from:0")
     assert layers_of_last_blocks(bb, "from:1") == layers_of_last_blocks(bb, n_blocks - 1)
     assert layers_of_last_blocks(bb, f"from:{n_blocks - 1}") == 1  # the head's block alone
-    with pytest.raises(ConfigError, match=f"ft.blocks=from block {n_blocks}: must be between 1 and {n_blocks}"):
+    with pytest.raises(ConfigError, match=f"ft.blocks=from:{n_blocks}: must be between 1 and {n_blocks}"):
         layers_of_last_blocks(bb, f"from:{n_blocks}")
     assert [block_unit(v) for v in ("all", "from:03", "4", 2)] == ["all", "from:3", 4, 2]
     for bad in ("every", "from:", "from:x", True):
@@ -217,3 +217,35 @@ def test_threaded_decoding_gives_the_data_loaders_batches(tiny_folder, resnet10_
         assert len(threaded) == len(loader) == 3
         for a, b in zip(threaded, loader):
             assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_new_training_fields_enter_a_run_identity_only_when_set():
+    from transferlab.core.fields import identity
+
+    base = identity(TrainConfig())
+    assert not {"nesterov", "weight_decay", "layer_decay"} & set(base)  # identities from before these fields hold
+    assert base == {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in ("nesterov", "weight_decay", "layer_decay")}
+    assert identity(TrainConfig(weight_decay=0.05))["weight_decay"] == 0.05
+    assert identity(TrainConfig(optimizer="sgd", nesterov=True))["nesterov"] is True
+
+
+def test_weight_decay_spares_biases_norms_tokens_and_what_the_model_exempts():
+    from transferlab.train.loop import no_weight_decay
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+            self.proj = nn.Linear(4, 4)
+            self.gate = nn.Parameter(torch.zeros(4, 4))
+            self.out = nn.Linear(4, 2)
+
+        def no_weight_decay(self):
+            return {"gate"}
+
+    model = Tokens()
+    assert no_weight_decay(model) == {"cls_token", "pos_embed", "gate"}
+    opt = make_optimizer(model, model.out, TrainConfig(optimizer="adamw", weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {id(model.proj.weight)}

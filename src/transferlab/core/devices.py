@@ -46,3 +46,25 @@ class Placement:
             x = x.to(self.device, self.dtype, non_blocking=True)
             return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         return x.to(self.device, non_blocking=True)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse (a process-wide setting; True where applied).
+
+    By default every tensor above the mmap threshold (32 MB at most; a training step's activations are
+    larger) is returned to the OS when freed and page-faulted back, zeroed, at the next allocation: on
+    this CPU a whole-network training step of EfficientNet-Lite0 spent a fifth of its time in those
+    faults (2 million per 4 steps) and ran 1.75x slower. Raising the mmap and trim thresholds keeps the
+    pages; peak memory is unchanged, the process just holds it. A no-op off glibc.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))

@@ -17,14 +17,24 @@ from transferlab.core.errors import ConfigError
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-           invert: bool = False, pairs: bool = False) -> Any:
+           invert: bool = False, pairs: bool = False, identity_when_set: bool = False) -> Any:
     """A config dataclass field with the metadata its command-line flag and YAML key are generated from.
 
     `flag` overrides the flag name (default ``--field-name``); `invert` makes a boolean field a
     ``--no-...`` switch that stores False; `pairs` makes a mapping field a repeatable ``--flag NAME=VALUE``.
+    `identity_when_set`: the field enters a config's identity (:func:`identity`) only when it differs from
+    its default, so identities recorded before the field existed stay valid.
     """
-    meta = {"help": help, "flag": flag, "choices": choices, "invert": invert, "pairs": pairs}
+    meta = {"help": help, "flag": flag, "choices": choices, "invert": invert, "pairs": pairs,
+            "identity_when_set": identity_when_set}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def identity(config: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(config)`` without the ``identity_when_set`` fields that hold their default."""
+    skip = {f.name for f in dataclasses.fields(config) if f.metadata.get("identity_when_set")
+            and getattr(config, f.name) == f.default}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
 
 
 def build_config(cls: type, values: dict[str, Any]) -> Any:

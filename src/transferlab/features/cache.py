@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from transferlab.core.devices import Placement
 from transferlab.core.files import atomic_write_bytes
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DECODER, Preprocessing, Split, default_num_workers, image_loader, split_fingerprint
+from transferlab.data.loader import threaded_batches
 from transferlab.data.splits import bad_image_policy
 from transferlab.features.runtimes import PrefixRunner, RuntimeFellBack, eager_runner, onnx_export_key, planned_runner, prepare_prefix_runner
 from transferlab.features.sources import SplitInputs
@@ -67,6 +68,9 @@ def extract(
     With `augment` = (seed, min_scale) each image is a seeded random resized crop and flip
     (``data.augmented_view``) instead of the evaluation view.
 
+    On CPU with `num_workers` None the images are decoded by a thread of this process, a few batches
+    ahead of the runtime (worker processes would compete with the runtime's threads for the cores).
+
     Returns the float32 outputs on CPU, in split order, and the indices of files that failed to
     decode (their rows are zeros). On CUDA the pass uses pinned memory, channels_last and bf16
     autocast; outputs are stored in float32. If the runner's runtime fails midway, it falls back to
@@ -74,9 +78,15 @@ def extract(
     """
     prefix.eval()
     runner = runner or eager_runner(prefix, placement, (1, 3, pre.input_size, pre.input_size))
-    workers = default_num_workers() if num_workers is None else num_workers
     seed, min_scale = augment if augment is not None else (None, 1.0)
-    loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda", augment_seed=seed, min_scale=min_scale)
+    loader: Iterable
+    if num_workers is None and placement.device.type == "cpu":  # decoding threads overlap the runtime (see ImageSource)
+        chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
+        loader = threaded_batches(split, pre, chunks, threads=1, augment_seed=seed, min_scale=min_scale)
+    else:
+        workers = default_num_workers() if num_workers is None else num_workers
+        loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda", augment_seed=seed,
+                              min_scale=min_scale)
     out: torch.Tensor | None = None
     bad: list[int] = []
     what = split.name if augment is None else f"{split.name} view"

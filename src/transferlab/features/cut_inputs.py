@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from transferlab.core.devices import Placement
+from transferlab.core.devices import Placement, keep_freed_memory
 from transferlab.data import ImageSplits, Split
 from transferlab.data.splits import bad_image_policy
 from transferlab.features.cache import Chain, FeatureCache, estimate_cache_bytes, find_bad_images
@@ -49,6 +49,7 @@ class CutInputs:
         self.backbone, self.splits, self.engine = backbone, splits, engine
         self.layer_order = layer_order  # which layers "the last k" are (freezing.ordered_layers)
         self.placement = Placement.of(engine.device, engine.dtype)
+        keep_freed_memory()  # training and extraction allocate the same large tensors step after step
         self.cache, self.on_bad_image = FeatureCache(cache_dir), on_bad_image
         # With LP-then-FT, cache only at the fine-tuning cut and derive shallower cuts' inputs from it,
         # so each image still goes through the backbone once.

@@ -21,7 +21,7 @@ class EngineConfig:
     cache_dir: str | None = option(None, "feature cache folder (default: OUT/cache)")
     cache_max_gb: float = option(4.0, "largest activation cache to keep in memory")
     num_workers: int | None = option(None, "image decoding worker processes, 0: in this process (default: min(4, cores); "
-                                     "training passes on CPU decode in one thread beside the model)", flag="--workers")
+                                     "passes over images on CPU decode in one thread beside the model)", flag="--workers")
     progress: bool = option(True, "no progress bars", flag="--no-progress", invert=True)
     runtime: str = option("auto", "what runs the frozen layers: auto (OpenVINO, else ONNX Runtime, else PyTorch on CPU; "
                           "PyTorch on CUDA), torch, compile, onnxruntime, openvino", choices=RUNTIMES)

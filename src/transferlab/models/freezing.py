@@ -121,8 +121,7 @@ def last_blocks_count(backbone: Backbone, unit: int | str) -> int:
     value = block_unit(unit)
     n = n_total if value == "all" else n_total - int(str(value)[5:]) if isinstance(value, str) else value
     if not 1 <= n <= n_total:
-        what = f"from block {str(value)[5:]}" if isinstance(value, str) else value
-        raise ConfigError("ft.blocks", what, f"must be between 1 and {n_total} ({backbone.spec.name}'s blocks with "
+        raise ConfigError("ft.blocks", value, f"must be between 1 and {n_total} ({backbone.spec.name}'s blocks with "
                           f"parameters; from:N takes N from 0 to {n_total - 1})")
     return n
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from transferlab.core.errors import ConfigError
 from transferlab.core.files import FolderLock, check_writable_dir, write_json
 from transferlab.core.hashing import stable_hash
 from transferlab.data.eval_sets import checked_eval_split, load_eval_split
@@ -82,7 +83,12 @@ class Sweep:
         splits = cfg.data.load()
         if cfg.fine_tunes:  # the fine-tuning rule's epochs follow from the training split's size
             cfg = self.cfg = cfg.for_training_size(len(splits.train))
-            cfg.validate()
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                epochs = cfg.ft.get("epochs")
+                raise ConfigError(e.field, e.value, f"{e.reason} (the fine-tuning rule gives {len(splits.train)} training "
+                                  f"images {epochs[0]} epochs; set --ft-epochs)") from None
         names, skipped = resolve_backbones(cfg)
         preflight(cfg, names, splits)
         numerics = numerics_identity(cfg.engine)

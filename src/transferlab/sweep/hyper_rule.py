@@ -38,7 +38,8 @@ RULE_NAME = "whole-network rule (transferlab 0.3)"
 
 # The rule's values that do not depend on the data (epochs: until the data's size is known, the cap).
 FIXED: dict[str, tuple] = {
-    "lr": (1e-3, 3e-3), "backbone_lr_mult": (0.1,), "optimizer": ("adamw",), "weight_decay": (0.05,),
+    "lr": (1e-3, 3e-3), "backbone_lr_mult": (0.1,), "optimizer": ("adamw",), "weight_decay": (0.05,), "nesterov": (False,),
+    "layer_decay": (1.0,),
     "feature_augment": ("views:4",), "l2sp": (0.0,), "label_smoothing": (0.0,), "batch_size": (32,),
     "lr_schedule": ("cosine",), "warmup_epochs": (1,), "patience": (5,), "seed": (0,), "epochs": (15,),
     "wise_alphas": ((0.0, 0.25, 0.5, 0.75, 1.0),), "train_bn": (False,),

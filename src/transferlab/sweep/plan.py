@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from transferlab.core.fields import identity
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DataConfig
 from transferlab.features.engine import EngineConfig
@@ -24,7 +25,7 @@ def numerics_identity(engine: EngineConfig) -> dict:
     placement = Placement.of(engine.device, engine.dtype)
     runner = planned_runner(engine.runtime, placement)
     return {"device": placement.device.type, "dtype": engine.dtype, "runtime": [runner.name, runner.version, runner.precision],
-            "cached": engine.use_cache, "layout": "channels_last"}
+            "cached": engine.use_cache}
 
 
 def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: str, data: DataConfig,
@@ -32,7 +33,7 @@ def run_hash(method: Method, backbone: str, weights_digest: str, data_digest: st
     """Identity of one run: everything that changes its numbers (the images and the numerics too)."""
     return stable_hash(
         {"method": method, "backbone": backbone, "weights": weights_digest, "images": data_digest,
-         "data": dataclasses.asdict(data), "train": dataclasses.asdict(train), "n_trainable_layers": k, "start": start,
+         "data": dataclasses.asdict(data), "train": identity(train), "n_trainable_layers": k, "start": start,
          "numerics": numerics or {}},
         length=20,
     )

@@ -29,12 +29,12 @@ class TrainConfig:
     optimizer: str = option("adam", "adam, adamw (Adam with decoupled weight decay) or sgd with momentum",
                             choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum")
-    nesterov: bool = option(False, "SGD with Nesterov momentum")
+    nesterov: bool = option(False, "SGD with Nesterov momentum", identity_when_set=True)
     weight_decay: float = option(0.0, "weight decay of the fine-tuned backbone's weight tensors (not biases or "
                                  "normalisation, not the head, whose penalty is --l2): decoupled with adamw, added to "
-                                 "the gradient with adam and sgd")
+                                 "the gradient with adam and sgd", identity_when_set=True)
     layer_decay: float = option(1.0, "layer-wise lr decay: a backbone block d blocks before the head's block learns at "
-                                "lr * backbone_lr_mult * layer_decay**d (1: one rate for the backbone)")
+                                "lr * backbone_lr_mult * layer_decay**d (1: one rate for the backbone)", identity_when_set=True)
     # Trainable batch-norm layers: False keeps normalising with the pretrained running statistics
     # (small target sets give noisy batch statistics, and switching a probe's features to them
     # shifts what the head was trained on); True uses and updates batch statistics.
@@ -49,9 +49,10 @@ class TrainConfig:
     backbone_lr_mult: float = option(1.0, "trainable backbone layers learn at lr times this (the head at lr)",
                                      flag="--ft-backbone-lr-mult")
     lr_schedule: str = option("constant", "learning rate over the run: constant, cosine (decay to 0 over --epochs) or "
-                              "one_cycle (cosine from lr/25 up to lr over the first 0.3 of the steps, then down to lr/25e4)",
+                              "one_cycle (cosine from lr/25 up to lr over the first 0.3 of the steps, then down to lr/25e4; "
+                              "it warms up itself: warmup_epochs is not used)",
                               choices=LR_SCHEDULES)
-    warmup_epochs: int = option(0, "linear learning-rate warmup from 0 over this many epochs")
+    warmup_epochs: int = option(0, "linear learning-rate warmup from 0 over this many epochs (constant and cosine)")
     select: str = option("val_xent", "what early stopping (and a sweep's choices) minimise: val_xent or val_err, "
                          "ties broken by the other", choices=("val_xent", "val_err"))
     wise_alphas: tuple[float, ...] = option((), "after a run that starts from another run (LP-then-FT): weight "
@@ -70,7 +71,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1"),
             (self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, "expected " + ", ".join(OPTIMIZERS)),
             (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0), "nesterov", self.nesterov,
-             "needs --optimizer sgd with a momentum above 0"),
+             f"needs the sgd optimizer with a momentum above 0 (optimizer is {self.optimizer}, momentum {self.momentum:g})"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
              "must be zero or positive"),
             (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]"),
@@ -83,8 +84,6 @@ class TrainConfig:
             (math.isfinite(self.backbone_lr_mult) and self.backbone_lr_mult >= 0, "backbone_lr_mult",
              self.backbone_lr_mult, "must be zero or positive"),
             (self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, "expected " + ", ".join(LR_SCHEDULES)),
-            (not (self.lr_schedule == "one_cycle" and self.warmup_epochs), "warmup_epochs", self.warmup_epochs,
-             "must be 0 with --lr-schedule one_cycle (which warms up itself)"),
             (0 <= self.warmup_epochs <= max(self.epochs, 0), "warmup_epochs", self.warmup_epochs,
              f"must be in [0, epochs = {self.epochs}]"),
             (self.select in ("val_xent", "val_err"), "select", self.select, "expected val_xent or val_err"),

@@ -48,17 +48,36 @@ def lr_scales(model: nn.Module, head: nn.Module, cfg: TrainConfig,
             for p in trainable_parameters(model).values()}
 
 
+NO_DECAY_WORDS = ("token", "pos_embed", "position_embedding", "relative_position")
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Parameter names exempt from weight decay though 2-D or more: what the model's (timm's)
+    ``no_weight_decay()`` names, at any depth, and class/register tokens and position embeddings."""
+    names = {n for n, _ in model.named_parameters() if any(w in n for w in NO_DECAY_WORDS)}
+    for prefix, module in model.named_modules():
+        own = getattr(module, "no_weight_decay", None)
+        if callable(own):
+            try:
+                names |= {f"{prefix}.{n}" if prefix else n for n in own()}
+            except TypeError:
+                continue
+    return names
+
+
 def make_optimizer(model: nn.Module, head: nn.Module, cfg: TrainConfig,
                    blocks: Sequence[nn.Module] = ()) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD over `model`'s trainable parameters, each at ``cfg.lr`` times its
     :func:`lr_scales` (one group per scale, the head's first). Weight decay applies to the backbone's
-    weight tensors (2-D and up; as timm, not biases or normalisation), never to the head, whose penalty
-    is the objective's l2. Each group remembers its ``base_lr`` for the schedule."""
+    weight tensors (2-D and up; as timm, not biases, normalisation or :func:`no_weight_decay`'s
+    embeddings), never to the head, whose penalty is the objective's l2. Each group remembers its
+    ``base_lr`` for the schedule."""
     scales = lr_scales(model, head, cfg, blocks)
     head_ids = {id(p) for p in head.parameters()}
+    exempt = no_weight_decay(model)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for p in trainable_parameters(model).values():
-        decays = bool(cfg.weight_decay) and id(p) not in head_ids and p.dim() > 1
+    for name, p in trainable_parameters(model).items():
+        decays = bool(cfg.weight_decay) and id(p) not in head_ids and p.dim() > 1 and name not in exempt
         groups.setdefault((scales[id(p)], decays), []).append(p)
     order = sorted(groups, key=lambda g: (not any(id(p) in head_ids for p in groups[g]), -g[0], g[1]))
     param_groups = [{"params": groups[g], "base_lr": cfg.lr * g[0], "lr": cfg.lr * g[0],
@@ -71,11 +90,13 @@ def make_optimizer(model: nn.Module, head: nn.Module, cfg: TrainConfig,
 
 
 def forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`net`'s logits for `x`, in float32: on CUDA under bf16 autocast (as extraction runs there), else plain."""
-    cuda = x.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    """`net`'s logits for `x`, at least float32. On CUDA, inputs with spatial or token axes (images, maps,
+    tokens: backbone layers run) go through bf16 autocast, as extraction there does; a head on pooled
+    features (N, D) runs plain, as the batched probes do."""
+    amp = x.device.type == "cuda" and x.dim() > 2
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         logits = net(x)
-    return logits.float()
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 @torch.no_grad()

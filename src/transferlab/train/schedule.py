@@ -13,7 +13,8 @@ ONE_CYCLE_PCT_START, ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV = 0.3, 25.0, 1e4
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """The multiplier of every learning rate at optimiser step `step` (0-based): linear warmup over
     ``warmup_epochs``, then constant or a cosine decay reaching 0 at the end of ``epochs``; or
-    ``one_cycle``, the factors of torch's ``OneCycleLR`` with its defaults over ``epochs``."""
+    ``one_cycle``, the factors of torch's ``OneCycleLR`` with its defaults over ``epochs`` (which warm up
+    themselves: ``warmup_epochs`` is not used)."""
     if cfg.lr_schedule == "one_cycle":
         return one_cycle_factor(step, max(cfg.epochs * steps_per_epoch, 2))
     warmup = cfg.warmup_epochs * steps_per_epoch
