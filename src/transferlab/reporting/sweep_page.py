@@ -93,9 +93,15 @@ def _optimizers(ledger: Ledger, rows: list[dict]) -> str:
     """What trained the chosen runs, from their own configs ("Adam", "SGD with momentum 0.9"; per method when
     they differ); the sweep's config when nothing was chosen."""
     def describe(cfg: dict) -> str:
+        decay = cfg.get("weight_decay", 0.0)
+        decay_text = f", weight decay {decay:g} on backbone weights" if decay else ""
+        layers = f", layer-wise lr decay {cfg['layer_decay']:g}" if cfg.get("layer_decay", 1.0) != 1.0 else ""
         if cfg.get("optimizer", "adam") == "sgd":
-            return f"SGD with momentum {cfg.get('momentum', 0.9):g}"
-        return "Adam"
+            nesterov = "Nesterov " if cfg.get("nesterov") else ""
+            return f"SGD with {nesterov}momentum {cfg.get('momentum', 0.9):g}{decay_text}{layers}"
+        if cfg.get("optimizer") == "adamw":
+            return f"AdamW (decoupled{decay_text or ', no weight decay'}){layers}"
+        return f"Adam{decay_text}{layers}"
 
     by_method: dict[str, set[str]] = {}
     for r in rows:
