@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from transferlab.core.devices import keep_freed_memory
 from transferlab.models import load_backbone
 
 
@@ -89,6 +90,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default=None, help="an image folder: also time the real input path")
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as every CutInputs does
     torch.manual_seed(0)
     backbone = load_backbone(args.backbone)
     size = backbone.spec.preprocessing.input_size

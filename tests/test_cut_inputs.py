@@ -80,8 +80,9 @@ def test_feature_augment_refusals_follow_the_size_of_the_views():
         refuse_feature_augment("map", "", "cut", (10,), 100, 1.0)
     refuse_feature_augment("map", "", "cut", (2, 3, 3), 100, 1.0)
     with pytest.raises(ConfigError, match=r"needs the cached path \(drop --no-cache; or --ft-augment none\)"):
-        refuse_feature_augment("views:1", "drop --no-cache", "cut", (), 100, 1.0)
+        refuse_feature_augment("map", "drop --no-cache", "cut", (), 100, 1.0)
     refuse_feature_augment("none", "drop --no-cache", "cut", (), 100, 0.0)  # nothing to refuse
+    refuse_feature_augment("views:4", "drop --no-cache", "cut", (), 100, 0.0)  # images decoded anyway: views on the fly
 
 
 def test_every_run_starts_from_the_pristine_weights(tiny_folder, resnet10_random):

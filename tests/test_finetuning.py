@@ -264,12 +264,12 @@ def test_sweep_fine_tuning_flags_are_checked_by_their_own_names(tiny_folder, tmp
     # map needs spatial maps at the fine-tuning cut: refused before any run trains, naming the flag.
     assert main(base + ["--ft-layers", "1", "--ft-augment", "map", "--lr", "1e-2", "--l2", "0", "--seeds", "0"]) == 2
     assert "--ft-augment map: needs cached spatial maps" in capsys.readouterr().err
-    # views need the cached path: refused before anything is written, saying how to do without them.
+    # map needs the cached path: refused before anything is written, saying how to do without it.
     uncached = [tmp_path / "o2" if a == str(tmp_path / "o") else a for a in base]
-    assert main([*map(str, uncached), "--no-cache", "--ft-augment", "none,views:2", "--lr", "1e-2", "--l2", "0",
+    assert main([*map(str, uncached), "--no-cache", "--ft-augment", "none,map", "--lr", "1e-2", "--l2", "0",
                  "--seeds", "0", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--ft-augment views:2: needs the cached path" in err[0] and "--ft-augment none" in err[0], err
+    assert len(err) == 1 and "--ft-augment map: needs the cached path" in err[0] and "--ft-augment none" in err[0], err
     assert not (tmp_path / "o2" / "sweep.json").exists()
     assert not (tmp_path / "o" / "runs").exists()
 

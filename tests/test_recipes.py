@@ -162,6 +162,11 @@ def test_the_fine_tuning_rule_sets_epochs_from_the_training_size_and_keeps_what_
     mine = dataclasses.replace(cfg, ft=PhaseGrid.of("ft", {"epochs": 3, "lr": [1e-4]})).for_training_size(624)
     assert mine.ft.get("epochs") == (3,) and mine.ft.get("lr") == (1e-4,)
     assert mine.ft.get("optimizer") == ("adamw",)  # the rest: the rule's
+    # the rule's weight decay is AdamW's decoupled rate: another optimizer without its own has none
+    assert PhaseGrid.of("ft").get("weight_decay") == (0.05,)
+    assert PhaseGrid.of("ft", {"optimizer": "sgd"}).get("weight_decay") == (0.0,)
+    assert PhaseGrid.of("ft", {"optimizer": ["sgd", "adamw"]}).get("weight_decay") == (0.0,)
+    assert PhaseGrid.of("ft", {"optimizer": "sgd", "weight_decay": 5e-4}).get("weight_decay") == (5e-4,)
 
 
 @pytest.mark.slow

@@ -47,6 +47,11 @@ class Placement:
             return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         return x.to(self.device, non_blocking=True)
 
+    def store(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on this device (floating tensors in this dtype), in its own layout: for data kept whole, whose
+        batches go through :meth:`put`."""
+        return x.to(self.device, self.dtype, non_blocking=True) if x.is_floating_point() else x.to(self.device, non_blocking=True)
+
 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse (a process-wide setting; True where applied).

@@ -15,6 +15,11 @@ from transferlab.data.splits import Split
 from transferlab.data.transforms import DEFAULT_MIN_SCALE, Preprocessing, augmented_view, build_transform
 
 
+def decode_threads() -> int:
+    """Decoding threads beside a model on CPU: one per 4 cores (the model's threads take the rest), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
 def default_num_workers() -> int:
     """Decoding workers: enough to keep the model busy on a laptop."""
     return min(4, os.cpu_count() or 1)
@@ -74,12 +79,13 @@ def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers:
     return ChildSignalSafeLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs))
 
 
-def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[int]], threads: int = 1, ahead: int = 2,
+def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[int]], threads: int | None = None, ahead: int = 2,
                      augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
     """``(image, label, index, ok)`` batches in `batch_sampler`'s order, decoded by `threads` threads of this
     process up to `ahead` batches before they are used: the decoding overlaps the model's work (PIL and
     the transforms release the GIL) without worker processes competing for the cores or pickling
-    images. Items are :class:`ImageDataset`'s, so the numbers equal the DataLoader's."""
+    images (`threads` None: :func:`decode_threads`). Items are :class:`ImageDataset`'s, so the numbers
+    equal the DataLoader's."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -89,14 +95,16 @@ def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[
         return torch.utils.data.default_collate([dataset[i] for i in indices])
 
     pending: deque = deque()
-    chunks = iter(batch_sampler)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        for indices in chunks:
+    pool = ThreadPoolExecutor(max_workers=threads or decode_threads(), thread_name_prefix="decode")
+    try:
+        for indices in batch_sampler:
             pending.append(pool.submit(load, indices))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:  # also when the consumer stops early: batches not started are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ImageDataset(torch.utils.data.Dataset):

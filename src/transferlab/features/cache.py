@@ -82,7 +82,7 @@ def extract(
     loader: Iterable
     if num_workers is None and placement.device.type == "cpu":  # decoding threads overlap the runtime (see ImageSource)
         chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
-        loader = threaded_batches(split, pre, chunks, threads=1, augment_seed=seed, min_scale=min_scale)
+        loader = threaded_batches(split, pre, chunks, augment_seed=seed, min_scale=min_scale)
     else:
         workers = default_num_workers() if num_workers is None else num_workers
         loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda", augment_seed=seed,
@@ -96,6 +96,9 @@ def extract(
             y = runner(x)
         except RuntimeFellBack:
             bar.close()
+            close = getattr(loader, "close", None)
+            if close is not None:  # the decoding threads stop before the pass is redone
+                close()
             return extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner, augment)
         if out is None:
             out = torch.empty((len(split),) + tuple(y.shape[1:]), dtype=torch.float32)

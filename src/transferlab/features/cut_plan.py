@@ -69,10 +69,11 @@ def shared_base(backbone: Backbone, cut: Cut, share_cut_layers: int | None, laye
 def refuse_feature_augment(feature_augment: str, uncached: str, cut_name: str, shape: tuple[int, ...], n_train: int,
                            max_gb: float, at_input: bool = False) -> None:
     """A ConfigError if `feature_augment` cannot run on a cut whose input is not cached (`uncached` says why)
-    or has `shape` per image (float32) for `n_train` training images. Views of a cut `at_input` (the
-    trainable part starts at the image) are drawn on the fly, fresh every epoch: nothing to cache."""
+    or has `shape` per image (float32) for `n_train` training images. Views where the images are decoded
+    every epoch anyway (uncached, e.g. a cut `at_input`: the whole network trains) are drawn on the fly,
+    fresh every epoch, as ``--augment`` draws them: nothing to cache, nothing to refuse."""
     kind, n_views = parse_feature_augment(feature_augment) or ("none", 0)
-    if kind == "none" or (kind == "views" and at_input):
+    if kind == "none" or (kind == "views" and (uncached or at_input)):
         return
     if uncached:
         raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({uncached}; or --ft-augment none)")

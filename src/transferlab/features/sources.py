@@ -53,7 +53,8 @@ class TensorSource:
     """Training inputs held as one tensor on the model's placement; minibatches are index lookups."""
 
     def __init__(self, item: SplitInputs, placement: Placement):
-        self.inputs = placement.put(item.inputs)
+        self.placement = placement
+        self.inputs = placement.store(item.inputs)  # its layout: a channels_last copy of a whole cache would double it
         self.labels = placement.put(item.labels)
 
     def __len__(self) -> int:
@@ -63,7 +64,7 @@ class TensorSource:
         order = order.to(self.inputs.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield self.inputs[idx], self.labels[idx]
+            yield self.placement.put(self.inputs[idx]), self.labels[idx]
 
 
 class ImageSource:
@@ -71,7 +72,7 @@ class ImageSource:
 
     With `augment_seed` set, every pass over the data draws fresh augmented views, seeded by
     (augment_seed, pass number, image index): reproducible, and independent of how images are decoded.
-    `num_workers` None decodes, on CPU, in one thread of this process a few batches ahead of the model:
+    `num_workers` None decodes, on CPU, in threads of this process (one per 4 cores) a few batches ahead of the model:
     worker processes would compete with the model's threads for the cores (a whole-network training
     pass ran 1.5x slower with 2 of them on 2 cores); elsewhere in min(4, cores) worker processes. A
     number is that many worker processes (0: in this process, serially).
@@ -97,7 +98,7 @@ class ImageSource:
         self.passes += 1
         loader: Iterable
         if self.num_workers is None and self.placement.device.type == "cpu":
-            loader = threaded_batches(self.split, self.pre, chunks, threads=1, augment_seed=seed, min_scale=self.min_scale)
+            loader = threaded_batches(self.split, self.pre, chunks, augment_seed=seed, min_scale=self.min_scale)
         else:
             workers = default_num_workers() if self.num_workers is None else self.num_workers
             loader = image_loader(self.split, self.pre, batch_size, workers, batch_sampler=chunks, augment_seed=seed,
@@ -117,7 +118,8 @@ class ViewSource:
     """
 
     def __init__(self, views: torch.Tensor, labels: torch.Tensor, placement: Placement, seed: int):
-        self.views = placement.put(views)  # (K, N, ...)
+        self.placement = placement
+        self.views = placement.store(views)  # (K, N, ...)
         self.labels = placement.put(labels)
         self.seed, self.passes = seed, 0
 
@@ -131,7 +133,7 @@ class ViewSource:
         order = order.to(self.views.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield self.views[which[idx], idx], self.labels[idx]
+            yield self.placement.put(self.views[which[idx], idx]), self.labels[idx]
 
 
 def crop_and_flip_maps(maps: torch.Tensor, gen: torch.Generator, min_scale: float) -> torch.Tensor:

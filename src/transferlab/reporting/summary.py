@@ -162,10 +162,13 @@ def _over_seeds(ledger: Ledger, name: str, method: Method, chosen_cfg: dict, cho
     runs = planned_runs(ledger, name, method)
     if runs is None:  # a ledger written before plans were recorded: which rows were this grid's is unknown
         return {"n_seeds": None, "val_err_seed_mean": None, "val_err_seed_std": None}
-    same = {k: v for k, v in chosen_cfg.items() if k != "seed"}
     layers = (chosen_metrics or {}).get("n_trainable_layers")
+
+    def same_but_seed(cfg: dict) -> bool:  # a field one of the two runs predates held its default then: not compared
+        return all(cfg[k] == chosen_cfg[k] for k in (set(cfg) & set(chosen_cfg)) - {"seed"})
+
     errs = [r["metrics"]["val_err"] for r in runs
-            if r["status"] == "done" and r["metrics"] and {k: v for k, v in r["config"].items() if k != "seed"} == same
+            if r["status"] == "done" and r["metrics"] and same_but_seed(r["config"])
             and r["metrics"].get("n_trainable_layers") == layers]
     return {"n_seeds": len(errs), "val_err_seed_mean": statistics.fmean(errs) if errs else None,
             "val_err_seed_std": statistics.stdev(errs) if len(errs) > 1 else None}

@@ -3,8 +3,9 @@
 A phase's grid is a mapping, as Ray Tune's ``param_space``: ``{field: values}`` for any `TrainConfig`
 field. A field with one value is fixed for the phase; every combination of the fields with several
 values is one run. The probe phase (``lp``) starts from `TrainConfig`'s defaults; the fine-tuning
-phase (``ft``) starts from the chosen probe's config, so it inherits what it does not set (batch size,
-optimizer, ...). Fine-tuning also lists what it trains: ``blocks`` (the last N blocks of the chain
+phase (``ft``) starts from the chosen probe's config with the fine-tuning rule's values over it
+(:mod:`hyper_rule`: optimizer, batch size, schedule, ...), so it inherits only what neither sets (the
+head's l2, ...). Fine-tuning also lists what it trains: ``blocks`` (the last N blocks of the chain
 holding parameters, the head counting as one) and ``layers`` (the last k layers).
 
 Every run's config is checked by `TrainConfig.validate`; its errors name the phase's flag
@@ -47,7 +48,7 @@ SWEEP_WIDE = ("select", "layer_order", "augment")  # fields one value of which h
 PHASE_HELP = {("ft", "blocks"): "fine-tuning trains the last N blocks of the chain holding parameters, the head counting "
                                 "as one (all their layers), every block (all) or the blocks from block N on (from:N, "
                                 "0-based); with neither this nor --ft-layers: all",
-              ("ft", "layers"): "LP-then-FT trains the last k layers (see --layer-order)"}
+              ("ft", "layers"): "fine-tuning trains the last k layers (see --layer-order)"}
 
 
 def train_fields() -> dict[str, dataclasses.Field]:
@@ -80,6 +81,8 @@ class PhaseGrid:
     def of(cls, phase: str, given: Mapping[str, Iterable] | None = None) -> PhaseGrid:
         """The phase's default grid with `given` ``{field: values}`` replacing those fields' values."""
         merged = {**DEFAULT_GRID[phase], **{k: _values(k, v) for k, v in (given or {}).items()}}
+        if phase == "ft" and "weight_decay" not in (given or {}):
+            merged["weight_decay"] = hyper_rule.weight_decay_for(merged.get("optimizer", ("adam",)))
         known = train_fields()
         order = [n for n in AXIS_ORDER[phase] if n in merged] + [n for n in known if n in merged and n not in AXIS_ORDER[phase]]
         units = [n for n in UNIT_FIELDS if n in merged]
@@ -98,7 +101,7 @@ class PhaseGrid:
 
     def with_defaults(self, phase: str, defaults: Mapping[str, Iterable]) -> PhaseGrid:
         """This grid with `defaults` (``{field: values}``) for the fields the user did not set."""
-        own = {n: v for n, v in self.values if n in self.given}
+        own = {n: v for n, v in self.values if n in self.given or n not in defaults}
         grid = PhaseGrid.of(phase, {**defaults, **own})
         return dataclasses.replace(grid, given=self.given)
 

@@ -15,7 +15,8 @@ What the rule fixes, and where it comes from:
   weight decay 0.05 on the backbone's weight tensors (timm, ConvNeXt/DeiT fine-tuning), the head
   keeping the probe's l2. Adam-type steps are scaled per parameter, so one short lr grid carries across
   architectures whose gradient scales differ; SGD + Nesterov (``--ft-optimizer sgd --ft-nesterov``,
-  Kornblith et al.) needs the wider lr sweep they ran (1e-4..0.1).
+  Kornblith et al.) needs the wider lr sweep they ran (1e-4..0.1). Another optimizer given without
+  ``--ft-weight-decay`` runs without weight decay (0.05 is a decoupled rate, not an L2 coefficient).
 - **Learning rates: the head at 1e-3 or 3e-3, the backbone at 0.1 of it** (TLlib's 0.1 backbone
   multiplier; fastai's discriminative rates span the same decade), 1 warmup epoch then cosine decay to 0
   (Kumar et al.: cosine; BiT: warmup), batch 32 (TLlib), pretrained batch-norm statistics kept (small
@@ -27,6 +28,9 @@ What the rule fixes, and where it comes from:
   with the data above 1,600 images.
 - **One seed per configuration** (seed 0; the probes' seeds would double the cost of runs that each cost
   ~100 probes), and LP-then-FT interpolates with the probe (WiSE-FT, a in 0, 0.25, ..., 1) as before.
+
+Only the length follows the data's size: the lr grid and the augmentation do not (BiT's lr does not
+either; its resolution follows the image size, which is the backbone's here).
 
 Every value can be overridden per field (``--ft-lr``, YAML ``ft: {epochs: 20}``); what a user sets is kept
 and the rule fills in the rest once the training split's size is known.
@@ -46,6 +50,13 @@ FIXED: dict[str, tuple] = {
 }
 DEFAULT_UNIT: str = "all"  # --ft-blocks when neither it nor --ft-layers is given
 IMAGES_SEEN, MIN_EPOCHS, MAX_EPOCHS = 8_000, 5, 15
+
+
+def weight_decay_for(optimizers: tuple) -> tuple:
+    """The rule's weight decay for the fine-tuning optimizers in use: 0.05 is AdamW's (decoupled); with Adam
+    or SGD it would be an L2 gradient term of another scale, so another optimizer given without
+    ``--ft-weight-decay`` fine-tunes without weight decay."""
+    return (0.05,) if tuple(optimizers) == ("adamw",) else (0.0,)
 
 
 def rule_epochs(n_train: int) -> int:

@@ -101,11 +101,10 @@ def preflight(cfg: SweepConfig, names: list[str], splits: ImageSplits) -> None:
 
 
 def check_ft_augment_path(cfg: SweepConfig) -> None:
-    """A ConfigError, before anything runs, for feature augmentation with no cache to augment: any with
-    --no-cache, except views where every unit trains the whole network (drawn on the fly there)."""
+    """A ConfigError, before anything runs, for map augmentation with no cache to augment (views are drawn
+    on the fly when the images are decoded every epoch)."""
     if cfg.engine.use_cache:
         return
-    whole = all(unit == "blocks" and str(n) in ("all", "from:0") for unit, n in cfg.ft_units())
     for augment in cfg.ft.get("feature_augment", ("none",)):
-        if augment != "none" and not (whole and augment.startswith("views:")):
+        if augment == "map":
             raise ConfigError("ft.feature_augment", augment, "needs the cached path (drop --no-cache; or --ft-augment none)")

@@ -64,7 +64,7 @@ class RunSession:
 
     def train_source(self, cfg: TrainConfig, n_trainable_layers: int) -> BatchSource:
         """What `cfg` trains on: plain inputs, or their augmented views (``--augment``, ``--ft-augment``; views
-        of a cut at the input are drawn on the fly every epoch, as ``--augment`` draws them)."""
+        of images decoded every epoch, at the input or uncached, are drawn on the fly, as ``--augment`` draws them)."""
         inputs = self.inputs
         train = inputs.setup(n_trainable_layers).sources["train"]
         kind, n_views = parse_feature_augment(cfg.feature_augment) or ("none", 0)
@@ -72,7 +72,7 @@ class RunSession:
             if not isinstance(train, ImageSource):
                 raise ConfigError("augment", True, "needs the backbone to run on every image every epoch (--no-cache)")
             return train.augmented(cfg.seed, cfg.augment_min_scale)
-        if kind == "views" and isinstance(train, ImageSource):  # training from the image: a fresh view every epoch
+        if kind == "views" and isinstance(train, ImageSource):  # images decoded every epoch: a fresh view each time
             return train.augmented(cfg.seed, cfg.augment_min_scale)
         if kind == "views":
             views = inputs.views(n_trainable_layers, n_views, cfg.seed, cfg.augment_min_scale)
