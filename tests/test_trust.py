@@ -180,7 +180,8 @@ def test_a_changed_frozen_weight_fails_the_run_in_process(data, tmp_path, monkey
 
     monkeypatch.setattr(session, "fit", tampering_fit)
     out = tmp_path / "s"
-    assert sweep(data, out, "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--lpft", "--ft-lr", "1e-4") == 0
+    # the last 2 blocks train: the rest is frozen (the whole network, the default, leaves nothing frozen to check)
+    assert sweep(data, out, "--lr", "1e-2", "--l2", "0", "--seeds", "0", "--lpft", "--ft-lr", "1e-4", "--ft-blocks", "2") == 0
     ledger = ledger_of(out)
     ft = ledger.runs(method="LP-FT")
     assert [r["status"] for r in ft] == ["failed"] and "frozen parameter or buffer changed" in ft[0]["error"]

@@ -129,7 +129,9 @@ def test_the_planned_views_check_refuses_exactly_what_the_set_up_check_refuses(t
                 said[check] = None
             except ConfigError as e:
                 said[check] = str(e)
-        assert (said["check_feature_augment"] is not None) == (budget_gb * 1e9 < views_bytes), budget_gb
+        # 1e-6: not even the cut's cache fits, so the images are decoded every epoch and views drawn on the fly
+        cut_cached = budget_gb > 1e-6
+        assert (said["check_feature_augment"] is not None) == (cut_cached and budget_gb * 1e9 < views_bytes), budget_gb
         assert said["check_feature_augment_planned"] == said["check_feature_augment"]  # the same refusal, word for word
 
 

@@ -73,7 +73,7 @@ SWEEP_FLAG_GROUPS: list[tuple[str, list[Flag]]] = [
     ("data", config_flags(DataConfig)),
     ("sweep", config_flags(SweepConfig)),
     ("probe grid (lp: every TrainConfig field; YAML lp: {field: [values]})", phase_flags("lp")),
-    ("fine-tuning grid (ft: FT and LP-FT, the fine-tuning rule's defaults; YAML ft: {field: [values]})", phase_flags("ft")),
+    ("fine-tuning grid (ft: FT and LP-FT, over the fine-tuning rule; YAML ft: {field: [values]})", phase_flags("ft")),
     ("engine", config_flags(EngineConfig)),
     ("executor", config_flags(ExecutorConfig)),
     ("tracking", config_flags(TrackConfig)),
