@@ -156,8 +156,7 @@ class CutInputs:
         train = setup.sources["train"]
         shape = tuple(train.inputs.shape[1:]) if isinstance(train, TensorSource) else ()
         uncached = "" if setup.cached else setup.notice or (AT_INPUT if setup.cut.index == 0 else "drop --no-cache")
-        refuse_feature_augment(feature_augment, uncached, setup.cut.name, shape, len(train), self.engine.cache_max_gb,
-                               setup.cut.index == 0)
+        refuse_feature_augment(feature_augment, uncached, setup.cut.name, shape, len(train), self.engine.cache_max_gb)
 
     def split_source(self, n_trainable_layers: int, split: Split | None) -> BatchSource | None:
         """`split`'s inputs at the cut (the test split, an extra test set), computed on first use; None for no split."""

@@ -67,13 +67,13 @@ def shared_base(backbone: Backbone, cut: Cut, share_cut_layers: int | None, laye
 
 
 def refuse_feature_augment(feature_augment: str, uncached: str, cut_name: str, shape: tuple[int, ...], n_train: int,
-                           max_gb: float, at_input: bool = False) -> None:
+                           max_gb: float) -> None:
     """A ConfigError if `feature_augment` cannot run on a cut whose input is not cached (`uncached` says why)
     or has `shape` per image (float32) for `n_train` training images. Views where the images are decoded
-    every epoch anyway (uncached, e.g. a cut `at_input`: the whole network trains) are drawn on the fly,
+    every epoch anyway (uncached, e.g. a cut at the input: the whole network trains) are drawn on the fly,
     fresh every epoch, as ``--augment`` draws them: nothing to cache, nothing to refuse."""
     kind, n_views = parse_feature_augment(feature_augment) or ("none", 0)
-    if kind == "none" or (kind == "views" and (uncached or at_input)):
+    if kind == "none" or (kind == "views" and uncached):
         return
     if uncached:
         raise ConfigError("feature_augment", feature_augment, f"needs the cached path ({uncached}; or --ft-augment none)")
@@ -107,4 +107,4 @@ def check_feature_augment_planned(backbone: Backbone, splits: ImageSplits, engin
     need = math.prod(shape) * 4 * n_images(splits)  # float32, as cached
     uncached = ("drop --no-cache" if not engine.use_cache else AT_INPUT if cut.index == 0
                 else cache_refusal(backbone, cut, lambda: need, engine.cache_max_gb))
-    refuse_feature_augment(feature_augment, uncached, cut.name, shape, len(splits.train), engine.cache_max_gb, cut.index == 0)
+    refuse_feature_augment(feature_augment, uncached, cut.name, shape, len(splits.train), engine.cache_max_gb)
