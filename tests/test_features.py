@@ -84,7 +84,7 @@ def test_cache_is_reused_and_invalidated(tiny_folder, resnet10_random, tmp_path)
 
     # A corrupted file is detected, never used, and rebuilt.
     key = cache.key(bb, "output", splits.val, bb.spec.preprocessing, cpu)
-    file = cache.path(splits.val, key)
+    file = cache.path(splits.val, key) / "00000.safetensors"
     data = bytearray(file.read_bytes())
     data[-20] ^= 0xFF  # flip a bit inside the tensor data
     file.write_bytes(bytes(data))

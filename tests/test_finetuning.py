@@ -53,11 +53,11 @@ def test_cached_views_equal_the_same_views_computed_on_the_fly(tiny_folder, resn
     plain = inputs.setup(k).sources["train"]
     assert isinstance(plain, TensorSource) and not torch.allclose(views.inputs[0], plain.inputs, atol=1e-3)
     # Each view is its own cache file: second inputs load them, and views:2 is views:3's first two.
-    files = sorted((tmp_path / "cache").glob("train-*.safetensors"))
+    files = sorted((tmp_path / "cache").glob("train-*/manifest.json"))
     assert len(files) == 1 + n_views
     again = inputs_of(resnet10_random, tiny_folder, tmp_path / "cache").views(k, 2, seed, 0.5)
     assert torch.equal(again.inputs, views.inputs[:2])
-    assert len(sorted((tmp_path / "cache").glob("train-*.safetensors"))) == len(files)
+    assert len(sorted((tmp_path / "cache").glob("train-*/manifest.json"))) == len(files)
     # Another seed or crop scale is another key.
     other = inputs.views(k, 1, seed, 0.9)
     assert not torch.allclose(other.inputs[0], views.inputs[0], atol=1e-3)

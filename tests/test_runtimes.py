@@ -170,7 +170,7 @@ def test_a_runtime_error_midway_redoes_the_pass_in_eager_pytorch(tiny_folder, re
         return working(x)
 
     runner.fn = flaky
-    from transferlab.features.cache import extract
+    from transferlab.features.extraction import extract
 
     splits = load_splits(tiny_folder)
     with caplog.at_level("WARNING"):

@@ -162,7 +162,7 @@ def test_lpft_extracts_once_and_derives_probe_features(tiny_folder, tmp_path):
     assert main(["sweep", "--data", str(tiny_folder), "--out", str(plain), *no_ft]) == 0
     # One file per split at the FT cut, plus one per view of train: fine-tuning starts from the one chosen
     # probe, whose seed seeds the views, so 2 views (shared by the none and views:2 runs' plain pass).
-    cached = sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir() if p.is_file())
+    cached = sorted(p.name.split("-")[0] for p in (shared / "cache").iterdir() if (p / "manifest.json").is_file())
     assert cached == ["test"] + ["train"] * (1 + 2) + ["val"]
     assert len(list((shared / "cache" / "onnx").glob("*.onnx"))) == 1  # one frozen prefix exported: the FT cut's
     lp_shared = json.loads((shared / "summary.json").read_text())[0]

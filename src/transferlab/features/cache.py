@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
+import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,18 +23,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transferlab.core.devices import Placement
-from transferlab.core.files import atomic_write_bytes
+from transferlab.core.errors import UserError
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DECODER, Preprocessing, Split, default_num_workers, image_loader, split_fingerprint
-from transferlab.data.loader import threaded_batches
 from transferlab.data.splits import bad_image_policy
-from transferlab.features.runtimes import PrefixRunner, RuntimeFellBack, eager_runner, onnx_export_key, planned_runner, prepare_prefix_runner
-from transferlab.features.sources import SplitInputs
+from transferlab.features import shards
+from transferlab.features.extraction import ExtractionJob, Extractor, extract, extract_job, output_shape
+from transferlab.features.runtimes import PrefixRunner, onnx_export_key, planned_runner, prepare_prefix_runner
+from transferlab.features.sources import SplitInputs, rows_of
 from transferlab.models import Backbone
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 4  # 3: the key names the runtime that ran the prefix, and the decoder; 4: files by content digest
+CACHE_FORMAT = 5  # 3: the key names the runtime and the decoder; 4: files by content digest; 5: shards and a manifest
 AUGMENT_VERSION = 1  # of data.augmented_view (crop, aspect range, flip, per-image seed): change it with them
 
 
@@ -51,82 +52,35 @@ class Chain(nn.Module):
         return x
 
 
-@torch.no_grad()
-def extract(
-    prefix: nn.Module,
-    split: Split,
-    pre: Preprocessing,
-    placement: Placement,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    progress: bool = True,
-    runner: PrefixRunner | None = None,
-    augment: tuple[int, float] | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """Run `prefix` (eval mode) once over every image of `split`, with `runner` (default: eager PyTorch).
-
-    With `augment` = (seed, min_scale) each image is a seeded random resized crop and flip
-    (``data.augmented_view``) instead of the evaluation view.
-
-    On CPU with `num_workers` None the images are decoded by a thread of this process, a few batches
-    ahead of the runtime (worker processes would compete with the runtime's threads for the cores).
-
-    Returns the float32 outputs on CPU, in split order, and the indices of files that failed to
-    decode (their rows are zeros). On CUDA the pass uses pinned memory, channels_last and bf16
-    autocast; outputs are stored in float32. If the runner's runtime fails midway, it falls back to
-    eager PyTorch and the whole pass is redone, so one split never mixes two runtimes.
-    """
-    prefix.eval()
-    runner = runner or eager_runner(prefix, placement, (1, 3, pre.input_size, pre.input_size))
-    seed, min_scale = augment if augment is not None else (None, 1.0)
-    loader: Iterable
-    if num_workers is None and placement.device.type == "cpu":  # decoding threads overlap the runtime (see ImageSource)
-        chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
-        loader = threaded_batches(split, pre, chunks, augment_seed=seed, min_scale=min_scale)
-    else:
-        workers = default_num_workers() if num_workers is None else num_workers
-        loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda", augment_seed=seed,
-                              min_scale=min_scale)
-    out: torch.Tensor | None = None
-    bad: list[int] = []
-    what = split.name if augment is None else f"{split.name} view"
-    bar = tqdm(total=len(split), desc=f"extract {what} ({runner.name})", unit="img", disable=not progress, leave=False)
-    for x, _y, idx, ok in loader:
-        try:
-            y = runner(x)
-        except RuntimeFellBack:
-            bar.close()
-            close = getattr(loader, "close", None)
-            if close is not None:  # the decoding threads stop before the pass is redone
-                close()
-            return extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner, augment)
-        if out is None:
-            out = torch.empty((len(split),) + tuple(y.shape[1:]), dtype=torch.float32)
-        out[idx] = y
-        bad += idx[~ok].tolist()
-        bar.update(len(idx))
-    bar.close()
-    assert out is not None, "empty split"
-    return out, sorted(bad)
-
-
 def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
+def default_ram_bytes() -> float:
+    """A quarter of this machine's physical memory: the largest split of cached inputs loaded whole."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    except (ValueError, OSError, AttributeError):
+        return 4e9
+
+
 class FeatureCache:
-    """On-disk cache of a backbone prefix's outputs, one safetensors file per (split, key).
+    """On-disk cache of a backbone prefix's outputs: one folder of shards per (split, key) (``features.shards``).
 
     The key covers everything that changes the numbers: backbone name and weights digest, where the
     chain is cut, the decoder and preprocessing, the image list with sizes, content digests and
-    labels, the runtime that ran the prefix (name, version, precision) and the device type. A file
-    whose checksum does not match is reported, deleted and recomputed. The images' digests are
-    remembered in ``directory/digests/`` while a file is untouched (``transferlab.digests``).
-    ``directory=None`` keeps nothing on disk (digests are remembered in this process only).
+    labels, the runtime that ran the prefix (name, version, precision) and the device type. An entry
+    whose checksums do not match is reported, deleted and recomputed. A split of at most `ram_bytes`
+    (default: a quarter of RAM) is loaded into memory; a larger one stays in its memory-mapped shards
+    (:class:`ShardedRows`), streamed minibatch by minibatch. Shards hold about `shard_bytes` each.
+    The images' digests are remembered in ``directory/digests/`` while a file is untouched
+    (``transferlab.digests``). ``directory=None`` keeps nothing on disk (digests: in this process only).
     """
 
-    def __init__(self, directory: str | os.PathLike | None):
+    def __init__(self, directory: str | os.PathLike | None, ram_bytes: float | None = None, shard_bytes: float = 64e6):
         self.directory = Path(directory) if directory is not None else None
+        self.ram_bytes = default_ram_bytes() if ram_bytes is None else ram_bytes
+        self.shard_bytes = shard_bytes
 
     @property
     def digest_memo_dir(self) -> Path | None:
@@ -156,42 +110,50 @@ class FeatureCache:
         )
 
     def path(self, split: Split, key: str) -> Path:
+        """The entry's folder (its shards and manifest)."""
         assert self.directory is not None
-        return self.directory / f"{split.name}-{key}.safetensors"
+        return self.directory / f"{split.name}-{key}"
 
     def load(self, split: Split, key: str) -> SplitInputs | None:
+        """The entry for (`split`, `key`), or None when there is none (or it was corrupt, and is now removed)."""
         if self.directory is None:
             return None
-        path = self.path(split, key)
-        if not path.exists():
-            return None
-        from safetensors import safe_open
-
+        folder = self.path(split, key)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                inputs, labels = f.get_tensor("inputs"), f.get_tensor("labels")
-            if meta.get("inputs_sha256") != _tensor_digest(inputs) or meta.get("labels_sha256") != _tensor_digest(labels):
-                raise ValueError("checksum mismatch")
-            bad = json.loads(meta["bad_files"])
-        except Exception as e:  # truncated, garbled or foreign file: never use it
-            log.warning("feature cache %s is corrupt (%s); recomputing", path, str(e)[:80])
-            path.unlink(missing_ok=True)
+            manifest = shards.read_manifest(folder)
+            if manifest is None:
+                return None
+            shards.verify(folder, manifest)
+            labels = shards.read_labels(folder, manifest)
+            if _tensor_digest(labels) != manifest["labels_sha256"] or len(labels) != len(split):
+                raise ValueError("labels do not match")
+            rows = shards.ShardedRows.open(folder, manifest)
+        except Exception as e:  # truncated, garbled or foreign files: never use them
+            log.warning("feature cache %s is corrupt (%s); recomputing", folder, str(e)[:80])
+            shards.remove_entry(folder)
             return None
-        return SplitInputs(inputs, labels, bad)
+        bad = sorted(i for entry in manifest["shards"] for i in entry["bad"])
+        inputs = rows.load() if shards.entry_bytes(manifest) <= self.ram_bytes else rows
+        return SplitInputs(inputs, labels, [split.files[i] for i in bad])
 
-    def save(self, split: Split, key: str, item: SplitInputs) -> None:
+    def save(self, split: Split, key: str, item: SplitInputs, batch_size: int = 64) -> None:
+        """Store `item` (all of `split`, in memory) as the entry for (`split`, `key`)."""
         if self.directory is None:
             return
-        from safetensors.torch import save
+        folder = self.path(split, key)
+        folder.mkdir(parents=True, exist_ok=True)
+        inputs = rows_of(item.inputs)
+        inputs = inputs.load() if isinstance(inputs, shards.ShardedRows) else inputs
+        bad = {split.files.index(f) for f in item.bad_files}
+        entries = []
+        for i, (start, stop) in enumerate(self.bounds(len(split), tuple(inputs.shape[1:]), batch_size)):
+            entries.append(shards.write_shard(folder, i, inputs[start:stop], item.labels[start:stop], start,
+                                              sorted(j for j in bad if start <= j < stop)))
+        shards.write_manifest(folder, entries, tuple(inputs.shape[1:]), _tensor_digest(item.labels))
 
-        meta = {
-            "inputs_sha256": _tensor_digest(item.inputs),
-            "labels_sha256": _tensor_digest(item.labels),
-            "bad_files": json.dumps(item.bad_files),
-        }
-        data = save({"inputs": item.inputs.contiguous(), "labels": item.labels.contiguous()}, metadata=meta)
-        atomic_write_bytes(self.path(split, key), data)
+    def bounds(self, n_rows: int, row_shape: tuple[int, ...], batch_size: int) -> list[tuple[int, int]]:
+        """The entry's shards, [start, stop) each."""
+        return shards.shard_bounds(n_rows, 4 * math.prod(row_shape), self.shard_bytes, batch_size)
 
 
 def find_bad_images(split: Split, pre: Preprocessing, num_workers: int | None = None, progress: bool = True) -> list[str]:
@@ -220,6 +182,7 @@ def cached_split_inputs(
     runtime: str = "torch",
     prepare_runner: Callable[[], PrefixRunner] | None = None,
     augment: tuple[int, float] | None = None,
+    extractor: Extractor | None = None,
 ) -> tuple[SplitInputs, list[str], bool]:
     """The prefix's outputs for `split`, from the cache or computed once (by `runtime`) and stored.
 
@@ -227,6 +190,8 @@ def cached_split_inputs(
     share an exported session); a cache hit prepares nothing. Returns (inputs, skipped files,
     whether it was a cache hit); ``inputs.runtime`` says what computed them. With `augment` =
     (seed, min_scale) the images are one seeded augmented view each (cached under their own key).
+    `extractor` computes a missing entry's shards (default: here, :func:`extract_job`; a cluster's:
+    ``features.cluster``).
     """
     pre = backbone.spec.preprocessing
     runner = planned_runner(runtime, placement)
@@ -243,21 +208,35 @@ def cached_split_inputs(
         key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)  # eager PyTorch if the runtime fell back
         item = cache.load(split, key)
         hit = item is not None
-    if item is None:
-        inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner, augment)
-        key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)  # it may have fallen back midway
-        labels = torch.tensor(split.labels, dtype=torch.int64)
-        item = SplitInputs(inputs, labels, [split.files[i] for i in bad_index])
-        cache.save(split, key, item)
+    while item is None:
+        if cache.directory is None:
+            inputs, bad_index = extract(prefix, split, pre, placement, batch_size, num_workers, progress, runner, augment)
+            key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)  # it may have fallen back midway
+            item = SplitInputs(inputs, torch.tensor(split.labels, dtype=torch.int64), [split.files[i] for i in bad_index])
+            break
+        row_shape = output_shape(prefix, pre, placement)
+        bounds = cache.bounds(len(split), row_shape, batch_size)
+        job = ExtractionJob(prefix, split, pre, placement, runner, cache.path(split, key), bounds, row_shape, batch_size,
+                            num_workers, progress, augment)
+        if (extractor or extract_job)(job):
+            item = cache.load(split, key)
+            if item is None:
+                raise UserError(f"the feature cache {cache.path(split, key)} was written but cannot be read back here: "
+                                "--cache-dir must be on storage every node sees")
+        else:  # the runtime fell back midway: start over under the fallback's key
+            key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)
+            item = cache.load(split, key)
     item.runtime = runner.describe()
     keep = bad_image_policy(split, item.bad_files, on_bad_image)
     if len(keep) < len(split):
-        item = SplitInputs(item.inputs[keep], item.labels[keep], item.bad_files, item.runtime)
+        rows = rows_of(item.inputs)
+        rows = rows.select(keep) if isinstance(rows, shards.ShardedRows) else rows[keep]
+        item = SplitInputs(rows, item.labels[keep], item.bad_files, item.runtime)
     return item, list(item.bad_files), hit
 
 
 @torch.no_grad()
-def run_frozen(blocks: nn.Module, inputs: torch.Tensor, placement: Placement, batch_size: int = 256) -> torch.Tensor:
+def run_frozen(blocks: nn.Module, inputs: torch.Tensor | shards.ShardedRows, placement: Placement, batch_size: int = 256) -> torch.Tensor:
     """Run frozen `blocks` (eval mode) over cached activations: deeper cached inputs from shallower ones."""
     blocks.eval()
     outs = [blocks(placement.put(inputs[i : i + batch_size])).float().cpu() for i in range(0, len(inputs), batch_size)]
@@ -267,6 +246,4 @@ def run_frozen(blocks: nn.Module, inputs: torch.Tensor, placement: Placement, ba
 @torch.no_grad()
 def estimate_cache_bytes(prefix: nn.Module, pre: Preprocessing, n_images: int, placement: Placement) -> int:
     """Bytes needed to hold `prefix`'s float32 output for `n_images` images (one dummy forward on `placement`)."""
-    prefix.eval()
-    y = prefix(placement.put(torch.zeros(1, 3, pre.input_size, pre.input_size)))
-    return y.numel() * 4 * n_images
+    return math.prod(output_shape(prefix, pre, placement)) * 4 * n_images

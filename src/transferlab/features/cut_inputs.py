@@ -19,11 +19,13 @@ import torch
 from transferlab.core.devices import Placement, keep_freed_memory
 from transferlab.data import ImageSplits, Split
 from transferlab.data.splits import bad_image_policy
-from transferlab.features.cache import Chain, FeatureCache, estimate_cache_bytes, find_bad_images
+from transferlab.features.cache import Chain, estimate_cache_bytes, find_bad_images
 from transferlab.features.cut_plan import AT_INPUT, cache_refusal, n_images, parse_feature_augment, refuse_feature_augment, shared_base
 from transferlab.features.cut_setup import Setup, ViewsKey, split_inputs_at
 from transferlab.features.engine import EngineConfig
-from transferlab.features.sources import BatchSource, ImageSource, SplitInputs, TensorSource, view_seed
+from transferlab.features.extraction import Extractor
+from transferlab.features.shards import ShardedRows, StackedRows
+from transferlab.features.sources import BatchSource, ImageSource, SplitInputs, TensorSource, rows_of, view_seed
 from transferlab.models import Backbone
 from transferlab.models.freezing import Cut, plan_cut
 from transferlab.models.heads import new_head
@@ -45,12 +47,14 @@ class CutInputs:
     """The inputs of every cut of one (backbone, splits), sharing one frozen forward pass per image."""
 
     def __init__(self, backbone: Backbone, splits: ImageSplits, engine: EngineConfig, cache_dir: str | Path | None,
-                 on_bad_image: str = "error", share_cut_layers: int | None = None, layer_order: str = "forward"):
+                 on_bad_image: str = "error", share_cut_layers: int | None = None, layer_order: str = "forward",
+                 extractor: Extractor | None = None):
         self.backbone, self.splits, self.engine = backbone, splits, engine
+        self.extractor = extractor  # computes missing cache entries (None: here; features.cluster: on a Ray cluster)
         self.layer_order = layer_order  # which layers "the last k" are (freezing.ordered_layers)
         self.placement = Placement.of(engine.device, engine.dtype)
         keep_freed_memory()  # training and extraction allocate the same large tensors step after step
-        self.cache, self.on_bad_image = FeatureCache(cache_dir), on_bad_image
+        self.cache, self.on_bad_image = engine.feature_cache(cache_dir), on_bad_image
         # With LP-then-FT, cache only at the fine-tuning cut and derive shallower cuts' inputs from it,
         # so each image still goes through the backbone once.
         self.share_cut_layers = share_cut_layers
@@ -107,7 +111,8 @@ class CutInputs:
         return source
 
     def _cached_item(self, split: Split, setup: Setup, augment: tuple[int, float] | None = None) -> SplitInputs:
-        item, skipped = split_inputs_at(self.backbone, setup, split, self.cache, self.placement, self.engine, self.on_bad_image, augment)
+        item, skipped = split_inputs_at(self.backbone, setup, split, self.cache, self.placement, self.engine, self.on_bad_image, augment,
+                                        self.extractor)
         if skipped:
             self._record_skipped(split.name, skipped)
         return item
@@ -134,7 +139,9 @@ class CutInputs:
             start = time.perf_counter()
             items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale)) for v in range(n_views)]
             self._time("inputs_views_s", start)
-            setup.views[key] = SplitInputs(torch.stack([it.inputs for it in items]), items[0].labels, items[0].bad_files, items[0].runtime)
+            streamed = [it.inputs for it in items if isinstance(it.inputs, ShardedRows)]
+            views = StackedRows(streamed) if len(streamed) == len(items) else torch.stack([_in_memory(it.inputs) for it in items])
+            setup.views[key] = SplitInputs(views, items[0].labels, items[0].bad_files, items[0].runtime)
         return setup.views[key]
 
     def cache_origin(self, n_trainable_layers: int) -> str | None:
@@ -193,5 +200,10 @@ class CutInputs:
 
 
 def _on_cpu(source: TensorSource) -> SplitInputs:
-    """A cached source's inputs as float32 on CPU, to ship."""
+    """A cached source's inputs as float32 on CPU, to ship (streamed shards ship as their paths)."""
     return SplitInputs(source.inputs.float().cpu(), source.labels.cpu(), [])
+
+
+def _in_memory(inputs: torch.Tensor | ShardedRows | StackedRows) -> torch.Tensor:
+    rows = rows_of(inputs)
+    return rows.load() if isinstance(rows, ShardedRows) else rows

@@ -11,8 +11,9 @@ from transferlab.core.errors import UserError
 from transferlab.data import Split
 from transferlab.features.cache import Chain, FeatureCache, cached_split_inputs, run_frozen
 from transferlab.features.engine import EngineConfig
+from transferlab.features.extraction import Extractor
 from transferlab.features.runtimes import PrefixRunner, onnx_export_key, prepare_prefix_runner
-from transferlab.features.sources import BatchSource, SplitInputs
+from transferlab.features.sources import BatchSource, SplitInputs, rows_of
 from transferlab.models import Backbone
 from transferlab.models.freezing import Cut
 
@@ -40,7 +41,8 @@ class Setup:
 
 
 def split_inputs_at(backbone: Backbone, setup: Setup, split: Split, cache: FeatureCache, placement: Placement,
-                    engine: EngineConfig, on_bad_image: str, augment: tuple[int, float] | None = None) -> tuple[SplitInputs, list[str]]:
+                    engine: EngineConfig, on_bad_image: str, augment: tuple[int, float] | None = None,
+                    extractor: Extractor | None = None) -> tuple[SplitInputs, list[str]]:
     """The inputs at `setup`'s cut for `split` (one augmented view each with `augment` = (seed, min_scale)) and the
     files that could not be decoded, from the cache or computed once by the frozen prefix (at the setup's
     shared base, then run up to the cut). The first split fixes the setup's runtime: a later one that fell
@@ -61,7 +63,7 @@ def split_inputs_at(backbone: Backbone, setup: Setup, split: Split, cache: Featu
         item, skipped, _hit = cached_split_inputs(
             backbone, prefix, cut_name, split, cache, placement, on_bad_image,
             num_workers=engine.num_workers, progress=engine.progress, runtime=runtime,
-            prepare_runner=prepare_runner, augment=augment,
+            prepare_runner=prepare_runner, augment=augment, extractor=extractor,
         )
         return item, skipped
 
@@ -77,7 +79,7 @@ def split_inputs_at(backbone: Backbone, setup: Setup, split: Split, cache: Featu
                             f"splits were ({(item.runtime or {}).get('notice')}); pass --runtime torch, or remove {cache.directory}")
     setup.runtime = setup.runtime or item.runtime
     if base is not None:
-        item = SplitInputs(run_frozen(Chain(chain[base : setup.cut.index]), item.inputs, placement), item.labels, item.bad_files)
+        item = SplitInputs(run_frozen(Chain(chain[base : setup.cut.index]), rows_of(item.inputs), placement), item.labels, item.bad_files)
     return item, skipped
 
 

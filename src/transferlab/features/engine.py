@@ -4,11 +4,16 @@ and the sizes a cache budget is checked in."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from transferlab.core.errors import ConfigError
 from transferlab.core.fields import option
 from transferlab.features.runtimes import RUNTIMES
+
+if TYPE_CHECKING:
+    from transferlab.features.cache import FeatureCache
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,11 @@ class EngineConfig:
     dtype: str = option("float32", "numeric type of the model: float32, or float64 for reference checks", choices=("float32", "float64"))
     use_cache: bool = option(True, "run the frozen backbone on every image every epoch", flag="--no-cache", invert=True)
     cache_dir: str | None = option(None, "feature cache folder (default: OUT/cache)")
-    cache_max_gb: float = option(4.0, "largest activation cache to keep in memory")
+    cache_max_gb: float = option(4.0, "largest activation cache to make (the input of a fine-tuning cut)")
+    cache_ram_gb: float | None = option(None, "largest split of cached inputs to load into memory; a larger one stays "
+                                        "in memory-mapped shards on disk, streamed batch by batch (default: a quarter of RAM)")
+    cache_shard_mb: float = option(64.0, "size of one cache shard file: the unit of streaming, resuming and "
+                                   "distributed extraction")
     num_workers: int | None = option(None, "image decoding worker processes, 0: in this process (default: min(4, cores); "
                                      "passes over images on CPU decode in one thread beside the model)", flag="--workers")
     progress: bool = option(True, "no progress bars", flag="--no-progress", invert=True)
@@ -37,6 +46,19 @@ class EngineConfig:
         if isinstance(self.cache_max_gb, bool) or not isinstance(self.cache_max_gb, (int, float)) \
                 or not math.isfinite(self.cache_max_gb) or self.cache_max_gb < 0:
             raise ConfigError("cache_max_gb", self.cache_max_gb, "must be a finite number of GB, 0 or more")
+        if self.cache_ram_gb is not None and (isinstance(self.cache_ram_gb, bool) or not isinstance(self.cache_ram_gb, (int, float))
+                                              or not math.isfinite(self.cache_ram_gb) or self.cache_ram_gb < 0):
+            raise ConfigError("cache_ram_gb", self.cache_ram_gb, "must be a finite number of GB, 0 or more")
+        if isinstance(self.cache_shard_mb, bool) or not isinstance(self.cache_shard_mb, (int, float)) \
+                or not math.isfinite(self.cache_shard_mb) or self.cache_shard_mb <= 0:
+            raise ConfigError("cache_shard_mb", self.cache_shard_mb, "must be a positive number of MB")
+
+    def feature_cache(self, directory: str | os.PathLike | None) -> FeatureCache:
+        """The feature cache in `directory` (None: in memory only) with this engine's memory and shard sizes."""
+        from transferlab.features.cache import FeatureCache
+
+        ram = None if self.cache_ram_gb is None else self.cache_ram_gb * 1e9
+        return FeatureCache(directory, ram_bytes=ram, shard_bytes=self.cache_shard_mb * 1e6)
 
 
 def size_text(n_bytes: float) -> str:

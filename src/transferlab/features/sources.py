@@ -12,6 +12,7 @@ from transferlab.core.devices import Placement
 from transferlab.core.errors import UserError
 from transferlab.data import DEFAULT_MIN_SCALE, Preprocessing, Split, default_num_workers, image_loader
 from transferlab.data.loader import threaded_batches
+from transferlab.features.shards import ShardedRows, StackedRows
 
 
 def draw_seed(what: str, seed: int, n_pass: int) -> int:
@@ -43,28 +44,43 @@ class BatchSource(Protocol):
 class SplitInputs:
     """What the trainable suffix sees for one split: inputs, labels, and files that failed to decode."""
 
-    inputs: torch.Tensor  # (N, ...) float32, on CPU
+    inputs: torch.Tensor | ShardedRows | StackedRows  # (N, ...) float32 on CPU, or rows kept in memory-mapped cache shards
     labels: torch.Tensor  # (N,) int64
     bad_files: list[str]
     runtime: dict | None = None  # what computed `inputs` (PrefixRunner.describe()), when a frozen prefix did
 
 
+def gather(inputs: torch.Tensor | ShardedRows, idx: torch.Tensor) -> torch.Tensor:
+    """The rows at `idx`: an index lookup in memory, or a copy out of memory-mapped shards."""
+    return inputs.rows(idx) if isinstance(inputs, ShardedRows) else inputs[idx.to(inputs.device)]
+
+
+def rows_of(inputs: torch.Tensor | ShardedRows | StackedRows) -> torch.Tensor | ShardedRows:
+    """`inputs` of one split's rows (N, ...), not a stack of views."""
+    if isinstance(inputs, StackedRows):
+        raise ValueError("expected one split's rows (N, ...), got a stack of views")
+    return inputs
+
+
 class TensorSource:
-    """Training inputs held as one tensor on the model's placement; minibatches are index lookups."""
+    """Cached training inputs, held as one tensor on the model's placement or streamed from memory-mapped
+    cache shards (the same rows in the same order either way); minibatches are index lookups."""
 
     def __init__(self, item: SplitInputs, placement: Placement):
         self.placement = placement
-        self.inputs = placement.store(item.inputs)  # its layout: a channels_last copy of a whole cache would double it
+        # A whole cache keeps its layout (a channels_last copy would double it); shards stay on disk.
+        rows = rows_of(item.inputs)
+        self.inputs = rows if isinstance(rows, ShardedRows) else placement.store(rows)
         self.labels = placement.put(item.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = order.to(self.inputs.device)
+        order = order.to(self.labels.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield self.placement.put(self.inputs[idx]), self.labels[idx]
+            yield self.placement.put(gather(self.inputs, idx)), self.labels[idx]
 
 
 class ImageSource:
@@ -114,12 +130,15 @@ class ViewSource:
     """K cached augmented views of every training image; each pass shows one view per image.
 
     The view of each image is drawn anew every pass from a generator seeded by (seed, pass number):
-    reproducible, and as cheap per epoch as a plain cached pass.
+    reproducible, and as cheap per epoch as a plain cached pass. `views` is (K, N, ...) in memory, or
+    :class:`StackedRows` (one set of memory-mapped shards per view).
     """
 
-    def __init__(self, views: torch.Tensor, labels: torch.Tensor, placement: Placement, seed: int):
+    def __init__(self, views: torch.Tensor | ShardedRows | StackedRows, labels: torch.Tensor, placement: Placement, seed: int):
+        if isinstance(views, ShardedRows):
+            raise ValueError("views are (K, N, ...): a stack of ShardedRows, not one")
         self.placement = placement
-        self.views = placement.store(views)  # (K, N, ...)
+        self.views = views if isinstance(views, StackedRows) else placement.store(views)
         self.labels = placement.put(labels)
         self.seed, self.passes = seed, 0
 
@@ -129,11 +148,20 @@ class ViewSource:
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(draw_seed("pick", self.seed, self.passes))
         self.passes += 1
-        which = torch.randint(len(self.views), (len(self),), generator=gen).to(self.views.device)
-        order = order.to(self.views.device)
+        which = torch.randint(len(self.views), (len(self),), generator=gen).to(self.labels.device)
+        order = order.to(self.labels.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield self.placement.put(self.views[which[idx], idx]), self.labels[idx]
+            yield self.placement.put(self._pick(which[idx], idx)), self.labels[idx]
+
+    def _pick(self, view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.views, StackedRows):
+            return self.views[view, idx]
+        out = torch.empty((len(idx), *self.views.views[0].row_shape))
+        for v in view.unique().tolist():
+            mask = view == v
+            out[mask] = self.views.views[v].rows(idx[mask])
+        return out
 
 
 def crop_and_flip_maps(maps: torch.Tensor, gen: torch.Generator, min_scale: float) -> torch.Tensor:
@@ -162,7 +190,7 @@ class MapAugmentSource:
     augmentation: free, and valid only where the cache holds maps, before global pooling)."""
 
     def __init__(self, item: SplitInputs, placement: Placement, seed: int, min_scale: float = DEFAULT_MIN_SCALE):
-        if item.inputs.dim() != 4:
+        if rows_of(item.inputs).dim() != 4:
             raise ValueError(f"map augmentation needs cached (N, C, H, W) maps, not shape {tuple(item.inputs.shape)}")
         self.plain = TensorSource(item, placement)
         self.seed, self.min_scale, self.passes = seed, min_scale, 0

@@ -19,6 +19,7 @@ from transferlab.data import ImageSplits
 from transferlab.features.cut_inputs import CutInputs, CutSnapshot
 from transferlab.features.cut_setup import ViewsKey
 from transferlab.features.engine import EngineConfig
+from transferlab.features.shards import ShardedRows, StackedRows
 from transferlab.features.sources import SplitInputs, TensorSource
 from transferlab.models import Backbone
 from transferlab.models.heads import new_head
@@ -52,6 +53,8 @@ def fetch(obj):
 def _digest(item: SplitInputs) -> bytes:
     import hashlib
 
+    if isinstance(item.inputs, (ShardedRows, StackedRows)):  # read-only maps of files: batches are copies
+        return hashlib.sha256(repr(item.inputs).encode()).digest()
     return hashlib.sha256(item.inputs.contiguous().numpy().tobytes()).digest()
 
 
