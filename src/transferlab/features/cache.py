@@ -216,8 +216,9 @@ def cached_split_inputs(
             break
         row_shape = output_shape(prefix, pre, placement)
         bounds = cache.bounds(len(split), row_shape, batch_size)
+        export_key = onnx_export_key(backbone.spec.name, backbone.weights_digest, cut_name, (1, 3, pre.input_size, pre.input_size))
         job = ExtractionJob(prefix, split, pre, placement, runner, cache.path(split, key), bounds, row_shape, batch_size,
-                            num_workers, progress, augment)
+                            num_workers, progress, augment, cache.directory, export_key)
         if (extractor or extract_job)(job):
             item = cache.load(split, key)
             if item is None:

@@ -24,8 +24,7 @@ from transferlab.features.cut_plan import AT_INPUT, cache_refusal, n_images, par
 from transferlab.features.cut_setup import Setup, ViewsKey, split_inputs_at
 from transferlab.features.engine import EngineConfig
 from transferlab.features.extraction import Extractor
-from transferlab.features.shards import ShardedRows, StackedRows
-from transferlab.features.sources import BatchSource, ImageSource, SplitInputs, TensorSource, rows_of, view_seed
+from transferlab.features.sources import BatchSource, ImageSource, SplitInputs, TensorSource, stack_views, view_seed
 from transferlab.models import Backbone
 from transferlab.models.freezing import Cut, plan_cut
 from transferlab.models.heads import new_head
@@ -47,10 +46,9 @@ class CutInputs:
     """The inputs of every cut of one (backbone, splits), sharing one frozen forward pass per image."""
 
     def __init__(self, backbone: Backbone, splits: ImageSplits, engine: EngineConfig, cache_dir: str | Path | None,
-                 on_bad_image: str = "error", share_cut_layers: int | None = None, layer_order: str = "forward",
-                 extractor: Extractor | None = None):
-        self.backbone, self.splits, self.engine = backbone, splits, engine
-        self.extractor = extractor  # computes missing cache entries (None: here; features.cluster: on a Ray cluster)
+                 on_bad_image: str = "error", share_cut_layers: int | None = None, layer_order: str = "forward", extractor: Extractor | None = None):
+        # `extractor` computes missing cache entries (None: here; features.cluster: on a Ray cluster)
+        self.backbone, self.splits, self.engine, self.extractor = backbone, splits, engine, extractor
         self.layer_order = layer_order  # which layers "the last k" are (freezing.ordered_layers)
         self.placement = Placement.of(engine.device, engine.dtype)
         keep_freed_memory()  # training and extraction allocate the same large tensors step after step
@@ -120,8 +118,7 @@ class CutInputs:
     def _record_skipped(self, split_name: str, files: list[str]) -> None:
         """Add undecodable `files` to the split's skipped files (after its missing ones; each file once)."""
         known = self.skipped_files.setdefault(split_name, [])
-        seen = set(known)
-        known += [f for f in files if f not in seen]
+        known += [f for f in dict.fromkeys(files) if f not in set(known)]
 
     def _time(self, key: str, start: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
@@ -139,9 +136,7 @@ class CutInputs:
             start = time.perf_counter()
             items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale)) for v in range(n_views)]
             self._time("inputs_views_s", start)
-            streamed = [it.inputs for it in items if isinstance(it.inputs, ShardedRows)]
-            views = StackedRows(streamed) if len(streamed) == len(items) else torch.stack([_in_memory(it.inputs) for it in items])
-            setup.views[key] = SplitInputs(views, items[0].labels, items[0].bad_files, items[0].runtime)
+            setup.views[key] = stack_views(items)
         return setup.views[key]
 
     def cache_origin(self, n_trainable_layers: int) -> str | None:
@@ -203,7 +198,3 @@ def _on_cpu(source: TensorSource) -> SplitInputs:
     """A cached source's inputs as float32 on CPU, to ship (streamed shards ship as their paths)."""
     return SplitInputs(source.inputs.float().cpu(), source.labels.cpu(), [])
 
-
-def _in_memory(inputs: torch.Tensor | ShardedRows | StackedRows) -> torch.Tensor:
-    rows = rows_of(inputs)
-    return rows.load() if isinstance(rows, ShardedRows) else rows

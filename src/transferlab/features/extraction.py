@@ -99,6 +99,8 @@ class ExtractionJob:
     num_workers: int | None = None
     progress: bool = True
     augment: tuple[int, float] | None = None
+    export_dir: Path | None = None  # where ONNX-based runtimes keep the prefix's export (the cache folder)
+    export_key: str = ""
 
 
 Extractor = Callable[[ExtractionJob], bool]  # computes a job's shards and manifest; False: its runner fell back

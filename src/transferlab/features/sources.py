@@ -62,6 +62,16 @@ def rows_of(inputs: torch.Tensor | ShardedRows | StackedRows) -> torch.Tensor | 
     return inputs
 
 
+def stack_views(items: list[SplitInputs]) -> SplitInputs:
+    """K views of a split, (K, N, ...): in memory, or a stack of memory-mapped shards when every view is streamed."""
+    streamed = [it.inputs for it in items if isinstance(it.inputs, ShardedRows)]
+    if len(streamed) == len(items):
+        views: torch.Tensor | StackedRows = StackedRows(streamed)
+    else:
+        views = torch.stack([r.load() if isinstance(r, ShardedRows) else r for r in (rows_of(it.inputs) for it in items)])
+    return SplitInputs(views, items[0].labels, items[0].bad_files, items[0].runtime)
+
+
 class TensorSource:
     """Cached training inputs, held as one tensor on the model's placement or streamed from memory-mapped
     cache shards (the same rows in the same order either way); minibatches are index lookups."""

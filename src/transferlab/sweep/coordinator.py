@@ -112,8 +112,8 @@ class Sweep:
             select=cfg.select, numerics=numerics,
             ood={n: {"where": (cfg.ood or {})[n], "digest": ood_digests[n], "n": len(s)} for n, s in ood.items()}))
         extra = {n: (s, ood_digests[n]) for n, s in ood.items()}
-        phases = {name: BackbonePhases(name, cfg, splits, self.ledger, self.out, self.cache_dir, data_digest, numerics, extra)
-                  for name in names}
+        phases = {name: BackbonePhases(name, cfg, splits, self.ledger, self.out, self.cache_dir, data_digest, numerics, extra,
+                                       executor.extractor) for name in names}
         plans = {name: p.plan() for name, p in phases.items()}
         self._announce(plans)
         progress = SweepProgress(sum(p.total for ps in plans.values() for p in ps), cfg.engine.progress)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 from transferlab.core.devices import resolve_device
 from transferlab.core.errors import ConfigError
+from transferlab.features.cluster import RayExtractor
+from transferlab.features.extraction import Extractor
 from transferlab.sweep.config import ExecutorConfig
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Executor(Protocol):
 
     threads: int  # intra-op threads every task uses, wherever it runs
     capacity: int | None  # tasks worth having in flight at once (None: as many as there are)
+    extractor: Extractor | None  # computes missing feature caches (None: in the coordinating process)
 
     def put(self, obj: Any) -> Any:
         """A reference to `obj` that tasks can take as an argument (shipped once, used by many tasks)."""
@@ -82,6 +85,7 @@ class InProcessExecutor:
     """Runs each task in this process, one at a time, when the sweep asks for its result."""
 
     capacity: int | None = 1
+    extractor: Extractor | None = None
 
     def __init__(self) -> None:
         self.threads = coordinator_threads()
@@ -157,6 +161,7 @@ class ProcessExecutor:
         # tasks that were running, not ones still waiting their turn.
         self.jobs = jobs
         self.capacity: int | None = jobs
+        self.extractor: Extractor | None = None
         self.pool = self._new_pool()
         self._manager = multiprocessing.get_context("spawn").Manager()
         self.events = self._manager.Queue()
@@ -224,7 +229,8 @@ def _run_task(task: Callable[..., Any], queue: Any, key: int) -> Any:
 class RayExecutor:
     """Runs tasks as Ray tasks, each with its CPU/GPU request; inputs travel through the object store."""
 
-    def __init__(self, out: Path, address: str | None, cpus_per_run: float = 1, gpus_per_run: float = 0, num_cpus: int | None = None):
+    def __init__(self, out: Path, address: str | None, cpus_per_run: float = 1, gpus_per_run: float = 0, num_cpus: int | None = None,
+                 gpu_extraction: bool = False):
         try:
             import ray
         except ImportError:
@@ -242,6 +248,8 @@ class RayExecutor:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError("ray_address", address, f"cannot connect ({str(e).splitlines()[0][:160]})") from None
+        # Extraction too runs on the cluster: one actor per GPU, or per `cpus_per_run` CPUs.
+        self.extractor: Extractor | None = RayExtractor(self.threads, cpus_per_run, 1 if gpu_extraction else 0)
         self._remote = ray.remote(_run_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         from ray.util.queue import Queue
 
@@ -285,5 +293,5 @@ def make_executor(cfg: ExecutorConfig, out: Path, device: str) -> Executor:
         gpus = cfg.gpus_per_run
         if gpus is None:  # several runs share one GPU; each task sees it only if it asks for a share
             gpus = 0.25 if resolve_device(device).type == "cuda" else 0.0
-        return RayExecutor(out, cfg.ray_address, cfg.cpus_per_run, gpus)
+        return RayExecutor(out, cfg.ray_address, cfg.cpus_per_run, gpus, gpu_extraction=resolve_device(device).type == "cuda")
     raise ConfigError("kind", cfg.kind, "expected local or ray")

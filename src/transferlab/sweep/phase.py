@@ -9,6 +9,7 @@ from pathlib import Path
 from transferlab.core.errors import ConfigError
 from transferlab.data import ImageSplits, Split
 from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.extraction import Extractor
 from transferlab.sweep.config import SweepConfig
 from transferlab.sweep.executors import Executor
 from transferlab.sweep.ledger import Ledger, Method
@@ -32,10 +33,10 @@ class BackbonePhases:
     fine-tuning from the pretrained backbone with a fresh head."""
 
     def __init__(self, name: str, cfg: SweepConfig, splits: ImageSplits, ledger: Ledger, out: Path, cache_dir: Path,
-                 data_digest: str, numerics: dict, ood: dict[str, tuple[Split, str]] | None = None):
+                 data_digest: str, numerics: dict, ood: dict[str, tuple[Split, str]] | None = None, extractor: Extractor | None = None):
         self.name, self.cfg, self.splits, self.ledger, self.out = name, cfg, splits, ledger, out
         self.cache_dir, self.data_digest, self.numerics = cache_dir, data_digest, numerics
-        self.ood = ood or {}  # extra test set name -> (its split, its images' digest)
+        self.ood, self.extractor = ood or {}, extractor  # {extra test set: (split, digest)}; where caches are made (None: here)
         self.record = read_backbone(ledger, name)  # what an earlier run stored: kept until replaced
 
     def _session(self) -> tuple[RunSession, dict[str, int]]:
@@ -45,7 +46,7 @@ class BackbonePhases:
         # Cache once, at the deepest fine-tuning cut; shallower cuts' inputs are derived from it.
         inputs = CutInputs(backbone, self.splits, self.cfg.engine, self.cache_dir, self.cfg.data.on_bad_image,
                            share_cut_layers=max(ft_ks.values()) if self.cfg.fine_tunes else None,
-                           layer_order=self.cfg.probe_base.layer_order)
+                           layer_order=self.cfg.probe_base.layer_order, extractor=self.extractor)
         return RunSession(inputs), ft_ks
 
     def plan(self) -> list[PhasePlan]:

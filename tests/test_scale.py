@@ -1,0 +1,223 @@
+"""Caches larger than memory: shards, memory-mapped streaming, resumed extraction; and extraction on Ray
+(a local instance and a 2-node loopback cluster), equal to a local extraction file for file."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import require, write_image_folder
+from transferlab.core.errors import UserError
+from transferlab.data import DataConfig
+from transferlab.features import shards
+from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.engine import EngineConfig
+from transferlab.features.shards import ShardedRows
+from transferlab.features.sources import TensorSource
+from transferlab.train.config import TrainConfig
+from transferlab.train.session import RunSession
+
+SHARD_MB = 1e-4  # one 64-image batch per shard: 150 training images make 3 shards
+
+
+@pytest.fixture
+def folder_150(tmp_path) -> Path:
+    counts = {"train": {c: 50 for c in "abc"}, "val": {c: 10 for c in "abc"}, "test": {c: 4 for c in "abc"}}
+    return write_image_folder(tmp_path / "data", counts, size=32)
+
+
+def inputs_of(backbone, data: Path, cache_dir: Path, extractor=None, **engine) -> CutInputs:
+    splits = DataConfig(str(data)).load()
+    cfg = EngineConfig(device="cpu", progress=False, runtime="torch", cache_shard_mb=SHARD_MB, **engine)
+    return CutInputs(copy.deepcopy(backbone), splits, cfg, cache_dir, extractor=extractor)
+
+
+def entry_files(cache_dir: Path) -> dict[str, str]:
+    """{entry/file: sha256} of every shard and manifest in a cache folder."""
+    return {str(p.relative_to(cache_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(cache_dir.glob("*-*/*")) if p.suffix in (".safetensors", ".json")}
+
+
+def test_streamed_cache_trains_the_same_probe_as_the_cache_in_memory(folder_150, resnet10_random, tmp_path):
+    cache = tmp_path / "cache"
+    held = inputs_of(resnet10_random, folder_150, cache)
+    train_held = held.setup(1).sources["train"]
+    assert isinstance(train_held, TensorSource) and isinstance(train_held.inputs, torch.Tensor)
+    manifest = shards.read_manifest(next(cache.glob("train-*")))
+    assert [(s["start"], s["stop"]) for s in manifest["shards"]] == [(0, 64), (64, 128), (128, 150)]
+
+    streamed = inputs_of(resnet10_random, folder_150, cache, cache_ram_gb=0.0)
+    train = streamed.setup(1).sources["train"]
+    assert isinstance(train, TensorSource) and isinstance(train.inputs, ShardedRows)
+    order = torch.randperm(150, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(train.inputs.rows(order), train_held.inputs[order])  # any order, across shards
+    cfg = TrainConfig(epochs=4, lr=1e-2, batch_size=32, patience=10)
+    a, b = RunSession(held).run(cfg, 1), RunSession(streamed).run(cfg, 1)
+    assert a.history == b.history and all(torch.equal(a.best_state[k], b.best_state[k]) for k in a.best_state)
+
+
+def test_an_interrupted_extraction_keeps_its_finished_shards(folder_150, resnet10_random, tmp_path):
+    cache = tmp_path / "cache"
+    inputs_of(resnet10_random, folder_150, cache).setup(1)
+    entry = next(cache.glob("train-*"))
+    before = entry_files(cache)
+    kept = {name: (entry / name).stat().st_mtime_ns for name in ("00000.safetensors", "00002.safetensors")}
+    (entry / "manifest.json").unlink()  # interrupted before the manifest...
+    (entry / "00001.safetensors").unlink()  # ...and the second shard
+    inputs_of(resnet10_random, folder_150, cache).setup(1)
+    assert {name: (entry / name).stat().st_mtime_ns for name in kept} == kept  # not computed again
+    assert entry_files(cache) == before  # the missing shard and the manifest: the same bytes as before
+
+
+def test_a_probe_streams_a_cache_larger_than_its_memory_limit(tmp_path):
+    """RLIMIT_DATA bounds the process's private memory; memory-mapped shard files do not count against it,
+    a cache loaded whole does. 315 MB of features against a limit of 160 MB above the process's size."""
+    rows, dim, per_shard = 9600, 8192, 960
+    entry = tmp_path / "train-entry"
+    entry.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (rows,), generator=gen)
+    entries = [shards.write_shard(entry, i, torch.randn(per_shard, dim, generator=gen), labels[s : s + per_shard], s, [])
+               for i, s in enumerate(range(0, rows, per_shard))]
+    shards.write_manifest(entry, entries, (dim,), hashlib.sha256(labels.numpy().tobytes()).hexdigest())
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from pathlib import Path
+        from torch import nn
+        from transferlab.core.devices import Placement
+        from transferlab.features import shards
+        from transferlab.features.sources import SplitInputs, TensorSource
+        from transferlab.train.config import TrainConfig
+        from transferlab.train.probes import fit_linear_probes
+
+        torch.set_num_threads(1)
+        entry = Path({str(entry)!r})
+        manifest = shards.read_manifest(entry)
+        rows = shards.ShardedRows.open(entry, manifest)
+        labels = shards.read_labels(entry, manifest)
+        placement = Placement.of("cpu")
+        train = TensorSource(SplitInputs(rows, labels, []), placement)
+        val = TensorSource(SplitInputs(rows.select(list(range(500))), labels[:500], []), placement)
+        data_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1])
+        limit = data_kb * 1024 + 160 * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        heads = [nn.Linear({dim}, 10) for _ in range(2)]
+        cfgs = [TrainConfig(epochs=1, lr=lr, batch_size=256, patience=5) for lr in (1e-3, 1e-2)]
+        results = fit_linear_probes(heads, train, val, cfgs)
+        print("trained", len(results[0].history))
+        try:
+            rows.load()
+            print("loaded whole")
+        except MemoryError:
+            print("whole: MemoryError")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["trained", "2", "whole:", "MemoryError"]
+
+
+# ---- Ray ----
+
+def _short_dir(prefix: str) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # Ray's sockets need a short path
+
+
+@pytest.mark.slow
+def test_ray_extraction_equals_local_and_each_reuses_the_other(folder_150, resnet10_random, tmp_path, monkeypatch):
+    ray = require("ray")
+    from transferlab.features import cache as cache_module
+    from transferlab.features.cluster import RayExtractor
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    local = tmp_path / "local"
+    held = inputs_of(resnet10_random, folder_150, local)
+    local_train = held.setup(1).sources["train"].inputs
+    ray.init(num_cpus=2, _temp_dir=str(_short_dir("tl-ray-")), _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    try:
+        on_ray = tmp_path / "ray"
+        extractor = RayExtractor(threads=torch.get_num_threads())
+        spread = inputs_of(resnet10_random, folder_150, on_ray, extractor=extractor)
+        assert torch.equal(spread.setup(1).sources["train"].inputs, local_train)
+        assert entry_files(on_ray) == entry_files(local)  # bit-identical shards, same keys, same manifests
+        assert extractor.nodes_used  # the shards came from actors
+        # The cluster reuses the local cache (nothing to extract)...
+        assert inputs_of(resnet10_random, folder_150, local, extractor=RayExtractor(threads=1)).setup(1).cached
+    finally:
+        ray.shutdown()
+    # ...and a local run reuses the cluster's: extracting anything would fail.
+    monkeypatch.setattr(cache_module, "extract_job", lambda job: pytest.fail(f"extracted {job.folder.name}"))
+    again = inputs_of(resnet10_random, folder_150, on_ray)
+    assert torch.equal(again.setup(1).sources["train"].inputs, local_train)
+
+
+def _ray_start(*args: str, prefix: tuple[str, ...] = ()) -> None:
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    run = subprocess.run([*prefix, ray_bin, "start", *args, "--disable-usage-stats"], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_two_node_loopback_cluster_extracts_like_local_and_names_an_unwritable_cache(folder_150, resnet10_random, tmp_path,
+                                                                                     monkeypatch):
+    """A head without CPUs and a worker node with its own temp dir, started without the right to bypass file
+    permissions (as a node whose user cannot write the cache folder): every shard is made on the worker."""
+    ray = require("ray")
+    from transferlab.features.cluster import RayExtractor
+
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to start a worker node without CAP_DAC_OVERRIDE")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    port = str(6400 + os.getpid() % 500)
+    _ray_start("--head", f"--port={port}", "--num-cpus=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+               f"--temp-dir={_short_dir('tl-head-')}")
+    try:
+        _ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={_short_dir('tl-w2-')}",
+                   prefix=("setpriv", "--bounding-set", "-dac_override,-dac_read_search"))
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, configure_logging=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        local = tmp_path / "local"
+        expected = inputs_of(resnet10_random, folder_150, local).setup(1).sources["train"].inputs
+        on_cluster = tmp_path / "cluster"
+        spread = inputs_of(resnet10_random, folder_150, on_cluster, extractor=RayExtractor(threads=torch.get_num_threads()))
+        assert torch.equal(spread.setup(1).sources["train"].inputs, expected)
+        assert entry_files(on_cluster) == entry_files(local)
+
+        # Folders this process makes are now read-only to their owner: root here still writes, the worker cannot.
+        unwritable = tmp_path / "unwritable"
+        old = os.umask(0o222)
+        try:
+            with pytest.raises(UserError) as raised:
+                inputs_of(resnet10_random, folder_150, unwritable, extractor=RayExtractor(threads=1)).setup(1)
+        finally:
+            os.umask(old)
+        message = str(raised.value)
+        assert "cannot write the cache folder" in message and str(unwritable) in message and len(message.splitlines()) == 1
+        assert not list(unwritable.glob("*/manifest.json"))
+    finally:
+        ray.shutdown()
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_corrupt_shard_is_recomputed(folder_150, resnet10_random, tmp_path):
+    cache = tmp_path / "cache"
+    first = inputs_of(resnet10_random, folder_150, cache).setup(1).sources["train"].inputs
+    shard = next(cache.glob("train-*")) / "00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    again = inputs_of(resnet10_random, folder_150, cache).setup(1).sources["train"].inputs
+    assert torch.equal(again, first)
+    assert shard.read_bytes() != bytes(data)  # rewritten
