@@ -33,8 +33,8 @@ from transferlab.core.devices import Placement, keep_freed_memory
 from transferlab.core.errors import UserError
 from transferlab.data import image_loader, load_splits
 from transferlab.features.cache import Chain
-from transferlab.features.extraction import extract
 from transferlab.features.cut_inputs import CutInputs
+from transferlab.features.extraction import extract
 from transferlab.features.runtimes import PrefixRunner, is_installed, onnx_export_key, prepare_prefix_runner, resolve_runtime
 from transferlab.models import load_backbone
 from transferlab.sweep.tasks import train_probes

@@ -3,7 +3,9 @@
 Runs (each from the command line, in fresh folders under --out):
   1. ``transferlab probe`` on CPU and on CUDA;
   2. ``transferlab sweep --lpft`` (a small grid) on CPU and on CUDA;
-  3. the same sweep on CUDA with ``--executor ray``;
+  3. the same sweep on CUDA with ``--executor ray``, whose feature extraction runs on one Ray actor per GPU
+     (its cache files are compared with those the in-process CUDA sweep wrote: same keys, features
+     within 1e-6);
   4. FT and LP-FT of every block (``--ft --lpft --ft-blocks all``, 2 epochs) on CPU and on CUDA, where
      training runs under bf16 autocast;
 and prints one JSON line: per comparison the largest |val_xent difference| (target <= 2e-3 for probes;
@@ -91,6 +93,21 @@ def _within_margin_on_cpu(cpu_dir: Path, key: tuple, c: dict, g: dict, tol: floa
     return False
 
 
+def compare_caches(local: Path, on_ray: Path) -> dict:
+    """The cache entries two sweeps wrote: whether they have the same keys, and the largest feature difference."""
+    from safetensors.torch import load_file
+
+    names = {p.parent.name for p in local.glob("*-*/manifest.json")}
+    ray_names = {p.parent.name for p in on_ray.glob("*-*/manifest.json")}
+    diff = 0.0
+    for name in sorted(names & ray_names):
+        for shard in sorted((local / name).glob("*.safetensors")):
+            a, b = load_file(str(shard))["inputs"], load_file(str(on_ray / name / shard.name))["inputs"]
+            diff = max(diff, float((a - b).abs().max()))
+    return {"entries": len(ray_names), "same_keys": bool(names) and names == ray_names, "max_abs_diff": diff,
+            "ok": bool(names) and names == ray_names and diff <= 1e-6}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
@@ -124,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "test_acc_cpu": probe["cpu"]["test_acc"], "test_acc_gpu": probe["cuda"]["test_acc"]},
         "sweep_cuda": compare_sweeps(out / "sweep_cpu", out / "sweep_cuda"),
         "sweep_cuda_ray": compare_sweeps(out / "sweep_cpu", out / "sweep_cuda_ray"),
+        "gpu_actor_extraction": compare_caches(out / "sweep_cuda" / "cache", out / "sweep_cuda_ray" / "cache"),
         "whole_network": compare_sweeps(out / "whole_network_cpu", out / "whole_network_cuda"),
         "train_img_s": {m: {d: training_img_s(out / f"whole_network_{d}", m) for d in ("cpu", "cuda")} for m in ("FT", "LP-FT")},
         "extract_img_s": {"cpu": round(img_s["cpu"], 1), "cuda": round(img_s["cuda"], 1), "ratio": round(img_s["cuda"] / img_s["cpu"], 2)},
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     rows = [v for s in ("sweep_cuda", "sweep_cuda_ray", "whole_network") for v in result[s].values()]
     within = [result["probe"]["abs_diff"] <= TOL] + [v.get("abs_diff", float("inf")) <= v.get("tol", TOL) for v in rows]
-    result["ok"] = all(within) and all(v.get("choice_ok", False) for v in rows)
+    result["ok"] = all(within) and all(v.get("choice_ok", False) for v in rows) and result["gpu_actor_extraction"]["ok"]
     print(json.dumps(result))
     return result
 

@@ -65,6 +65,21 @@ def test_streamed_cache_trains_the_same_probe_as_the_cache_in_memory(folder_150,
     assert a.history == b.history and all(torch.equal(a.best_state[k], b.best_state[k]) for k in a.best_state)
 
 
+def test_a_probe_streaming_its_cache_writes_the_run_the_cache_in_memory_writes(folder_150, tmp_path):
+    import json
+
+    from transferlab.cli.main import main
+
+    common = ["probe", "--data", str(folder_150), "--backbone", "efficientnet_lite0", "--epochs", "5", "--batch-size", "8",
+              "--device", "cpu", "--workers", "0", "--no-progress", "--runtime", "torch"]
+    runs = {}
+    for name, extra in (("held", []), ("streamed", ["--cache-ram-gb", "0", "--cache-shard-mb", "0.0001"])):
+        assert main([*common, "--out", str(tmp_path / name), *extra]) == 0  # each its own cache (OUT/cache)
+        runs[name] = json.loads((tmp_path / name / "run.json").read_text())
+    assert len(list((tmp_path / "streamed" / "cache").glob("train-*/*.safetensors"))) == 3  # 150 images, 3 shards
+    assert runs["streamed"]["history"] == runs["held"]["history"] and runs["streamed"]["test_acc"] == runs["held"]["test_acc"]
+
+
 def test_an_interrupted_extraction_keeps_its_finished_shards(folder_150, resnet10_random, tmp_path):
     cache = tmp_path / "cache"
     inputs_of(resnet10_random, folder_150, cache).setup(1)
@@ -152,8 +167,16 @@ def test_ray_extraction_equals_local_and_each_reuses_the_other(folder_150, resne
         assert torch.equal(spread.setup(1).sources["train"].inputs, local_train)
         assert entry_files(on_ray) == entry_files(local)  # bit-identical shards, same keys, same manifests
         assert extractor.nodes_used  # the shards came from actors
-        # The cluster reuses the local cache (nothing to extract)...
-        assert inputs_of(resnet10_random, folder_150, local, extractor=RayExtractor(threads=1)).setup(1).cached
+        # The cluster reuses a local cache: an entry whole (no extraction asked for)...
+        refuse = lambda job: pytest.fail(f"extracted {job.folder.name}")  # noqa: E731
+        assert torch.equal(inputs_of(resnet10_random, folder_150, local, extractor=refuse).setup(1).sources["train"].inputs, local_train)
+        # ...and the shards of one interrupted before its manifest (no actor started).
+        before = entry_files(local)
+        for manifest in local.glob("*/manifest.json"):
+            manifest.unlink()
+        resuming = RayExtractor(threads=1)
+        inputs_of(resnet10_random, folder_150, local, extractor=resuming).setup(1)
+        assert resuming.nodes_used == set() and entry_files(local) == before
     finally:
         ray.shutdown()
     # ...and a local run reuses the cluster's: extracting anything would fail.
@@ -191,9 +214,12 @@ def test_two_node_loopback_cluster_extracts_like_local_and_names_an_unwritable_c
         local = tmp_path / "local"
         expected = inputs_of(resnet10_random, folder_150, local).setup(1).sources["train"].inputs
         on_cluster = tmp_path / "cluster"
-        spread = inputs_of(resnet10_random, folder_150, on_cluster, extractor=RayExtractor(threads=torch.get_num_threads()))
+        extractor = RayExtractor(threads=torch.get_num_threads())
+        spread = inputs_of(resnet10_random, folder_150, on_cluster, extractor=extractor)
         assert torch.equal(spread.setup(1).sources["train"].inputs, expected)
         assert entry_files(on_cluster) == entry_files(local)
+        worker = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        assert extractor.nodes_used == {f"{os.uname().nodename} ({worker[:8]})"}  # every shard made on the worker node
 
         # Folders this process makes are now read-only to their owner: root here still writes, the worker cannot.
         unwritable = tmp_path / "unwritable"
@@ -221,3 +247,44 @@ def test_a_corrupt_shard_is_recomputed(folder_150, resnet10_random, tmp_path):
     again = inputs_of(resnet10_random, folder_150, cache).setup(1).sources["train"].inputs
     assert torch.equal(again, first)
     assert shard.read_bytes() != bytes(data)  # rewritten
+
+
+def test_streamed_views_and_skipped_images_give_the_rows_held_in_memory(folder_150, resnet10_random, tmp_path):
+    from transferlab.features.shards import StackedRows
+    from transferlab.features.sources import ViewSource
+
+    bad = folder_150 / "train" / "b" / "img_007.png"
+    bad.write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    engine = {"on_bad_image": "skip"}
+
+    def made(**extra) -> CutInputs:
+        splits = DataConfig(str(folder_150), on_bad_image="skip").load()
+        cfg = EngineConfig(device="cpu", progress=False, runtime="torch", cache_shard_mb=SHARD_MB, **extra)
+        return CutInputs(copy.deepcopy(resnet10_random), splits, cfg, cache, **engine)
+
+    held, streamed = made(), made(cache_ram_gb=0.0)
+    a, b = held.setup(1).sources["train"], streamed.setup(1).sources["train"]
+    assert isinstance(b.inputs, ShardedRows) and len(a) == len(b) == 149  # the undecodable file is skipped
+    assert torch.equal(b.inputs.rows(torch.arange(149)), a.inputs) and torch.equal(b.labels, a.labels)
+    assert held.skipped_files["train"] == streamed.skipped_files["train"] == [str(bad)]
+    va, vb = held.views(1, 3, 0, 0.5), streamed.views(1, 3, 0, 0.5)
+    assert isinstance(vb.inputs, StackedRows) and isinstance(va.inputs, torch.Tensor)
+    order = torch.randperm(149, generator=torch.Generator().manual_seed(1))
+    sa, sb = ViewSource(va.inputs, va.labels, held.placement, 5), ViewSource(vb.inputs, vb.labels, streamed.placement, 5)
+    for (xa, ya), (xb, yb) in zip(sa.batches(order, 32), sb.batches(order, 32), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_damaged_shard_left_by_an_interrupted_extraction_is_computed_again(folder_150, resnet10_random, tmp_path):
+    cache = tmp_path / "cache"
+    inputs_of(resnet10_random, folder_150, cache).setup(1)
+    entry = next(cache.glob("train-*"))
+    before = entry_files(cache)
+    (entry / "manifest.json").unlink()
+    shard = entry / "00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01  # a flipped bit inside the features
+    shard.write_bytes(bytes(data))
+    inputs_of(resnet10_random, folder_150, cache).setup(1)
+    assert entry_files(cache) == before

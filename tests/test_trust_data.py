@@ -234,7 +234,8 @@ def _one_error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("flag, value", [("--workers", "-1"), ("--cache-max-gb", "-1"), ("--cache-max-gb", "nan"),
-                                         ("--cache-max-gb", "inf")])
+                                         ("--cache-max-gb", "inf"), ("--cache-ram-gb", "-1"), ("--cache-shard-mb", "0"),
+                                         ("--cache-shard-mb", "nan")])
 def test_a_negative_worker_count_or_cache_budget_exits_2_naming_the_flag(tiny_folder, tmp_path, capsys, flag, value):
     from transferlab.cli.main import main
 

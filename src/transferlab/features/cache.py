@@ -2,8 +2,8 @@
 
 The backbone's chain of blocks is cut right before the first block that holds a trainable layer.
 Everything before the cut is frozen and in eval mode, so its output is a fixed function of the image:
-it is computed once per image (``extract``), kept on disk (``FeatureCache``), and training then runs
-only the suffix. For a linear probe the cut is the classifier, and the cached tensors are the
+it is computed once per image (``extraction``: here, or on a cluster with ``cluster``), kept on disk
+(``FeatureCache``, in shards: ``shards``), and training then runs only the suffix. For a linear probe the cut is the classifier, and the cached tensors are the
 penultimate features. The uncached path (``sources.ImageSource``) decodes and runs everything every
 epoch; it is kept for augmentation and for the equivalence tests.
 """
@@ -11,7 +11,6 @@ epoch; it is kept for augmentation and for the equivalence tests.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from transferlab.core.hashing import stable_hash
 from transferlab.data import DECODER, Preprocessing, Split, default_num_workers, image_loader, split_fingerprint
 from transferlab.data.splits import bad_image_policy
 from transferlab.features import shards
-from transferlab.features.extraction import ExtractionJob, Extractor, extract, extract_job, output_shape
+from transferlab.features.extraction import ExtractionJob, Extractor, extract, extract_job, labels_digest, output_shape
 from transferlab.features.runtimes import PrefixRunner, onnx_export_key, planned_runner, prepare_prefix_runner
 from transferlab.features.sources import SplitInputs, rows_of
 from transferlab.models import Backbone
@@ -50,10 +49,6 @@ class Chain(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def default_ram_bytes() -> float:
@@ -81,6 +76,10 @@ class FeatureCache:
         self.directory = Path(directory) if directory is not None else None
         self.ram_bytes = default_ram_bytes() if ram_bytes is None else ram_bytes
         self.shard_bytes = shard_bytes
+
+    def sharing_memory(self, n: int) -> FeatureCache:
+        """This cache for one of `n` entries held together (views of a split): each gets 1/n of the memory budget."""
+        return FeatureCache(self.directory, self.ram_bytes / n, self.shard_bytes)
 
     @property
     def digest_memo_dir(self) -> Path | None:
@@ -125,7 +124,7 @@ class FeatureCache:
                 return None
             shards.verify(folder, manifest)
             labels = shards.read_labels(folder, manifest)
-            if _tensor_digest(labels) != manifest["labels_sha256"] or len(labels) != len(split):
+            if labels_digest(split) != manifest["labels_sha256"] or not torch.equal(labels, torch.tensor(split.labels)):
                 raise ValueError("labels do not match")
             rows = shards.ShardedRows.open(folder, manifest)
         except Exception as e:  # truncated, garbled or foreign files: never use them
@@ -135,21 +134,6 @@ class FeatureCache:
         bad = sorted(i for entry in manifest["shards"] for i in entry["bad"])
         inputs = rows.load() if shards.entry_bytes(manifest) <= self.ram_bytes else rows
         return SplitInputs(inputs, labels, [split.files[i] for i in bad])
-
-    def save(self, split: Split, key: str, item: SplitInputs, batch_size: int = 64) -> None:
-        """Store `item` (all of `split`, in memory) as the entry for (`split`, `key`)."""
-        if self.directory is None:
-            return
-        folder = self.path(split, key)
-        folder.mkdir(parents=True, exist_ok=True)
-        inputs = rows_of(item.inputs)
-        inputs = inputs.load() if isinstance(inputs, shards.ShardedRows) else inputs
-        bad = {split.files.index(f) for f in item.bad_files}
-        entries = []
-        for i, (start, stop) in enumerate(self.bounds(len(split), tuple(inputs.shape[1:]), batch_size)):
-            entries.append(shards.write_shard(folder, i, inputs[start:stop], item.labels[start:stop], start,
-                                              sorted(j for j in bad if start <= j < stop)))
-        shards.write_manifest(folder, entries, tuple(inputs.shape[1:]), _tensor_digest(item.labels))
 
     def bounds(self, n_rows: int, row_shape: tuple[int, ...], batch_size: int) -> list[tuple[int, int]]:
         """The entry's shards, [start, stop) each."""
@@ -222,8 +206,8 @@ def cached_split_inputs(
         if (extractor or extract_job)(job):
             item = cache.load(split, key)
             if item is None:
-                raise UserError(f"the feature cache {cache.path(split, key)} was written but cannot be read back here: "
-                                "--cache-dir must be on storage every node sees")
+                where = "" if extractor is None else ": --cache-dir must be on storage every node of the cluster sees"
+                raise UserError(f"the feature cache entry {cache.path(split, key)} cannot be read back after it was written{where}")
         else:  # the runtime fell back midway: start over under the fallback's key
             key = cache.key(backbone, cut_name, split, pre, placement, runner, augment)
             item = cache.load(split, key)

@@ -27,7 +27,7 @@ from transferlab.features.runtimes import prepare_prefix_runner
 
 log = logging.getLogger(__name__)
 
-MARKER = ".transferlab-shared-check"
+MARKER = ".transferlab-shared-check-"  # + the coordinator's token: concurrent coordinators each have their own
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ShardExtractor:
         self.node = f"{socket.gethostname()} ({ray.get_runtime_context().get_node_id()[:8]})"
         folder = job.folder
         try:
-            seen = (folder / MARKER).read_text().strip()
+            seen = (folder / (MARKER + spec.token)).read_text().strip()
         except OSError:
             seen = ""
         if seen != spec.token:
@@ -77,8 +77,8 @@ class ShardExtractor:
     def _check_runtime(self) -> None:
         got, want = self.runner.describe(), self.spec.runtime
         if [got.get(k) for k in ("name", "version", "precision")] != [want.get(k) for k in ("name", "version", "precision")]:
-            raise UserError(f"worker node {self.node} runs the frozen layers with {got.get('name')} {got.get('version')} "
-                            f"({got.get('notice') or got.get('precision')}), the coordinator with {want.get('name')} "
+            raise UserError(f"worker node {self.node} ran the frozen layers with {got.get('name')} {got.get('version')} "
+                            f"({got.get('notice') or got.get('precision')}), not with the coordinator's {want.get('name')} "
                             f"{want.get('version')}: install the same runtime on every node, or pass --runtime torch")
 
     def __call__(self, batch: dict) -> dict:
@@ -87,6 +87,10 @@ class ShardExtractor:
         for index, start, stop in zip(batch["index"], batch["start"], batch["stop"]):
             index, start, stop = int(index), int(start), int(stop)
             part = job.split.subset(list(range(start, stop)))
+            missing = next((f for f in part.files if not os.path.exists(f)), None)
+            if missing is not None:  # it exists where the splits were made: the data is not on shared storage
+                raise UserError(f"worker node {self.node} cannot see the image {missing}: the data folder must be on "
+                                "storage every node of the cluster sees")
             inputs, bad = extract(self.prefix, part, job.pre, self.placement, job.batch_size, None, False, self.runner, job.augment)
             self._check_runtime()  # a runtime that failed midway fell back: those numbers are not the key's
             labels = torch.tensor(part.labels, dtype=torch.int64)
@@ -116,11 +120,10 @@ class RayExtractor:
     def _pool_size(self, n_shards: int) -> int:
         import ray
 
-        resources = ray.cluster_resources()
+        resources = ray.available_resources()  # what running tasks leave: a pool that cannot start would wait
+        fit = int(resources.get("CPU", 0) // max(self.cpus_per_actor, 1e-9))
         if self.gpus_per_actor:
-            fit = int(resources.get("GPU", 0) // self.gpus_per_actor)
-        else:
-            fit = int(resources.get("CPU", 0) // max(self.cpus_per_actor, 1e-9))
+            fit = min(fit, int(resources.get("GPU", 0) // self.gpus_per_actor))
         if fit < 1:
             raise UserError(f"the Ray cluster has no room for an extraction actor ({self.cpus_per_actor} CPU, "
                             f"{self.gpus_per_actor} GPU each; it has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU)")
@@ -132,7 +135,8 @@ class RayExtractor:
         folder = job.folder
         folder.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(8)
-        (folder / MARKER).write_text(token + "\n")
+        marker = folder / (MARKER + token)
+        marker.write_text(token + "\n")
         entries: dict[int, dict] = {}
         for i, (start, stop) in enumerate(job.bounds):  # shards of an interrupted extraction are kept
             entry = shards.read_shard_entry(folder / shards.shard_name(i), i)
@@ -158,12 +162,12 @@ class RayExtractor:
             for row in done:
                 index = int(row["index"])
                 entry = shards.read_shard_entry(folder / shards.shard_name(index), index)
-                if entry is None or entry["sha256"] != row["sha256"]:
+                if entry is None or entry["sha256"] != row["sha256"] or (entry["start"], entry["stop"]) != job.bounds[index]:
                     raise UserError(f"shard {index} written by worker node {row['node']} into {folder} is not the same file "
                                     "here: --cache-dir must be on storage every node of the cluster sees")
                 entries[index] = entry
                 self.nodes_used.add(str(row["node"]))
-        (folder / MARKER).unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
         write_entry_manifest(job, [entries[i] for i in range(len(job.bounds))])
         return True
 

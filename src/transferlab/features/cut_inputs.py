@@ -105,11 +105,12 @@ class CutInputs:
                 self._record_skipped(split.name, bad)
                 split = split.subset(keep)
             source = ImageSource(split, pre, self.placement, self.engine.num_workers)
-        self._time(f"inputs_{split.name}_s", start)
+        _add_time(self.timings, f"inputs_{split.name}_s", start)
         return source
 
-    def _cached_item(self, split: Split, setup: Setup, augment: tuple[int, float] | None = None) -> SplitInputs:
-        item, skipped = split_inputs_at(self.backbone, setup, split, self.cache, self.placement, self.engine, self.on_bad_image, augment,
+    def _cached_item(self, split: Split, setup: Setup, augment: tuple[int, float] | None = None, n_views: int = 1) -> SplitInputs:
+        cache = self.cache if n_views == 1 else self.cache.sharing_memory(n_views)  # K views share the memory budget
+        item, skipped = split_inputs_at(self.backbone, setup, split, cache, self.placement, self.engine, self.on_bad_image, augment,
                                         self.extractor)
         if skipped:
             self._record_skipped(split.name, skipped)
@@ -119,9 +120,6 @@ class CutInputs:
         """Add undecodable `files` to the split's skipped files (after its missing ones; each file once)."""
         known = self.skipped_files.setdefault(split_name, [])
         known += [f for f in dict.fromkeys(files) if f not in set(known)]
-
-    def _time(self, key: str, start: float) -> None:
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     def views(self, n_trainable_layers: int, n_views: int, seed: int, min_scale: float) -> SplitInputs:
         """`n_views` seeded augmented views of every training image at the cut, stacked (K, N, ...).
@@ -134,8 +132,8 @@ class CutInputs:
         if key not in setup.views:
             self.check_feature_augment(f"views:{n_views}", n_trainable_layers)
             start = time.perf_counter()
-            items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale)) for v in range(n_views)]
-            self._time("inputs_views_s", start)
+            items = [self._cached_item(self.splits.train, setup, (view_seed(seed, v), min_scale), n_views) for v in range(n_views)]
+            _add_time(self.timings, "inputs_views_s", start)
             setup.views[key] = stack_views(items)
         return setup.views[key]
 
@@ -198,3 +196,6 @@ def _on_cpu(source: TensorSource) -> SplitInputs:
     """A cached source's inputs as float32 on CPU, to ship (streamed shards ship as their paths)."""
     return SplitInputs(source.inputs.float().cpu(), source.labels.cpu(), [])
 
+
+def _add_time(timings: dict[str, float], key: str, start: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

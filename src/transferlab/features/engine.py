@@ -24,7 +24,8 @@ class EngineConfig:
     dtype: str = option("float32", "numeric type of the model: float32, or float64 for reference checks", choices=("float32", "float64"))
     use_cache: bool = option(True, "run the frozen backbone on every image every epoch", flag="--no-cache", invert=True)
     cache_dir: str | None = option(None, "feature cache folder (default: OUT/cache)")
-    cache_max_gb: float = option(4.0, "largest activation cache to make (the input of a fine-tuning cut)")
+    cache_max_gb: float = option(32.0, "largest activation cache to write (on disk; larger ones run uncached): "
+                                 "features, fine-tuning cuts and view sets")
     cache_ram_gb: float | None = option(None, "largest split of cached inputs to load into memory; a larger one stays "
                                         "in memory-mapped shards on disk, streamed batch by batch (default: a quarter of RAM)")
     cache_shard_mb: float = option(64.0, "size of one cache shard file: the unit of streaming, resuming and "

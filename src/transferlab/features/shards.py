@@ -52,8 +52,13 @@ def shard_bytes_of(inputs: torch.Tensor, labels: torch.Tensor, start: int, bad: 
     that failed to decode. One metadata key, so the bytes do not depend on a map's iteration order."""
     from safetensors.torch import save
 
-    meta = {"shard": json.dumps({"start": start, "rows": len(labels), "bad": bad})}
-    return save({"inputs": inputs.contiguous(), "labels": labels.contiguous()}, metadata=meta)
+    inputs, labels = inputs.contiguous(), labels.contiguous()
+    info = {"start": start, "rows": len(labels), "bad": bad, "inputs_sha256": _sha256(inputs), "labels_sha256": _sha256(labels)}
+    return save({"inputs": inputs, "labels": labels}, metadata={"shard": json.dumps(info, sort_keys=True)})
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
 
 
 def write_shard(folder: Path, index: int, inputs: torch.Tensor, labels: torch.Tensor, start: int, bad: list[int]) -> dict:
@@ -65,13 +70,19 @@ def write_shard(folder: Path, index: int, inputs: torch.Tensor, labels: torch.Te
 
 
 def read_shard_entry(path: Path, index: int) -> dict | None:
-    """The manifest entry of an existing shard file (its metadata and digest), None if it is unreadable."""
+    """The manifest entry of an existing shard file, None unless it is whole: its tensors must have the
+    digests its metadata records (a shard kept from an interrupted extraction is checked so)."""
+    from safetensors import safe_open
+
     try:
         meta, _tensors = _header(path)
         info = json.loads(meta["shard"])
+        with safe_open(str(path), framework="pt") as f:
+            if _sha256(f.get_tensor("inputs")) != info["inputs_sha256"] or _sha256(f.get_tensor("labels")) != info["labels_sha256"]:
+                return None
         return {"file": shard_name(index), "start": info["start"], "stop": info["start"] + info["rows"],
                 "bad": info["bad"], "sha256": file_sha256(path)}
-    except Exception:  # a half-written or foreign file: computed again
+    except Exception:  # a half-written, damaged or foreign file: computed again
         return None
 
 
@@ -173,9 +184,17 @@ class ShardedRows:
         return torch.from_numpy(out)
 
     def __getitem__(self, item) -> torch.Tensor:
+        if isinstance(item, (int, np.integer)):
+            return self.rows([int(np.arange(len(self))[item])])[0]
         if isinstance(item, slice):
             return self.rows(np.arange(len(self))[item])
         return self.rows(item)
+
+    def identity(self) -> str:
+        """What the rows are read from: each shard file's path, size and modification time, and the selection
+        (the files are mapped read-only and every batch is a copy, so only rewriting a file changes them)."""
+        files = [(str(s.path), s.path.stat().st_size, s.path.stat().st_mtime_ns, s.start, s.stop) for s in self.shards]
+        return json.dumps([files, None if self.index is None else hashlib.sha256(self.index.tobytes()).hexdigest()])
 
     def float(self) -> ShardedRows:
         return self

@@ -167,6 +167,7 @@ class ViewSource:
     def _pick(self, view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if not isinstance(self.views, StackedRows):
             return self.views[view, idx]
+        view, idx = view.cpu(), idx.cpu()  # the rows are copied out of files on the CPU, then put on the device
         out = torch.empty((len(idx), *self.views.views[0].row_shape))
         for v in view.unique().tolist():
             mask = view == v

@@ -54,7 +54,8 @@ def _digest(item: SplitInputs) -> bytes:
     import hashlib
 
     if isinstance(item.inputs, (ShardedRows, StackedRows)):  # read-only maps of files: batches are copies
-        return hashlib.sha256(repr(item.inputs).encode()).digest()
+        views = item.inputs.views if isinstance(item.inputs, StackedRows) else [item.inputs]
+        return hashlib.sha256("".join(v.identity() for v in views).encode()).digest()
     return hashlib.sha256(item.inputs.contiguous().numpy().tobytes()).digest()
 
 
