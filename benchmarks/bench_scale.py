@@ -23,8 +23,8 @@ the digest of the local file of that name.
 
 The last stdout line is JSON: per size the numbers above, ``extract_time_ratio_over_size_ratio`` and
 ``grid_time_ratio_over_size_ratio`` (time ratio over size ratio, each larger N against the smallest:
-the worst; 1.0 is linear), ``probe_rss_growth`` (the grid's peak RSS at the largest N over the smallest,
-minus 1) and ``cluster_equals_local``.
+the worst; 1.0 is linear), the same from each size to the next (``*_step_ratios``), ``probe_rss_growth``
+(the grid's peak RSS at the largest N over the smallest, minus 1) and ``cluster_equals_local``.
 """
 
 from __future__ import annotations
@@ -166,6 +166,12 @@ def ratio_over_size(values: dict[int, float]) -> float:
     return max((values[n] / values[small]) / (n / small) for n in values if n != small)
 
 
+def step_ratios(values: dict[int, float]) -> list[float]:
+    """Time ratio over size ratio from each size to the next (fixed costs weigh less at every step)."""
+    sizes = sorted(values)
+    return [round((values[b] / values[a]) / (b / a), 3) for a, b in zip(sizes, sizes[1:])]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "birds100"))
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         result: dict = {"backbone": args.backbone, "sizes": per_size,
                         "extract_time_ratio_over_size_ratio": round(ratio_over_size({n: v["extract_s"] for n, v in per_size.items()}), 3),
                         "grid_time_ratio_over_size_ratio": round(ratio_over_size({n: v["grid_s"] for n, v in per_size.items()}), 3),
+                        "extract_step_ratios": step_ratios({n: v["extract_s"] for n, v in per_size.items()}),
+                        "grid_step_ratios": step_ratios({n: v["grid_s"] for n, v in per_size.items()}),
                         "probe_rss_growth": round(per_size[sizes[-1]]["grid_peak_rss_mb"] / per_size[sizes[0]]["grid_peak_rss_mb"] - 1, 3)}
         if not args.no_cluster:
             n = sizes[0]
