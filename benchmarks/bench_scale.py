@@ -157,7 +157,42 @@ def cluster_run(csv_path: Path, work: Path, backbone: str) -> tuple[Path, Path, 
                                   env=env)
         return out, cache, seconds
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+        stop_ray_nodes([head_tmp, node_tmp])
+        shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(node_tmp, ignore_errors=True)
+
+
+def stop_ray_nodes(temp_dirs: list[str]) -> None:
+    """Stop the Ray nodes started with these temp dirs, and their children (``ray stop`` would stop every
+    Ray process of the machine): every process whose command line names one of the dirs, then its tree."""
+    import signal
+
+    def processes() -> dict[int, tuple[int, str]]:
+        found = {}
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                found[int(proc.name)] = (ppid, cmdline)
+        return found
+
+    table = processes()
+    doomed = {pid for pid, (_ppid, cmd) in table.items() if any(d in cmd for d in temp_dirs)}
+    while True:
+        more = {pid for pid, (ppid, _cmd) in table.items() if ppid in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(2)
 
 
 def ratio_over_size(values: dict[int, float]) -> float:
@@ -197,7 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
             ex_s, ex_rss = run_child([sys.executable, __file__, "--child-extract", str(csvs[n]), str(cache), args.backbone])
             out = work / f"out-{n}"
             shutil.rmtree(out, ignore_errors=True)
+            entries = cache_digests(cache)
             grid_s, grid_rss = run_child(sweep_cmd(csvs[n], out, cache, args.backbone))
+            if cache_digests(cache) != entries:
+                raise SystemExit(f"the probe grid at N={n} extracted something: its time would not be the grid's alone")
             per_size[n] = {"extract_s": round(ex_s, 1), "extract_img_per_s": round(n / ex_s, 1), "extract_peak_rss_mb": round(ex_rss),
                            "grid_s": round(grid_s, 1), "grid_peak_rss_mb": round(grid_rss)}
             print(f"N={n}: {per_size[n]}", file=sys.stderr)

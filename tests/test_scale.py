@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require, write_image_folder
+from conftest import require, stop_ray_nodes, write_image_folder
 from transferlab.core.errors import UserError
 from transferlab.data import DataConfig
 from transferlab.features import shards
@@ -204,10 +205,11 @@ def test_two_node_loopback_cluster_extracts_like_local_and_names_an_unwritable_c
         pytest.fail("setpriv (util-linux) is needed to start a worker node without CAP_DAC_OVERRIDE")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     port = str(6400 + os.getpid() % 500)
+    temp_dirs = [str(_short_dir("tl-head-")), str(_short_dir("tl-w2-"))]
     _ray_start("--head", f"--port={port}", "--num-cpus=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-               f"--temp-dir={_short_dir('tl-head-')}")
+               f"--temp-dir={temp_dirs[0]}")
     try:
-        _ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={_short_dir('tl-w2-')}",
+        _ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
                    prefix=("setpriv", "--bounding-set", "-dac_override,-dac_read_search"))
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, configure_logging=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
@@ -234,7 +236,9 @@ def test_two_node_loopback_cluster_extracts_like_local_and_names_an_unwritable_c
         assert not list(unwritable.glob("*/manifest.json"))
     finally:
         ray.shutdown()
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, timeout=120)
+        stop_ray_nodes(temp_dirs)
+        for folder in temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_corrupt_shard_is_recomputed(folder_150, resnet10_random, tmp_path):
@@ -288,3 +292,32 @@ def test_a_damaged_shard_left_by_an_interrupted_extraction_is_computed_again(fol
     shard.write_bytes(bytes(data))
     inputs_of(resnet10_random, folder_150, cache).setup(1)
     assert entry_files(cache) == before
+
+
+def test_streamed_rows_refuse_bad_positions_and_name_a_shard_this_node_cannot_see(folder_150, resnet10_random, tmp_path):
+    cache = tmp_path / "cache"
+    rows = inputs_of(resnet10_random, folder_150, cache, cache_ram_gb=0.0).setup(1).sources["train"].inputs
+    assert isinstance(rows, ShardedRows) and rows[149].shape == rows.shape[1:] and torch.equal(rows[-1], rows[149])
+    with pytest.raises(TypeError, match="integer positions"):
+        rows.rows(torch.ones(150, dtype=torch.bool))
+    with pytest.raises(IndexError, match=r"outside 0\.\.149"):
+        rows.rows([150])
+    with pytest.raises(IndexError):
+        rows.rows([-1])
+    elsewhere = pickle.loads(pickle.dumps(rows))  # what a run on another node gets: the paths
+    cache.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="is not visible here: --cache-dir must be on storage every node") as raised:
+        elsewhere.rows([0])
+    assert len(str(raised.value).splitlines()) == 1
+
+
+def test_a_larger_shard_size_leaves_no_stale_shards(folder_150, resnet10_random, tmp_path):
+    cache = tmp_path / "cache"
+    inputs_of(resnet10_random, folder_150, cache).setup(1)
+    entry = next(cache.glob("train-*"))
+    (entry / "manifest.json").unlink()
+    splits = DataConfig(str(folder_150)).load()
+    engine = EngineConfig(device="cpu", progress=False, runtime="torch", cache_shard_mb=64.0)
+    one = CutInputs(copy.deepcopy(resnet10_random), splits, engine, cache).setup(1).sources["train"].inputs
+    assert sorted(p.name for p in entry.glob("*.safetensors")) == ["00000.safetensors"]
+    assert one.shape == (150, 512)

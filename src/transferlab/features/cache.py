@@ -73,7 +73,7 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str | os.PathLike | None, ram_bytes: float | None = None, shard_bytes: float = 64e6):
-        self.directory = Path(directory) if directory is not None else None
+        self.directory = Path(directory).absolute() if directory is not None else None  # workers elsewhere get its paths
         self.ram_bytes = default_ram_bytes() if ram_bytes is None else ram_bytes
         self.shard_bytes = shard_bytes
 

@@ -120,23 +120,36 @@ class RayExtractor:
     def _pool_size(self, n_shards: int) -> int:
         import ray
 
-        resources = ray.available_resources()  # what running tasks leave: a pool that cannot start would wait
-        fit = int(resources.get("CPU", 0) // max(self.cpus_per_actor, 1e-9))
-        if self.gpus_per_actor:
-            fit = min(fit, int(resources.get("GPU", 0) // self.gpus_per_actor))
-        if fit < 1:
+        def fitting(resources: dict) -> int:
+            fit = int(resources.get("CPU", 0) // max(self.cpus_per_actor, 1e-9))
+            return min(fit, int(resources.get("GPU", 0) // self.gpus_per_actor)) if self.gpus_per_actor else fit
+
+        resources = ray.cluster_resources()
+        if fitting(resources) < 1:
             raise UserError(f"the Ray cluster has no room for an extraction actor ({self.cpus_per_actor} CPU, "
                             f"{self.gpus_per_actor} GPU each; it has {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU)")
-        return max(1, min(n_shards, fit, self.max_actors or fit))
+        free = max(1, fitting(ray.available_resources()))  # what running work leaves (at least one: Ray waits for it)
+        return max(1, min(n_shards, free, self.max_actors or free))
 
     def __call__(self, job: ExtractionJob) -> bool:
-        import ray.data
 
         folder = job.folder
         folder.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(8)
         marker = folder / (MARKER + token)
         marker.write_text(token + "\n")
+        try:
+            entries = self._extract_missing(job, token)
+        finally:
+            marker.unlink(missing_ok=True)
+        write_entry_manifest(job, [entries[i] for i in range(len(job.bounds))])
+        return True
+
+    def _extract_missing(self, job: ExtractionJob, token: str) -> dict[int, dict]:
+        """{shard index: its manifest entry}: the shards already whole in the folder, and the others made by actors."""
+        import ray.data
+
+        folder = job.folder
         entries: dict[int, dict] = {}
         for i, (start, stop) in enumerate(job.bounds):  # shards of an interrupted extraction are kept
             entry = shards.read_shard_entry(folder / shards.shard_name(i), i)
@@ -167,9 +180,7 @@ class RayExtractor:
                                     "here: --cache-dir must be on storage every node of the cluster sees")
                 entries[index] = entry
                 self.nodes_used.add(str(row["node"]))
-        marker.unlink(missing_ok=True)
-        write_entry_manifest(job, [entries[i] for i in range(len(job.bounds))])
-        return True
+        return entries
 
 
 def _shippable(job: ExtractionJob) -> ExtractionJob:

@@ -89,8 +89,9 @@ class CutInputs:
         return setup
 
     def _shared_base(self, cut: Cut) -> int | None:
+        # Cuts derived from a shared base are computed into memory: the base must fit the memory budget too.
         return shared_base(self.backbone, cut, self.share_cut_layers, self.layer_order, n_images(self.splits), self.placement,
-                           self.engine.cache_max_gb)
+                           min(self.engine.cache_max_gb, self.cache.ram_bytes / 1e9))
 
     def _source(self, split: Split, setup: Setup) -> BatchSource:
         start = time.perf_counter()

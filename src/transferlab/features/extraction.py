@@ -135,6 +135,7 @@ def extract_job(job: ExtractionJob) -> bool:
 
 def write_entry_manifest(job: ExtractionJob, entries: list[dict]) -> None:
     """The manifest of `job`'s entry, once all its shards (`entries`, in order) are on disk."""
+    shards.remove_shards_from(job.folder, len(job.bounds))
     shards.write_manifest(job.folder, entries, job.row_shape, labels_digest(job.split))
 
 

@@ -166,14 +166,19 @@ class ShardedRows:
     def _map(self, s: int) -> np.memmap:
         if self._mapped is None or self._mapped[0] != s:
             self._mapped = None  # the previous shard is unmapped before the next one is mapped
-            shard = self.shards[s]
+            shard = _visible(self.shards[s])
             self._mapped = (s, np.memmap(shard.path, dtype=np.float32, mode="r", offset=shard.offset,
                                          shape=(shard.stop - shard.start, *self.row_shape)))
         return self._mapped[1]
 
     def rows(self, idx: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
         """The rows at positions `idx`, as a new float32 tensor in `idx`'s order."""
-        pos = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64)
+        pos = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
+        if pos.dtype == np.bool_ or (pos.size and not np.issubdtype(pos.dtype, np.integer)):
+            raise TypeError(f"rows() takes integer positions, not {pos.dtype}")
+        pos = pos.astype(np.int64)
+        if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
+            raise IndexError(f"positions outside 0..{len(self) - 1}")
         if self.index is not None:
             pos = self.index[pos]
         out = np.empty((len(pos), *self.row_shape), dtype=np.float32)
@@ -193,7 +198,7 @@ class ShardedRows:
     def identity(self) -> str:
         """What the rows are read from: each shard file's path, size and modification time, and the selection
         (the files are mapped read-only and every batch is a copy, so only rewriting a file changes them)."""
-        files = [(str(s.path), s.path.stat().st_size, s.path.stat().st_mtime_ns, s.start, s.stop) for s in self.shards]
+        files = [(str(s.path), _visible(s).path.stat().st_size, s.path.stat().st_mtime_ns, s.start, s.stop) for s in self.shards]
         return json.dumps([files, None if self.index is None else hashlib.sha256(self.index.tobytes()).hexdigest()])
 
     def float(self) -> ShardedRows:
@@ -225,6 +230,23 @@ class StackedRows:
 
     def cpu(self) -> StackedRows:
         return self
+
+
+def _visible(shard: _Shard) -> _Shard:
+    """`shard`, or a UserError when this process cannot see its file (a worker on another node)."""
+    if not shard.path.exists():
+        from transferlab.core.errors import UserError
+
+        raise UserError(f"the cache shard {shard.path} is not visible here: --cache-dir must be on storage every node "
+                        "of the cluster sees (streamed caches travel to the runs as their paths)")
+    return shard
+
+
+def remove_shards_from(folder: Path, n_shards: int) -> None:
+    """Remove shard files numbered `n_shards` and above (left by an extraction with a smaller shard size)."""
+    for path in folder.glob("*.safetensors"):
+        if path.stem.isdigit() and int(path.stem) >= n_shards:
+            path.unlink(missing_ok=True)
 
 
 def read_manifest(folder: Path) -> dict | None:
