@@ -42,6 +42,8 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
+from loopback_cluster import loopback_cluster
+
 CLASSES = 100
 GRID = ["--lr", "1e-3,3e-3,1e-2", "--l2", "0,1e-2,1", "--epochs", "10", "--patience", "10", "--seeds", "0"]
 
@@ -143,56 +145,11 @@ def sweep_cmd(csv_path: Path, out: Path, cache: Path, backbone: str, *extra: str
 
 def cluster_run(csv_path: Path, work: Path, backbone: str) -> tuple[Path, Path, float]:
     """The sweep at `csv_path` on a 2-node loopback cluster from an empty cache: (out, cache, seconds)."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    port = "6479"
-    head_tmp, node_tmp = tempfile.mkdtemp(prefix="tl-h-", dir="/tmp"), tempfile.mkdtemp(prefix="tl-n-", dir="/tmp")
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                    f"--temp-dir={head_tmp}", "--disable-usage-stats"], check=True, capture_output=True, env=env)
-    try:
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", f"--num-cpus={os.cpu_count() or 1}", "--node-ip-address=127.0.0.1",
-                        f"--temp-dir={node_tmp}", "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    with loopback_cluster(os.cpu_count() or 1) as address:
         out, cache = work / "cluster-out", work / "cluster-cache"
-        seconds, _rss = run_child(sweep_cmd(csv_path, out, cache, backbone, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"),
-                                  env=env)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        seconds, _rss = run_child(sweep_cmd(csv_path, out, cache, backbone, "--executor", "ray", "--ray-address", address), env=env)
         return out, cache, seconds
-    finally:
-        stop_ray_nodes([head_tmp, node_tmp])
-        shutil.rmtree(head_tmp, ignore_errors=True)
-        shutil.rmtree(node_tmp, ignore_errors=True)
-
-
-def stop_ray_nodes(temp_dirs: list[str]) -> None:
-    """Stop the Ray nodes started with these temp dirs, and their children (``ray stop`` would stop every
-    Ray process of the machine): every process whose command line names one of the dirs, then its tree."""
-    import signal
-
-    def processes() -> dict[int, tuple[int, str]]:
-        found = {}
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                found[int(proc.name)] = (ppid, cmdline)
-        return found
-
-    table = processes()
-    doomed = {pid for pid, (_ppid, cmd) in table.items() if any(d in cmd for d in temp_dirs)}
-    while True:
-        more = {pid for pid, (ppid, _cmd) in table.items() if ppid in doomed} - doomed
-        if not more:
-            break
-        doomed |= more
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in doomed:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        time.sleep(2)
 
 
 def ratio_over_size(values: dict[int, float]) -> float:

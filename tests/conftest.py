@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -134,36 +133,3 @@ def without_torch(body: str) -> str:
             f"pkg = types.ModuleType('transferlab'); pkg.__path__ = [{str(src)!r}]; sys.modules['transferlab'] = pkg\n"
             + body
             + "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
-
-
-def stop_ray_nodes(temp_dirs: list[str]) -> None:
-    """Stop the Ray nodes started with these temp dirs, and their children (``ray stop`` would stop every
-    Ray process of the machine): every process whose command line names one of the dirs, then its tree."""
-    import signal
-
-    def processes() -> dict[int, tuple[int, str]]:
-        found = {}
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                found[int(proc.name)] = (ppid, cmdline)
-        return found
-
-    table = processes()
-    doomed = {pid for pid, (_ppid, cmd) in table.items() if any(d in cmd for d in temp_dirs)}
-    while True:
-        more = {pid for pid, (ppid, _cmd) in table.items() if ppid in doomed} - doomed
-        if not more:
-            break
-        doomed |= more
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in doomed:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        time.sleep(2)

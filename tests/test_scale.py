@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from loopback_cluster import loopback_cluster
 
-from conftest import require, stop_ray_nodes, write_image_folder
+from conftest import require, write_image_folder
 from transferlab.core.errors import UserError
 from transferlab.data import DataConfig
 from transferlab.features import shards
@@ -159,7 +160,8 @@ def test_ray_extraction_equals_local_and_each_reuses_the_other(folder_150, resne
     local = tmp_path / "local"
     held = inputs_of(resnet10_random, folder_150, local)
     local_train = held.setup(1).sources["train"].inputs
-    ray.init(num_cpus=2, _temp_dir=str(_short_dir("tl-ray-")), _node_ip_address="127.0.0.1", include_dashboard=False,
+    ray_dir = _short_dir("tl-ray-")
+    ray.init(num_cpus=2, _temp_dir=str(ray_dir), _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
         on_ray = tmp_path / "ray"
@@ -180,17 +182,11 @@ def test_ray_extraction_equals_local_and_each_reuses_the_other(folder_150, resne
         assert resuming.nodes_used == set() and entry_files(local) == before
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
     # ...and a local run reuses the cluster's: extracting anything would fail.
     monkeypatch.setattr(cache_module, "extract_job", lambda job: pytest.fail(f"extracted {job.folder.name}"))
     again = inputs_of(resnet10_random, folder_150, on_ray)
     assert torch.equal(again.setup(1).sources["train"].inputs, local_train)
-
-
-def _ray_start(*args: str, prefix: tuple[str, ...] = ()) -> None:
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    run = subprocess.run([*prefix, ray_bin, "start", *args, "--disable-usage-stats"], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
 
 
 @pytest.mark.slow
@@ -199,46 +195,42 @@ def test_two_node_loopback_cluster_extracts_like_local_and_names_an_unwritable_c
     """A head without CPUs and a worker node with its own temp dir, started without the right to bypass file
     permissions (as a node whose user cannot write the cache folder): every shard is made on the worker."""
     ray = require("ray")
-    from transferlab.features.cluster import RayExtractor
-
     if shutil.which("setpriv") is None:
         pytest.fail("setpriv (util-linux) is needed to start a worker node without CAP_DAC_OVERRIDE")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    port = str(6400 + os.getpid() % 500)
-    temp_dirs = [str(_short_dir("tl-head-")), str(_short_dir("tl-w2-"))]
-    _ray_start("--head", f"--port={port}", "--num-cpus=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-               f"--temp-dir={temp_dirs[0]}")
-    try:
-        _ray_start(f"--address=127.0.0.1:{port}", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
-                   prefix=("setpriv", "--bounding-set", "-dac_override,-dac_read_search"))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, configure_logging=False)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        local = tmp_path / "local"
-        expected = inputs_of(resnet10_random, folder_150, local).setup(1).sources["train"].inputs
-        on_cluster = tmp_path / "cluster"
-        extractor = RayExtractor(threads=torch.get_num_threads())
-        spread = inputs_of(resnet10_random, folder_150, on_cluster, extractor=extractor)
-        assert torch.equal(spread.setup(1).sources["train"].inputs, expected)
-        assert entry_files(on_cluster) == entry_files(local)
-        worker = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
-        assert extractor.nodes_used == {f"{os.uname().nodename} ({worker[:8]})"}  # every shard made on the worker node
-
-        # Folders this process makes are now read-only to their owner: root here still writes, the worker cannot.
-        unwritable = tmp_path / "unwritable"
-        old = os.umask(0o222)
+    with loopback_cluster(2, worker_prefix=("setpriv", "--bounding-set", "-dac_override,-dac_read_search")) as address:
         try:
-            with pytest.raises(UserError) as raised:
-                inputs_of(resnet10_random, folder_150, unwritable, extractor=RayExtractor(threads=1)).setup(1)
+            _extract_on_the_loopback_cluster(ray, address, folder_150, resnet10_random, tmp_path)
         finally:
-            os.umask(old)
-        message = str(raised.value)
-        assert "cannot write the cache folder" in message and str(unwritable) in message and len(message.splitlines()) == 1
-        assert not list(unwritable.glob("*/manifest.json"))
+            ray.shutdown()
+
+
+def _extract_on_the_loopback_cluster(ray, address: str, folder_150: Path, resnet10_random, tmp_path: Path) -> None:
+    from transferlab.features.cluster import RayExtractor
+
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    local = tmp_path / "local"
+    expected = inputs_of(resnet10_random, folder_150, local).setup(1).sources["train"].inputs
+    on_cluster = tmp_path / "cluster"
+    extractor = RayExtractor(threads=torch.get_num_threads())
+    spread = inputs_of(resnet10_random, folder_150, on_cluster, extractor=extractor)
+    assert torch.equal(spread.setup(1).sources["train"].inputs, expected)
+    assert entry_files(on_cluster) == entry_files(local)
+    worker = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+    assert extractor.nodes_used == {f"{os.uname().nodename} ({worker[:8]})"}  # every shard made on the worker node
+
+    # Folders this process makes are now read-only to their owner: root here still writes, the worker cannot.
+    unwritable = tmp_path / "unwritable"
+    old = os.umask(0o222)
+    try:
+        with pytest.raises(UserError) as raised:
+            inputs_of(resnet10_random, folder_150, unwritable, extractor=RayExtractor(threads=1)).setup(1)
     finally:
-        ray.shutdown()
-        stop_ray_nodes(temp_dirs)
-        for folder in temp_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
+        os.umask(old)
+    message = str(raised.value)
+    assert "cannot write the cache folder" in message and str(unwritable) in message and len(message.splitlines()) == 1
+    assert not list(unwritable.glob("*/manifest.json"))
 
 
 def test_a_corrupt_shard_is_recomputed(folder_150, resnet10_random, tmp_path):
