@@ -151,9 +151,9 @@ class RayExtractor:
 
         folder = job.folder
         entries: dict[int, dict] = {}
-        for i, (start, stop) in enumerate(job.bounds):  # shards of an interrupted extraction are kept
-            entry = shards.read_shard_entry(folder / shards.shard_name(i), i)
-            if entry is not None and (entry["start"], entry["stop"]) == (start, stop):
+        for i, bounds in enumerate(job.bounds):  # shards of an interrupted extraction are kept
+            entry = shards.intact_shard(folder, i, bounds)
+            if entry is not None:
                 entries[i] = entry
         todo = [{"index": i, "start": s, "stop": e} for i, (s, e) in enumerate(job.bounds) if i not in entries]
         if todo:
@@ -174,8 +174,8 @@ class RayExtractor:
                 raise found from None
             for row in done:
                 index = int(row["index"])
-                entry = shards.read_shard_entry(folder / shards.shard_name(index), index)
-                if entry is None or entry["sha256"] != row["sha256"] or (entry["start"], entry["stop"]) != job.bounds[index]:
+                entry = shards.intact_shard(folder, index, job.bounds[index])
+                if entry is None or entry["sha256"] != row["sha256"]:
                     raise UserError(f"shard {index} written by worker node {row['node']} into {folder} is not the same file "
                                     "here: --cache-dir must be on storage every node of the cluster sees")
                 entries[index] = entry

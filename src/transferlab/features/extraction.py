@@ -3,7 +3,6 @@ shards of a cache entry (:class:`ExtractionJob`, computed here by :func:`extract
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,6 @@ from transferlab.data import Preprocessing, Split, default_num_workers, image_lo
 from transferlab.data.loader import threaded_batches
 from transferlab.features import shards
 from transferlab.features.runtimes import PrefixRunner, RuntimeFellBack, eager_runner
-
-
-def labels_digest(split: Split) -> str:
-    """The sha256 of `split`'s labels as the cache stores them (int64)."""
-    return hashlib.sha256(torch.tensor(split.labels, dtype=torch.int64).numpy().tobytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -118,8 +112,8 @@ def extract_job(job: ExtractionJob) -> bool:
     runtime = runner.describe()
     entries = []
     for i, (start, stop) in enumerate(job.bounds):
-        entry = shards.read_shard_entry(folder / shards.shard_name(i), i)
-        if entry is None or (entry["start"], entry["stop"]) != (start, stop):
+        entry = shards.intact_shard(folder, i, (start, stop))
+        if entry is None:
             part = split.subset(list(range(start, stop)))
             inputs, bad = extract(job.prefix, part, job.pre, job.placement, job.batch_size, job.num_workers, job.progress,
                                   runner, job.augment)
@@ -136,7 +130,7 @@ def extract_job(job: ExtractionJob) -> bool:
 def write_entry_manifest(job: ExtractionJob, entries: list[dict]) -> None:
     """The manifest of `job`'s entry, once all its shards (`entries`, in order) are on disk."""
     shards.remove_shards_from(job.folder, len(job.bounds))
-    shards.write_manifest(job.folder, entries, job.row_shape, labels_digest(job.split))
+    shards.write_manifest(job.folder, entries, job.row_shape)
 
 
 @torch.no_grad()

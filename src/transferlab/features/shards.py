@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from transferlab.core.files import atomic_write_bytes
+from transferlab.core.hashing import file_digest
 
 MANIFEST = "manifest.json"
-_READ_CHUNK = 16 << 20
 
 
 def shard_bounds(n_rows: int, row_bytes: int, shard_bytes: float, batch_size: int) -> list[tuple[int, int]]:
@@ -36,15 +36,6 @@ def shard_bounds(n_rows: int, row_bytes: int, shard_bytes: float, batch_size: in
 
 def shard_name(index: int) -> str:
     return f"{index:05d}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256, read in chunks (nothing is mapped into this process)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shard_bytes_of(inputs: torch.Tensor, labels: torch.Tensor, start: int, bad: list[int]) -> bytes:
@@ -81,15 +72,21 @@ def read_shard_entry(path: Path, index: int) -> dict | None:
             if _sha256(f.get_tensor("inputs")) != info["inputs_sha256"] or _sha256(f.get_tensor("labels")) != info["labels_sha256"]:
                 return None
         return {"file": shard_name(index), "start": info["start"], "stop": info["start"] + info["rows"],
-                "bad": info["bad"], "sha256": file_sha256(path)}
+                "bad": info["bad"], "sha256": file_digest(path)}
     except Exception:  # a half-written, damaged or foreign file: computed again
         return None
 
 
-def write_manifest(folder: Path, shards: list[dict], row_shape: tuple[int, ...], labels_sha256: str) -> None:
+def intact_shard(folder: Path, index: int, bounds: tuple[int, int]) -> dict | None:
+    """The manifest entry of shard `index` if its file is whole and holds rows `bounds` (kept from an
+    interrupted extraction, or written by a worker), else None."""
+    entry = read_shard_entry(folder / shard_name(index), index)
+    return entry if entry is not None and (entry["start"], entry["stop"]) == tuple(bounds) else None
+
+
+def write_manifest(folder: Path, shards: list[dict], row_shape: tuple[int, ...]) -> None:
     """The entry's manifest, written last: an entry without one is not in the cache."""
-    manifest = {"rows": shards[-1]["stop"] if shards else 0, "row_shape": list(row_shape), "dtype": "float32",
-                "labels_sha256": labels_sha256, "shards": shards}
+    manifest = {"rows": shards[-1]["stop"] if shards else 0, "row_shape": list(row_shape), "dtype": "float32", "shards": shards}
     atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -259,7 +256,7 @@ def read_manifest(folder: Path) -> dict | None:
 def verify(folder: Path, manifest: dict) -> None:
     """A ValueError unless every shard's file has the digest the manifest records."""
     for entry in manifest["shards"]:
-        if file_sha256(folder / entry["file"]) != entry["sha256"]:
+        if file_digest(folder / entry["file"]) != entry["sha256"]:
             raise ValueError(f"{entry['file']}: checksum mismatch")
 
 
