@@ -101,17 +101,17 @@ def runtime_throughput(name: str, model_dir: str | None, data: str, n_images: in
         prepare_s[r] = round(time.perf_counter() - t, 2)  # export + compile (done once per cache folder)
         if runners[r].notice:
             say(runners[r].notice)
+    auto = resolve_runtime("auto", cpu)
+    # The runtime alone, on the same images decoded beforehand: what extraction would reach if decoding were free.
+    # Timed in every round right after the extractions, so a neighbour's load hurts both alike.
+    decoded = [x for x, _y, _idx, _ok in image_loader(split, pre, 64, 0)]
     img_s = {r: 0.0 for r in runners}
+    inference = 0.0
     for _ in range(rounds):
         for r, runner in runners.items():
             t = time.perf_counter()
             extract(prefix, split, pre, cpu, progress=False, runner=runner)
             img_s[r] = max(img_s[r], len(split) / (time.perf_counter() - t))
-    auto = resolve_runtime("auto", cpu)
-    # The runtime alone, on the same images decoded beforehand: what extraction would reach if decoding were free.
-    decoded = [x for x, _y, _idx, _ok in image_loader(split, pre, 64, 0)]
-    inference = 0.0
-    for _ in range(rounds):
         t = time.perf_counter()
         for x in decoded:
             runners[auto](x)

@@ -217,7 +217,7 @@ def test_threaded_decoding_gives_the_data_loaders_batches(tiny_folder, resnet10_
     split, pre = load_splits(tiny_folder).train, resnet10_random.spec.preprocessing
     chunks = [[5, 0, 3], [7, 1], [2, 4, 6]]
     for seed in (None, 11):
-        threaded = list(threaded_batches(split, pre, chunks, threads=2, ahead=1, augment_seed=seed))
+        threaded = list(threaded_batches(split, pre, chunks, threads=2, augment_seed=seed))
         loader = list(image_loader(split, pre, 3, 0, batch_sampler=chunks, augment_seed=seed))
         assert len(threaded) == len(loader) == 3
         for a, b in zip(threaded, loader):

@@ -95,7 +95,7 @@ def to_rgb(img: Image.Image, min_size: int | None = None) -> Image.Image:
         elif img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
         img = ImageOps.exif_transpose(img) or img
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def load_rgb(path: str, min_size: int | None = None) -> Image.Image:

@@ -89,7 +89,7 @@ class _Items(torch.utils.data.Dataset):
         if isinstance(item, Image.Image):
             pre = self.files.pre
             try:
-                return self.files.transform(to_rgb(own_copy(item), min_size=pre.resize_size)), i, True
+                return self.files.eval_view(to_rgb(own_copy(item), min_size=pre.resize_size)), i, True
             except BAD_IMAGE_ERRORS:  # a lazily opened image whose file does not decode
                 return torch.zeros(3, pre.input_size, pre.input_size), i, False
         x, _label, _i, ok = self.files[i]

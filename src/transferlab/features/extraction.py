@@ -35,8 +35,9 @@ def extract(
     With `augment` = (seed, min_scale) each image is a seeded random resized crop and flip
     (``data.augmented_view``) instead of the evaluation view.
 
-    On CPU with `num_workers` None the images are decoded by a thread of this process, a few batches
-    ahead of the runtime (worker processes would compete with the runtime's threads for the cores).
+    On CPU with `num_workers` None the images are decoded by threads of this process on every core,
+    taking turns with the runtime (``data.loader.threaded_batches``): worker processes, or decoding
+    beside the runtime, would compete with its threads for the cores.
 
     Returns the float32 outputs on CPU, in split order, and the indices of files that failed to
     decode (their rows are zeros). On CUDA the pass uses pinned memory, channels_last and bf16
@@ -47,7 +48,7 @@ def extract(
     runner = runner or eager_runner(prefix, placement, (1, 3, pre.input_size, pre.input_size))
     seed, min_scale = augment if augment is not None else (None, 1.0)
     loader: Iterable
-    if num_workers is None and placement.device.type == "cpu":  # decoding threads overlap the runtime (see ImageSource)
+    if num_workers is None and placement.device.type == "cpu":  # decoding takes turns with the runtime
         chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
         loader = threaded_batches(split, pre, chunks, augment_seed=seed, min_scale=min_scale)
     else:

@@ -1,0 +1,148 @@
+"""The fast decoding path against its definition: PIL geometry plus a lookup table gives torchvision's
+ToTensor + Normalize bit for bit, and the turn-taking decoder gives the DataLoader's batches, decodes
+only while the consumer waits, stops its threads, and raises a defect instead of hiding it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transferlab.data import Split, image_loader
+from transferlab.data.loader import ImageDataset, threaded_batches
+from transferlab.data.transforms import (
+    Preprocessing,
+    augmented_pixels,
+    augmented_view,
+    build_transform,
+    eval_pixels,
+    normalise_into,
+    normalising_table,
+)
+
+PREPROCESSINGS = [
+    Preprocessing(),  # bilinear, ImageNet statistics, 256 -> 224
+    Preprocessing(interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),  # EfficientNet-Lite
+    Preprocessing(input_size=240, crop_pct=0.95, interpolation="bicubic"),
+    Preprocessing(resize=232, interpolation="lanczos"),
+    Preprocessing(squash=True),
+    Preprocessing(input_size=224, resize=200),  # a resize below the crop: CenterCrop pads
+    Preprocessing(input_size=7, crop_pct=0.9, interpolation="nearest"),
+]
+
+
+def _normalised(pixels: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    out = torch.empty(3, *pixels.shape[:2])
+    return normalise_into(pixels, normalising_table(pre), out)
+
+
+def test_the_table_is_to_tensor_then_normalize_for_every_byte_in_every_channel():
+    from torchvision import transforms
+
+    pre = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=2)
+    pixels[:, :, 1] = pixels[:, :, 1][::-1]  # channels differ, so a channel mix-up shows
+    expected = transforms.Normalize(pre.mean, pre.std)(transforms.ToTensor()(Image.fromarray(pixels)))
+    assert torch.equal(_normalised(pixels, pre), expected)
+
+
+@pytest.mark.parametrize("pre", PREPROCESSINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}-{p.resize}-{p.squash}")
+def test_pixels_then_table_equal_the_torchvision_transform_bit_for_bit(pre):
+    rng = np.random.default_rng(0)
+    for w, h in [(227, 227), (500, 375), (375, 500), (256, 256), (640, 48), (31, 17), (5, 700)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        expected = build_transform(pre)(img)
+        got = _normalised(eval_pixels(img, pre), pre)
+        assert got.shape == expected.shape and torch.equal(got, expected), (w, h)
+
+
+def test_augmented_pixels_then_table_equal_the_augmented_view():
+    pre = Preprocessing(input_size=32, interpolation="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    for seed in range(6):
+        expected = augmented_view(img, pre, torch.Generator().manual_seed(seed))
+        got = _normalised(augmented_pixels(img, pre, torch.Generator().manual_seed(seed)), pre)
+        assert torch.equal(got, expected), seed
+
+
+def _folder_split(tmp_path, n: int, bad: tuple[int, ...] = ()) -> Split:
+    rng = np.random.default_rng(2)
+    files = []
+    for i in range(n):
+        path = tmp_path / f"{i:03d}.jpg"
+        if i in bad:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)).save(path)
+        files.append(str(path))
+    return Split("train", tuple(files), tuple(i % 3 for i in range(n)))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_turns_give_the_data_loaders_batches_with_bad_files_as_zero_images(tmp_path, threads):
+    split, pre = _folder_split(tmp_path, 11, bad=(4,)), Preprocessing(input_size=16)
+    chunks = [[10, 0, 3, 4], [7], [1, 2, 5, 6, 8, 9]]
+    for seed in (None, 5):
+        got = list(threaded_batches(split, pre, chunks, threads=threads, augment_seed=seed))
+        ref = list(image_loader(split, pre, 4, 0, batch_sampler=chunks, augment_seed=seed))
+        assert len(got) == len(ref) == 3
+        for a, b in zip(got, ref):
+            assert all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b))
+    x, _y, idx, ok = got[0]
+    assert ok.tolist() == [True, True, True, False] and not x[3].any()
+
+
+def _counting_dataset(monkeypatch) -> list[tuple[str, float]]:
+    calls: list[tuple[str, float]] = []
+    decode = ImageDataset.decode_into
+
+    def counted(self, i, out):
+        calls.append((threading.current_thread().name, time.perf_counter()))
+        return decode(self, i, out)
+
+    monkeypatch.setattr(ImageDataset, "decode_into", counted)
+    return calls
+
+
+def test_helpers_decode_only_while_the_consumer_waits_and_all_threads_decode_then(tmp_path, monkeypatch):
+    calls = _counting_dataset(monkeypatch)
+    split, pre = _folder_split(tmp_path, 40), Preprocessing(input_size=16)
+    batches = threaded_batches(split, pre, [list(range(i, i + 20)) for i in (0, 20)], threads=2)
+    next(batches)
+    assert len(calls) == 20  # the first batch only: nothing decoded ahead
+    held = time.perf_counter()
+    time.sleep(0.3)  # the consumer "runs the model": the helpers must stay idle
+    assert len(calls) == 20
+    next(batches)
+    assert len(calls) == 40 and min(t for _name, t in calls[20:]) > held
+    batches.close()
+    names = {name for name, _t in calls}
+    assert names <= {"MainThread", "decode-0", "decode-1"} and len(names) >= 2  # the consumer decodes with them
+
+
+def test_stopping_early_leaves_no_decoding_thread(tmp_path):
+    split, pre = _folder_split(tmp_path, 12), Preprocessing(input_size=16)
+    before = {t.name for t in threading.enumerate()}
+    batches = threaded_batches(split, pre, [[0, 1, 2], [3, 4, 5], [6, 7, 8]], threads=3)
+    next(batches)
+    assert any(t.name.startswith("decode-") for t in threading.enumerate())
+    batches.close()
+    assert {t.name for t in threading.enumerate()} == before
+
+
+def test_a_defect_while_decoding_on_a_helper_reaches_the_consumer(tmp_path, monkeypatch):
+    def broken(self, i, out):
+        if threading.current_thread().name.startswith("decode-"):
+            raise RuntimeError("broken decoder")
+        time.sleep(0.05)  # leaves the helpers items to claim
+        return True
+
+    monkeypatch.setattr(ImageDataset, "decode_into", broken)
+    split, pre = _folder_split(tmp_path, 6), Preprocessing(input_size=16)
+    with pytest.raises(RuntimeError, match="broken decoder"):
+        list(threaded_batches(split, pre, [list(range(6))], threads=2))
+    assert not any(t.name.startswith("decode-") for t in threading.enumerate())
