@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transferlab.data import Split, image_loader
+from transferlab.data import Split, image_loader, load_rgb, to_rgb
 from transferlab.data.loader import ImageDataset, threaded_batches
 from transferlab.data.transforms import (
     Preprocessing,
@@ -94,6 +94,12 @@ def test_turns_give_the_data_loaders_batches_with_bad_files_as_zero_images(tmp_p
             assert all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b))
     x, _y, idx, ok = got[0]
     assert ok.tolist() == [True, True, True, False] and not x[3].any()
+    plain = list(threaded_batches(split, pre, chunks, threads=threads))
+    for (x, _y, idx, ok) in plain:  # the definition: load_rgb, then torchvision's transform
+        for row, i, good in zip(x, idx.tolist(), ok.tolist()):
+            if good:
+                assert row.dtype == torch.float32
+                assert torch.equal(row, build_transform(pre)(load_rgb(split.files[i], pre.resize_size)))
 
 
 def _counting_dataset(monkeypatch) -> list[tuple[str, float]]:
@@ -120,25 +126,57 @@ def test_helpers_decode_only_while_the_consumer_waits_and_all_threads_decode_the
     next(batches)
     assert len(calls) == 40 and min(t for _name, t in calls[20:]) > held
     batches.close()
-    names = {name for name, _t in calls}
-    assert names <= {"MainThread", "decode-0", "decode-1"} and len(names) >= 2  # the consumer decodes with them
+
+
+def test_the_consumer_and_the_helpers_decode_a_batch_together(tmp_path, monkeypatch):
+    helped = threading.Event()
+    decode = ImageDataset.decode_into
+    names = []
+
+    def meeting(self, i, out):  # the consumer's first item waits until a helper has taken one
+        name = threading.current_thread().name
+        names.append(name)
+        if name.startswith("decode-"):
+            helped.set()
+        elif not helped.wait(timeout=10):
+            raise AssertionError("no helper decoded while the consumer waited")
+        return decode(self, i, out)
+
+    monkeypatch.setattr(ImageDataset, "decode_into", meeting)
+    split, pre = _folder_split(tmp_path, 8), Preprocessing(input_size=16)
+    [(_x, _y, idx, ok)] = list(threaded_batches(split, pre, [list(range(8))], threads=1))
+    assert ok.all() and idx.tolist() == list(range(8))
+    assert set(names) == {threading.current_thread().name, "decode-0"}
+
+
+def test_no_helper_threads_decodes_in_the_consumer_alone(tmp_path, monkeypatch):
+    calls = _counting_dataset(monkeypatch)
+    split, pre = _folder_split(tmp_path, 5), Preprocessing(input_size=16)
+    assert len(list(threaded_batches(split, pre, [[0, 1], [2, 3, 4]], threads=0))) == 2
+    assert {name for name, _t in calls} == {threading.current_thread().name}
 
 
 def test_stopping_early_leaves_no_decoding_thread(tmp_path):
     split, pre = _folder_split(tmp_path, 12), Preprocessing(input_size=16)
-    before = {t.name for t in threading.enumerate()}
+    def decoding() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("decode-")]
+
+    assert not decoding()
     batches = threaded_batches(split, pre, [[0, 1, 2], [3, 4, 5], [6, 7, 8]], threads=3)
     next(batches)
-    assert any(t.name.startswith("decode-") for t in threading.enumerate())
+    assert len(decoding()) == 3
     batches.close()
-    assert {t.name for t in threading.enumerate()} == before
+    assert not decoding()
 
 
 def test_a_defect_while_decoding_on_a_helper_reaches_the_consumer(tmp_path, monkeypatch):
+    raised = threading.Event()
+
     def broken(self, i, out):
         if threading.current_thread().name.startswith("decode-"):
+            raised.set()
             raise RuntimeError("broken decoder")
-        time.sleep(0.05)  # leaves the helpers items to claim
+        raised.wait(timeout=10)  # the consumer's first item waits until a helper has failed
         return True
 
     monkeypatch.setattr(ImageDataset, "decode_into", broken)
@@ -146,3 +184,11 @@ def test_a_defect_while_decoding_on_a_helper_reaches_the_consumer(tmp_path, monk
     with pytest.raises(RuntimeError, match="broken decoder"):
         list(threaded_batches(split, pre, [list(range(6))], threads=2))
     assert not any(t.name.startswith("decode-") for t in threading.enumerate())
+
+
+def test_to_rgb_returns_a_new_image_even_for_an_rgb_one():
+    img = Image.fromarray(np.zeros((4, 5, 3), dtype=np.uint8))
+    out = to_rgb(img)
+    assert out is not img and out.mode == "RGB"
+    out.putpixel((0, 0), (9, 9, 9))
+    assert img.getpixel((0, 0)) == (0, 0, 0)

@@ -24,9 +24,10 @@ from transferlab.data.transforms import (
 
 
 def decode_threads() -> int:
-    """Helper threads that decode with the consumer on CPU (:func:`threaded_batches`): one per thread of
-    the model's (``torch.get_num_threads()``, the cores this process was given) but the consumer's, 1 to 8."""
-    return max(1, min(8, torch.get_num_threads() - 1))
+    """Helper threads that decode with the consumer on CPU (:func:`threaded_batches`): one per thread of the
+    model's (``torch.get_num_threads()``, the cores this process was given) but the consumer's, at most 8
+    (the GIL-bound part of decoding gains little from more)."""
+    return max(0, min(8, torch.get_num_threads() - 1))
 
 
 def default_num_workers() -> int:
@@ -91,18 +92,20 @@ def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers:
 def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[int]], threads: int | None = None,
                      augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
     """``(image, label, index, ok)`` batches in `batch_sampler`'s order, decoded in this process by the
-    consuming thread and `threads` helper threads (None: :func:`decode_threads`), without worker
-    processes or pickled images. Items are :class:`ImageDataset`'s, so the numbers equal the DataLoader's.
+    consuming thread and `threads` helper threads (None: :func:`decode_threads`; 0: the consumer alone),
+    without worker processes or pickled images. Items are :class:`ImageDataset`'s, so the numbers equal
+    the DataLoader's.
 
-    Decoding and the model take turns on all cores: when the consumer asks for a batch, it and the
-    helpers decode that batch's images, straight into one preallocated tensor; while the consumer
-    works on it, the helpers wait. A model's threads on CPU use every core (EfficientNet-Lite0 in
+    Decoding and the model take turns on the cores: when the consumer asks for a batch, it and the
+    helpers decode that batch's images straight into the batch's tensor (a new one per batch, so a
+    caller may keep it); while the consumer works on it, the helpers wait. Nothing is read ahead. A model's threads on CPU use every core (EfficientNet-Lite0 in
     OpenVINO here: 173 img/s on one thread, 338 on two), so decoding beside them only slows them:
     with a helper decoding ahead, even at idle priority, extraction ran at 0.71-0.77 of the runtime's
     speed on two cores; taking turns, 0.75-0.87.
     """
     pipeline = _DecodeTurns(ImageDataset(split, pre, augment_seed, min_scale), batch_sampler)
-    helpers = [threading.Thread(target=pipeline.help, name=f"decode-{k}", daemon=True) for k in range(threads or decode_threads())]
+    n_helpers = decode_threads() if threads is None else threads
+    helpers = [threading.Thread(target=pipeline.help, name=f"decode-{k}", daemon=True) for k in range(n_helpers)]
     for t in helpers:
         t.start()
     try:
@@ -131,7 +134,7 @@ class _DecodeTurns:
 
     def _claim(self) -> int | None:
         """The next item of this turn's batch (under the lock), or None."""
-        if self.closed or self.turn is None or self.next_item == len(self.batches[self.turn]):
+        if self.closed or self.error is not None or self.turn is None or self.next_item == len(self.batches[self.turn]):
             return None
         self.next_item += 1
         return self.next_item - 1
@@ -142,6 +145,7 @@ class _DecodeTurns:
         except BaseException as e:  # a defect, not a bad image (those are ok=False): the consumer raises it
             with self.cond:
                 self.error = self.error or e
+                self.cond.notify_all()
         with self.cond:
             self.left -= 1
             if self.left == 0:
@@ -162,7 +166,7 @@ class _DecodeTurns:
         indices = self.batches[b]
         size = self.dataset.pre.input_size
         with self.cond:
-            self.images = torch.empty(len(indices), 3, size, size)
+            self.images = torch.empty(len(indices), 3, size, size, dtype=torch.float32)
             self.ok = torch.zeros(len(indices), dtype=torch.bool)
             self.turn, self.next_item, self.left = b, 0, len(indices)
             self.cond.notify_all()
@@ -188,7 +192,8 @@ class _DecodeTurns:
 
 class ImageDataset(torch.utils.data.Dataset):
     """Items are ``(image_tensor, label, index, ok)``; a file that fails to decode gives ``ok=False``
-    and a zero image, so one bad file never stops a pass and every bad file can be reported.
+    and a zero image, so one bad file never stops a pass and every bad file can be reported. Image
+    tensors are float32 with :func:`build_transform`'s numbers (computed as pixels, then a lookup table).
 
     With ``augment_seed`` set, each item is an :func:`augmented_view` drawn from a generator seeded by
     (augment_seed, index): the same numbers whatever the number or order of loader workers.
@@ -217,7 +222,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def eval_view(self, img) -> torch.Tensor:
         """The normalised evaluation view of an RGB PIL image: :func:`build_transform`'s numbers."""
-        out = torch.empty(3, self.pre.input_size, self.pre.input_size)
+        out = torch.empty(3, self.pre.input_size, self.pre.input_size, dtype=torch.float32)
         return normalise_into(eval_pixels(img, self.pre), self.table, out)
 
     def decode_into(self, i: int, out: torch.Tensor) -> bool:
@@ -230,6 +235,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return True
 
     def __getitem__(self, i: int):
-        x = torch.empty(3, self.pre.input_size, self.pre.input_size)
+        x = torch.empty(3, self.pre.input_size, self.pre.input_size, dtype=torch.float32)
         ok = self.decode_into(i, x)
         return x, self.split.labels[i], i, ok

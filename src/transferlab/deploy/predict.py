@@ -1,9 +1,10 @@
 """Classify images with a trained model: ``load_classifier(MODEL_DIR or RUN_DIR).predict(images)``.
 
-Images go through the training code path: :func:`transferlab.data.load_rgb` (with the same reduced-scale
-JPEG decoding) and :func:`transferlab.data.build_transform`, via :class:`transferlab.data.ImageDataset`;
-PIL images through :func:`transferlab.data.to_rgb` (what load_rgb does after opening the file) and the
-same transform. On CPU the numbers are those of training's test evaluation (fp32, same preprocessing).
+Images go through the training code path, :class:`transferlab.data.ImageDataset`:
+:func:`transferlab.data.load_rgb` (with the same reduced-scale JPEG decoding), then the numbers of
+:func:`transferlab.data.build_transform` (computed as pixels, then a lookup table); PIL images through
+:func:`transferlab.data.to_rgb` (what load_rgb does after opening the file) and the same view. On CPU
+the numbers are those of training's test evaluation (fp32, same preprocessing).
 Evaluation on a data folder (:func:`run_split`) rebuilds the splits with the run's own split settings.
 """
 
@@ -71,8 +72,8 @@ def own_copy(img: Image.Image) -> Image.Image:
 
 
 class _Items(torch.utils.data.Dataset):
-    """Paths go through ImageDataset (load_rgb + build_transform); PIL images through to_rgb and the same
-    transform: everything load_rgb does after opening a file, so an image opened from a path predicts
+    """Paths go through ImageDataset (load_rgb + build_transform's numbers); PIL images through to_rgb and
+    the same view (``ImageDataset.eval_view``): everything load_rgb does after opening a file, so an image opened from a path predicts
     as the path does (a JPEG not yet loaded is decoded at reduced scale too). The caller's images are
     not changed (:func:`own_copy`)."""
 
