@@ -9,7 +9,7 @@ rule trains) on one fixed batch:
   - ``eager_channels_last``: model and inputs channels_last (what transferlab runs);
   - ``compiled_channels_last``: ``torch.compile`` of the model (inductor), after its compile (timed apart);
 and, with --data, one training epoch of the real input path (``ImageSource``: decoding workers, random
-crops) against the same steps on pre-decoded tensors: the default (None: decoding threads on every core,
+crops) against the same steps on pre-decoded tensors: the default (None: one decoding thread per model thread,
 taking turns with the model) and 0, 1 and 2 decoding worker processes. Prints one JSON
 line: img/s of each, their ratios to ``eager_contiguous``, the compile seconds, and per worker count
 ``input_path_over_tensors`` (1.0: decoding costs the model nothing).

@@ -98,10 +98,11 @@ def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[
 
     Decoding and the model take turns on the cores: when the consumer asks for a batch, it and the
     helpers decode that batch's images straight into the batch's tensor (a new one per batch, so a
-    caller may keep it); while the consumer works on it, the helpers wait. Nothing is read ahead. A model's threads on CPU use every core (EfficientNet-Lite0 in
-    OpenVINO here: 173 img/s on one thread, 338 on two), so decoding beside them only slows them:
-    with a helper decoding ahead, even at idle priority, extraction ran at 0.71-0.77 of the runtime's
-    speed on two cores; taking turns, 0.75-0.87.
+    caller may keep it); while the consumer works on it, the helpers wait. Nothing is read ahead (slow
+    network storage would show as decoding time). A model's threads on CPU use the cores well
+    (EfficientNet-Lite0 in OpenVINO here: 173 img/s on one thread, 338 on two), so decoding beside
+    them only slows them: with a helper decoding ahead, even at idle priority, extraction ran at
+    0.71-0.77 of the runtime's speed on two cores; taking turns, 0.75-0.87.
     """
     pipeline = _DecodeTurns(ImageDataset(split, pre, augment_seed, min_scale), batch_sampler)
     n_helpers = decode_threads() if threads is None else threads

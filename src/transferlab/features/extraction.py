@@ -35,7 +35,7 @@ def extract(
     With `augment` = (seed, min_scale) each image is a seeded random resized crop and flip
     (``data.augmented_view``) instead of the evaluation view.
 
-    On CPU with `num_workers` None the images are decoded by threads of this process on every core,
+    On CPU with `num_workers` None the images are decoded by threads of this process (one per runtime thread),
     taking turns with the runtime (``data.loader.threaded_batches``): worker processes, or decoding
     beside the runtime, would compete with its threads for the cores.
 

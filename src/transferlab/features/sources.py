@@ -98,7 +98,7 @@ class ImageSource:
 
     With `augment_seed` set, every pass over the data draws fresh augmented views, seeded by
     (augment_seed, pass number, image index): reproducible, and independent of how images are decoded.
-    `num_workers` None decodes, on CPU, in threads of this process on every core, taking turns with the
+    `num_workers` None decodes, on CPU, in threads of this process (one per model thread), taking turns with the
     model (``data.loader.threaded_batches``): worker processes would compete with the model's threads for
     the cores (a whole-network training pass ran 1.5x slower with 2 of them on 2 cores); elsewhere in
     min(4, cores) worker processes. A
