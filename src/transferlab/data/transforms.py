@@ -66,24 +66,14 @@ def build_transform(pre: Preprocessing):
 
 def eval_pixels(img: Image.Image, pre: Preprocessing) -> np.ndarray:
     """The evaluation view's geometry of an RGB image as ``(H, W, 3)`` uint8: :func:`build_transform`'s
-    Resize and CenterCrop, called on PIL directly (the sizes and offsets are torchvision's rules)."""
-    resample = INTERPOLATIONS[pre.interpolation]
-    size = pre.input_size
-    if pre.squash:
-        return np.asarray(img.resize((size, size), resample))
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(pre.resize_size * long / short)
-    resized = (pre.resize_size, new_long) if w <= h else (new_long, pre.resize_size)
-    if resized != (w, h):
-        img = img.resize(resized, resample)
-    w, h = img.size
-    if w < size or h < size:  # CenterCrop pads first; only for a resize_size below input_size
-        from torchvision.transforms import functional as TF
+    Resize and CenterCrop, as torchvision's functions (no transform objects built per image)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
 
-        return np.asarray(TF.center_crop(img, [size, size]))
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)))
+    interp, size = InterpolationMode(pre.interpolation), [pre.input_size, pre.input_size]
+    if pre.squash:
+        return np.asarray(TF.resize(img, size, interp))
+    return np.asarray(TF.center_crop(TF.resize(img, pre.resize_size, interp), size))
 
 
 def normalising_table(pre: Preprocessing) -> np.ndarray:

@@ -187,7 +187,7 @@ class ShardedRows:
 
     def __getitem__(self, item) -> torch.Tensor:
         if isinstance(item, (int, np.integer)):
-            return self.rows([int(np.arange(len(self))[item])])[0]
+            return self.rows([range(len(self))[item]])[0]  # range: negative positions, IndexError, no array
         if isinstance(item, slice):
             return self.rows(np.arange(len(self))[item])
         return self.rows(item)
