@@ -7,6 +7,7 @@ import copy
 import hashlib
 import os
 import pickle
+import resource
 import shutil
 import subprocess
 import sys
@@ -313,3 +314,30 @@ def test_a_larger_shard_size_leaves_no_stale_shards(folder_150, resnet10_random,
     one = CutInputs(copy.deepcopy(resnet10_random), splits, engine, cache).setup(1).sources["train"].inputs
     assert sorted(p.name for p in entry.glob("*.safetensors")) == ["00000.safetensors"]
     assert one.shape == (150, 512)
+
+
+_REFAULTS = """
+import resource, sys, torch
+from transferlab.core.devices import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults_writing_a_fresh_64_mb_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20, dtype=torch.float32).numpy().fill(1.0)  # freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_writing_a_fresh_64_mb_tensor()
+print(faults_writing_a_fresh_64_mb_tensor())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_kept_freed_memory_is_not_page_faulted_in_again():
+    """The second 64 MB tensor (16384 pages of 4 KB): by default glibc unmaps the first one when it is freed,
+    so every page of the second faults in afresh; with keep_freed_memory the freed pages are reused."""
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True, text=True, check=True)
+        return int(done.stdout.split()[-1])
+
+    pages = (64 << 20) // resource.getpagesize()
+    assert faults("default") > pages // 2
+    assert faults("keep") < pages // 20
