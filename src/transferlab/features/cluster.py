@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transferlab.core.devices import Placement, keep_freed_memory
+from transferlab.core.devices import Placement
 from transferlab.core.errors import UserError
 from transferlab.features import shards
 from transferlab.features.extraction import ExtractionJob, extract, write_entry_manifest
@@ -65,7 +65,6 @@ class ShardExtractor:
         except OSError as e:
             raise UserError(f"worker node {self.node} cannot write the cache folder {folder} ({e.strerror}): "
                             "--cache-dir must be on storage every node can write") from None
-        keep_freed_memory()  # as every CutInputs does: each batch's tensors would otherwise be page-faulted in afresh
         torch.set_num_threads(spec.threads)  # float reductions follow the thread count: the coordinator's
         self.placement = Placement(torch.device(spec.device), spec.dtype)
         prefix = job.prefix.to(self.placement.device)
