@@ -81,6 +81,33 @@ def test_load_classifier_from_model_dir_run_dir_and_pil_images_agree(probe_dir, 
     assert sum(p for _, p in rows[0].top_k) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_predict_on_cpu_decodes_in_turns_in_this_process_with_the_loader_numbers(model_dir, data, monkeypatch, tmp_path):
+    """By default on CPU no worker process starts (they would fight the model's threads for the cores):
+    helper threads take turns with the model, and the probabilities are bit-identical to the DataLoader's."""
+    import transferlab
+
+    files = sorted(str(p) for p in (data / "test").rglob("*.png"))
+    clf = transferlab.load_classifier(model_dir, device="cpu")
+    assert clf.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # as training runs it
+    loader_probs, loader_kept = clf.predict_proba(files, batch_size=4, num_workers=0)
+
+    def no_loader(*args, **kwargs):
+        raise AssertionError("predict built a DataLoader")
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", no_loader)
+    probs, kept = clf.predict_proba(files, batch_size=4)
+    assert kept == loader_kept == list(range(len(files)))
+    assert np.array_equal(probs, loader_probs)
+    pil_probs, _ = clf.predict_proba([Image.open(f) for f in files], batch_size=4)  # decoded by this thread alone
+    assert np.array_equal(pil_probs, loader_probs)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    probs, kept = clf.predict_proba(files[:2] + [str(broken)] + files[2:], batch_size=4, on_bad_image="skip")
+    assert kept == [0, 1] + list(range(3, len(files) + 1)) and np.array_equal(probs, loader_probs)
+    with pytest.raises(UserError, match=f"1 image\\(s\\) cannot be decoded: {re.escape(str(broken))} \\("):
+        clf.predict_proba([str(broken)] + files)
+
+
 def test_config_records_classes_preprocessing_and_provenance(probe_dir, model_dir):
     record = json.loads((probe_dir / "run.json").read_text())
     cfg = json.loads((model_dir / "config.json").read_text())

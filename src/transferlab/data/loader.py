@@ -104,7 +104,13 @@ def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[
     them only slows them: with a helper decoding ahead, even at idle priority, extraction ran at
     0.71-0.77 of the runtime's speed on two cores; taking turns, 0.75-0.87.
     """
-    pipeline = _DecodeTurns(ImageDataset(split, pre, augment_seed, min_scale), batch_sampler)
+    return batches_in_turns(ImageDataset(split, pre, augment_seed, min_scale), batch_sampler, threads)
+
+
+def batches_in_turns(dataset: ImageDataset, batch_sampler: list[list[int]], threads: int | None = None):
+    """:func:`threaded_batches` of any `dataset` with ImageDataset's ``pre``, ``split`` (for the labels) and
+    ``decode_into`` (which helper threads call concurrently: it must not share mutable state)."""
+    pipeline = _DecodeTurns(dataset, batch_sampler)
     n_helpers = decode_threads() if threads is None else threads
     helpers = [threading.Thread(target=pipeline.help, name=f"decode-{k}", daemon=True) for k in range(n_helpers)]
     for t in helpers:

@@ -30,8 +30,8 @@ class EngineConfig:
                                         "in memory-mapped shards on disk, streamed batch by batch (default: a quarter of RAM)")
     cache_shard_mb: float = option(64.0, "size of one cache shard file: the unit of streaming, resuming and "
                                    "distributed extraction")
-    num_workers: int | None = option(None, "image decoding worker processes, 0: in this process (default: min(4, cores); "
-                                     "passes over images on CPU decode in one thread beside the model)", flag="--workers")
+    num_workers: int | None = option(None, "image decoding worker processes, 0: in this process (default: on CPU, threads "
+                                     "of this process taking turns with the model; on CUDA min(4, cores))", flag="--workers")
     progress: bool = option(True, "no progress bars", flag="--no-progress", invert=True)
     runtime: str = option("auto", "what runs the frozen layers: auto (OpenVINO, else ONNX Runtime, else PyTorch on CPU; "
                           "PyTorch on CUDA), torch, compile, onnxruntime, openvino", choices=RUNTIMES)
