@@ -1,4 +1,4 @@
-"""The fast decoding path against its definition: PIL geometry plus a lookup table gives torchvision's
+"""The fast decoding path against its definition: PIL geometry plus in-place normalising gives torchvision's
 ToTensor + Normalize bit for bit, and the turn-taking decoder gives the DataLoader's batches, decodes
 only while the consumer waits, stops its threads, and raises a defect instead of hiding it."""
 
@@ -21,7 +21,6 @@ from transferlab.data.transforms import (
     build_transform,
     eval_pixels,
     normalise_into,
-    normalising_table,
 )
 
 PREPROCESSINGS = [
@@ -37,10 +36,10 @@ PREPROCESSINGS = [
 
 def _normalised(pixels: np.ndarray, pre: Preprocessing) -> torch.Tensor:
     out = torch.empty(3, *pixels.shape[:2])
-    return normalise_into(pixels, normalising_table(pre), out)
+    return normalise_into(pixels, pre, out)
 
 
-def test_the_table_is_to_tensor_then_normalize_for_every_byte_in_every_channel():
+def test_normalising_is_to_tensor_then_normalize_for_every_byte_in_every_channel():
     from torchvision import transforms
 
     pre = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -51,7 +50,7 @@ def test_the_table_is_to_tensor_then_normalize_for_every_byte_in_every_channel()
 
 
 @pytest.mark.parametrize("pre", PREPROCESSINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}-{p.resize}-{p.squash}")
-def test_pixels_then_table_equal_the_torchvision_transform_bit_for_bit(pre):
+def test_pixels_then_normalising_equal_the_torchvision_transform_bit_for_bit(pre):
     rng = np.random.default_rng(0)
     for w, h in [(227, 227), (500, 375), (375, 500), (256, 256), (640, 48), (31, 17), (5, 700)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -60,7 +59,7 @@ def test_pixels_then_table_equal_the_torchvision_transform_bit_for_bit(pre):
         assert got.shape == expected.shape and torch.equal(got, expected), (w, h)
 
 
-def test_augmented_pixels_then_table_equal_the_augmented_view():
+def test_augmented_pixels_then_normalising_equal_the_augmented_view():
     pre = Preprocessing(input_size=32, interpolation="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     for seed in range(6):

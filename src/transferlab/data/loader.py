@@ -19,7 +19,6 @@ from transferlab.data.transforms import (
     augmented_pixels,
     eval_pixels,
     normalise_into,
-    normalising_table,
 )
 
 
@@ -200,7 +199,7 @@ class _DecodeTurns:
 class ImageDataset(torch.utils.data.Dataset):
     """Items are ``(image_tensor, label, index, ok)``; a file that fails to decode gives ``ok=False``
     and a zero image, so one bad file never stops a pass and every bad file can be reported. Image
-    tensors are float32 with :func:`build_transform`'s numbers (computed as pixels, then a lookup table).
+    tensors are float32 with :func:`build_transform`'s numbers (computed as pixels, then normalised in place).
 
     With ``augment_seed`` set, each item is an :func:`augmented_view` drawn from a generator seeded by
     (augment_seed, index): the same numbers whatever the number or order of loader workers.
@@ -210,7 +209,6 @@ class ImageDataset(torch.utils.data.Dataset):
         self.split = split
         self.min_scale = min_scale
         self.pre = pre
-        self.table = normalising_table(pre)
         self.augment_seed = augment_seed
 
     def __len__(self) -> int:
@@ -230,7 +228,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def eval_view(self, img) -> torch.Tensor:
         """The normalised evaluation view of an RGB PIL image: :func:`build_transform`'s numbers."""
         out = torch.empty(3, self.pre.input_size, self.pre.input_size, dtype=torch.float32)
-        return normalise_into(eval_pixels(img, self.pre), self.table, out)
+        return normalise_into(eval_pixels(img, self.pre), self.pre, out)
 
     def decode_into(self, i: int, out: torch.Tensor) -> bool:
         """Write item `i`'s normalised view into `out` (``(3, size, size)`` float32; zeros for a bad file); whether it decoded."""
@@ -238,7 +236,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if pixels is None:
             out.zero_()
             return False
-        normalise_into(pixels, self.table, out)
+        normalise_into(pixels, self.pre, out)
         return True
 
     def __getitem__(self, i: int):

@@ -2,7 +2,7 @@
 
 Images go through the training code path, :class:`transferlab.data.ImageDataset`:
 :func:`transferlab.data.load_rgb` (with the same reduced-scale JPEG decoding), then the numbers of
-:func:`transferlab.data.build_transform` (computed as pixels, then a lookup table); PIL images through
+:func:`transferlab.data.build_transform` (computed as pixels, then normalised in place); PIL images through
 :func:`transferlab.data.to_rgb` (what load_rgb does after opening the file) and the same view. On CPU
 the numbers are those of training's test evaluation (fp32, same preprocessing).
 Evaluation on a data folder (:func:`run_split`) rebuilds the splits with the run's own split settings.
