@@ -191,3 +191,17 @@ def test_to_rgb_returns_a_new_image_even_for_an_rgb_one():
     assert out is not img and out.mode == "RGB"
     out.putpixel((0, 0), (9, 9, 9))
     assert img.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_as_they_were(tmp_path):
+    """Threads decoding at once must not change the process's warning filters (warnings.catch_warnings
+    around each decode, entered and left by several threads, left "ignore" installed for good)."""
+    import warnings
+
+    split, pre = _folder_split(tmp_path, 48), Preprocessing(input_size=16)
+    chunks = [list(range(i, i + 16)) for i in (0, 16, 32)]
+    list(threaded_batches(split, pre, chunks[:1], threads=0))  # what decoding imports may add filters of its own
+    before = list(warnings.filters)
+    for _ in range(5):
+        list(threaded_batches(split, pre, chunks, threads=3))
+        assert warnings.filters == before

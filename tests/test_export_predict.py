@@ -86,6 +86,7 @@ def test_predict_on_cpu_decodes_in_turns_in_this_process_with_the_loader_numbers
     helper threads take turns with the model, and the probabilities are bit-identical to the DataLoader's."""
     import transferlab
 
+    monkeypatch.setattr("transferlab.data.loader.decode_threads", lambda: 2)  # helpers on a 1-core runner too
     files = sorted(str(p) for p in (data / "test").rglob("*.png"))
     clf = transferlab.load_classifier(model_dir, device="cpu")
     assert clf.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # as training runs it

@@ -38,8 +38,9 @@ def add_use_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (exact training numbers on cpu)")
-    p.add_argument("--workers", type=int, default=None, help="image decoding worker processes, 0: in this process (default: on CPU, threads of "
-                   "this process taking turns with the model; on CUDA min(4, cores))")
+    p.add_argument("--workers", type=int, default=None, help="image decoding worker processes, 0: serially in this process (default: on CPU, "
+                   "threads of this process taking turns with the model; on CUDA min(4, cores) for more "
+                   "than one batch of files)")
     p.add_argument("--out", default=None, help="preds.csv or preds.jsonl (default: CSV on stdout)")
     p.add_argument("--on-bad-image", default="error", choices=("error", "skip"), help="undecodable files: list them and stop (exit 2), or skip them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

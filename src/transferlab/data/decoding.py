@@ -27,6 +27,14 @@ DECODER = "pil-rgb-exif-transpose-v2"
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+# Files that PIL warns about but decodes (bomb-sized below its refusal limit, palette transparency, EXIF
+# oddities) are decoded anyway, so those warnings are filtered, once, by origin: decoding runs in several
+# threads at once, and warnings.catch_warnings is not thread-safe (two threads leaving it out of order
+# leave "ignore every warning" installed in the process for good).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+
 def _is_jpeg(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(3) == b"\xff\xd8\xff"
@@ -74,28 +82,26 @@ def to_rgb(img: Image.Image, min_size: int | None = None) -> Image.Image:
     upright; grey, palette, RGBA and CMYK images become RGB; alpha is dropped. For a PNG path ``p``,
     ``to_rgb(Image.open(p), m)`` equals ``load_rgb(p, m)`` pixel for pixel.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL warns on palette transparency and EXIF oddities
-        if min_size is not None and img.format == "JPEG":
-            img.draft("RGB", (min_size, min_size))  # a no-op once loaded
-        img.load()
-        info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps the EXIF orientation
-        top = None
-        if img.mode in HIGH_DEPTH_MODES:
-            top = 65535.0 if img.mode.startswith("I;16") or float(np.asarray(img).max()) > 255 else 255.0
-            img = img.convert("F")  # PIL cannot reduce 16-bit modes; float also averages without rounding
-        if min_size is not None and img.format != "JPEG":
-            factor = min(img.size) // (2 * min_size)
-            if factor >= 2 and img.mode not in ("P", "1"):
-                img = img.reduce(factor)
-        if top is not None:
-            arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            img.info.update(info)
-        elif img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        img = ImageOps.exif_transpose(img) or img
-        return img if img.mode == "RGB" else img.convert("RGB")
+    if min_size is not None and img.format == "JPEG":
+        img.draft("RGB", (min_size, min_size))  # a no-op once loaded
+    img.load()
+    info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps the EXIF orientation
+    top = None
+    if img.mode in HIGH_DEPTH_MODES:
+        top = 65535.0 if img.mode.startswith("I;16") or float(np.asarray(img).max()) > 255 else 255.0
+        img = img.convert("F")  # PIL cannot reduce 16-bit modes; float also averages without rounding
+    if min_size is not None and img.format != "JPEG":
+        factor = min(img.size) // (2 * min_size)
+        if factor >= 2 and img.mode not in ("P", "1"):
+            img = img.reduce(factor)
+    if top is not None:
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        img.info.update(info)
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    img = ImageOps.exif_transpose(img) or img
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
@@ -104,9 +110,7 @@ def load_rgb(path: str, min_size: int | None = None) -> Image.Image:
     Large JPEGs are decoded at reduced scale (still >= `min_size` on each side) so an 8000x6000 photo
     never materialises at full size; other large images are box-reduced right after decoding.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL warns on bomb-sized images below its refusal limit
-        return to_rgb(open_image(path, min_size), min_size)
+    return to_rgb(open_image(path, min_size), min_size)
 
 
 def describe_bad_image(path: str) -> str:

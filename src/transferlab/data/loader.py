@@ -225,11 +225,6 @@ class ImageDataset(torch.utils.data.Dataset):
         except BAD_IMAGE_ERRORS:
             return None
 
-    def eval_view(self, img) -> torch.Tensor:
-        """The normalised evaluation view of an RGB PIL image: :func:`build_transform`'s numbers."""
-        out = torch.empty(3, self.pre.input_size, self.pre.input_size, dtype=torch.float32)
-        return normalise_into(eval_pixels(img, self.pre), self.pre, out)
-
     def decode_into(self, i: int, out: torch.Tensor) -> bool:
         """Write item `i`'s normalised view into `out` (``(3, size, size)`` float32; zeros for a bad file); whether it decoded."""
         pixels = self.pixels(i)

@@ -132,7 +132,12 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[str]:
 
 
 class Classifier:
-    """A trained network with its class names and preprocessing."""
+    """A trained network with its class names and preprocessing.
+
+    The network is moved to `device` and to channels_last in place (as training runs it); a batch's
+    probabilities can then differ from the same images' in another batch in the last bits (about 1e-8).
+    Predicting applies :func:`~transferlab.core.devices.keep_freed_memory` to the process.
+    """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], preprocessing: Preprocessing, config: dict | None = None,
                  device: str = "auto"):
@@ -155,7 +160,7 @@ class Classifier:
             raise ConfigError("on_bad_image", on_bad_image, "expected error or skip")
         if batch_size < 1:
             raise ConfigError("batch_size", batch_size, "must be at least 1")
-        keep_freed_memory()  # else each batch's activations are page-faulted in afresh: 2.5x slower on CPU
+        keep_freed_memory()  # else every batch's tensors (activations, on CPU) are page-faulted in afresh: 2.5x slower
         dataset = _Items(images, self.preprocessing)
         plain = all(not isinstance(x, Image.Image) for x in dataset.items)
         loader: Iterable
@@ -174,15 +179,20 @@ class Classifier:
         kept: list[int] = []
         bad: list[int] = []
         bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress, leave=False)
-        with torch.no_grad():
-            for x, _labels, idx, ok in loader:
-                bad += idx[~ok].tolist()
-                if ok.any() and not (bad and on_bad_image == "error"):  # once it will fail, only keep listing
-                    logits = self.model(self.placement.put(x[ok]))
-                    probs.append(torch.softmax(logits.float(), dim=1).double().cpu())
-                    kept += idx[ok].tolist()
-                bar.update(len(idx))
-        bar.close()
+        try:
+            with torch.no_grad():
+                for x, _labels, idx, ok in loader:
+                    bad += idx[~ok].tolist()
+                    if ok.any() and not (bad and on_bad_image == "error"):  # once it will fail, only keep listing
+                        logits = self.model(self.placement.put(x[ok]))
+                        probs.append(torch.softmax(logits.float(), dim=1).double().cpu())
+                        kept += idx[ok].tolist()
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+            close = getattr(loader, "close", None)
+            if close is not None:  # the decoding threads stop now, also when the model raised
+                close()
         if bad and on_bad_image == "error":
             listing = "; ".join(dataset.describe_bad(i) for i in bad)
             raise UserError(f"{len(bad)} image(s) cannot be decoded: {listing} (fix or remove them, or pass --on-bad-image skip)")

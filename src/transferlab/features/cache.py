@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transferlab.core.devices import Placement
 from transferlab.core.errors import UserError
 from transferlab.core.hashing import stable_hash
-from transferlab.data import DECODER, Preprocessing, Split, default_num_workers, image_loader, split_fingerprint
+from transferlab.data import DECODER, Preprocessing, Split, image_loader, split_fingerprint
+from transferlab.data.loader import threaded_batches
 from transferlab.data.splits import bad_image_policy
 from transferlab.features import shards
 from transferlab.features.extraction import ExtractionJob, Extractor, extract, extract_job, output_shape
@@ -141,11 +142,16 @@ class FeatureCache:
 
 
 def find_bad_images(split: Split, pre: Preprocessing, num_workers: int | None = None, progress: bool = True) -> list[str]:
-    """Decode every image of `split` once (for the uncached path) and return the files that fail."""
-    workers = default_num_workers() if num_workers is None else num_workers
+    """Decode every image of `split` once (for the uncached path) and return the files that fail; with
+    `num_workers` None by the threads of this process (``data.loader.threaded_batches``), else by workers."""
     bad: list[str] = []
     bar = tqdm(total=len(split), desc=f"check {split.name}", unit="img", disable=not progress, leave=False)
-    for _x, _y, idx, ok in image_loader(split, pre, 64, workers):
+    if num_workers is None:
+        chunks = [list(range(i, min(i + 64, len(split)))) for i in range(0, len(split), 64)]
+        batches = threaded_batches(split, pre, chunks)
+    else:
+        batches = image_loader(split, pre, 64, num_workers)
+    for _x, _y, idx, ok in batches:
         bad += [split.files[i] for i in idx[~ok].tolist()]
         bar.update(len(idx))
     bar.close()
