@@ -28,13 +28,11 @@ HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 # Files that PIL warns about but decodes (bomb-sized below its refusal limit, palette transparency, EXIF
-# oddities) are decoded anyway, so those warnings are filtered once, when this module is imported, for the
-# whole process: decoding runs in several threads at once, and warnings.catch_warnings is not thread-safe
-# (two threads leaving it out of order leave "ignore every warning" installed for good). Only the
-# bomb-size warning and the UserWarnings of PIL's file-format modules are filtered; a filter list restored
-# by a catch_warnings block that imported this module drops them again (the warnings then show).
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.Image$")
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.(Image|\w+ImagePlugin)$")
+# oddities) are decoded anyway, so those warnings are filtered, once, by origin: decoding runs in several
+# threads at once, and warnings.catch_warnings is not thread-safe (two threads leaving it out of order
+# leave "ignore every warning" installed in the process for good).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 def _is_jpeg(path: str) -> bool:
