@@ -88,6 +88,11 @@ def image_loader(split: Split, pre: Preprocessing, batch_size: int, num_workers:
     return ChildSignalSafeLoader(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs))
 
 
+def consecutive_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Indices 0..n-1 in order, cut into batches of `batch_size` (the last one shorter): a batch sampler."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
 def threaded_batches(split: Split, pre: Preprocessing, batch_sampler: list[list[int]], threads: int | None = None,
                      augment_seed: int | None = None, min_scale: float = DEFAULT_MIN_SCALE):
     """``(image, label, index, ok)`` batches in `batch_sampler`'s order, decoded in this process by the

@@ -35,7 +35,7 @@ from transferlab.data import (
     describe_bad_image,
     to_rgb,
 )
-from transferlab.data.loader import batches_in_turns
+from transferlab.data.loader import batches_in_turns, consecutive_batches
 from transferlab.data.transforms import eval_pixels
 from transferlab.deploy.model_folder import ModelConfig, is_model_folder, model_config
 
@@ -168,8 +168,7 @@ class Classifier:
             # Decoding takes turns with the model (as extraction's does): worker processes would fight its
             # threads for the cores. The caller's PIL images are decoded by this thread alone: two threads
             # copying one lazily loaded image would both load it.
-            chunks = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-            loader = batches_in_turns(dataset, chunks, threads=None if plain else 0)
+            loader = batches_in_turns(dataset, consecutive_batches(len(dataset), batch_size), threads=None if plain else 0)
         else:
             if num_workers is None:
                 num_workers = default_num_workers() if plain and len(dataset) > batch_size else 0

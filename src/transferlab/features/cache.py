@@ -25,7 +25,7 @@ from transferlab.core.devices import Placement
 from transferlab.core.errors import UserError
 from transferlab.core.hashing import stable_hash
 from transferlab.data import DECODER, Preprocessing, Split, image_loader, split_fingerprint
-from transferlab.data.loader import threaded_batches
+from transferlab.data.loader import consecutive_batches, threaded_batches
 from transferlab.data.splits import bad_image_policy
 from transferlab.features import shards
 from transferlab.features.extraction import ExtractionJob, Extractor, extract, extract_job, output_shape
@@ -147,8 +147,7 @@ def find_bad_images(split: Split, pre: Preprocessing, num_workers: int | None = 
     bad: list[str] = []
     bar = tqdm(total=len(split), desc=f"check {split.name}", unit="img", disable=not progress, leave=False)
     if num_workers is None:
-        chunks = [list(range(i, min(i + 64, len(split)))) for i in range(0, len(split), 64)]
-        batches = threaded_batches(split, pre, chunks)
+        batches = threaded_batches(split, pre, consecutive_batches(len(split), 64))
     else:
         batches = image_loader(split, pre, 64, num_workers)
     for _x, _y, idx, ok in batches:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from transferlab.core.devices import Placement, keep_freed_memory
 from transferlab.data import Preprocessing, Split, default_num_workers, image_loader
-from transferlab.data.loader import threaded_batches
+from transferlab.data.loader import consecutive_batches, threaded_batches
 from transferlab.features import shards
 from transferlab.features.runtimes import PrefixRunner, RuntimeFellBack, eager_runner
 
@@ -54,8 +54,7 @@ def extract(
     seed, min_scale = augment if augment is not None else (None, 1.0)
     loader: Iterable
     if num_workers is None and placement.device.type == "cpu":  # decoding takes turns with the runtime
-        chunks = [list(range(i, min(i + batch_size, len(split)))) for i in range(0, len(split), batch_size)]
-        loader = threaded_batches(split, pre, chunks, augment_seed=seed, min_scale=min_scale)
+        loader = threaded_batches(split, pre, consecutive_batches(len(split), batch_size), augment_seed=seed, min_scale=min_scale)
     else:
         workers = default_num_workers() if num_workers is None else num_workers
         loader = image_loader(split, pre, batch_size, workers, pin=placement.device.type == "cuda", augment_seed=seed,
