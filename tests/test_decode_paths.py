@@ -21,6 +21,7 @@ from transferlab.data.transforms import (
     build_transform,
     eval_pixels,
     normalise_into,
+    resized_center_crop,
 )
 
 PREPROCESSINGS = [
@@ -52,11 +53,43 @@ def test_normalising_is_to_tensor_then_normalize_for_every_byte_in_every_channel
 @pytest.mark.parametrize("pre", PREPROCESSINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}-{p.resize}-{p.squash}")
 def test_pixels_then_normalising_equal_the_torchvision_transform_bit_for_bit(pre):
     rng = np.random.default_rng(0)
-    for w, h in [(227, 227), (500, 375), (375, 500), (256, 256), (640, 48), (31, 17), (5, 700)]:
+    for w, h in [(227, 227), (500, 375), (375, 500), (256, 256), (640, 48), (31, 17), (5, 700), (162, 447), (400, 300)]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         expected = build_transform(pre)(img)
         got = _normalised(eval_pixels(img, pre), pre)
         assert got.shape == expected.shape and torch.equal(got, expected), (w, h)
+
+
+def test_only_the_crop_is_resampled_where_that_gives_torchvisions_pixels(monkeypatch):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    resize = Image.Image.resize
+    asked: list[tuple[int, int]] = []
+
+    def recorded(self, size, *args, **kwargs):
+        asked.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    rng = np.random.default_rng(3)
+    cases = [  # (w, h, resize, crop, interpolation, the resampled size: only the crop where positions are exact)
+        (227, 227, 256, 224, "bicubic", (224, 224)),  # 227/256 on both axes
+        (500, 375, 256, 224, "bilinear", (341, 224)),  # 375/256 exact, 500/341 not: that axis cropped after
+        (375, 500, 232, 224, "lanczos", (232, 309)),  # 375/232, 500/309: neither exact
+        (300, 300, 256, 256, "bicubic", (256, 256)),  # the crop is the whole resize
+        # Rows shrink 447 -> 353 (94) by more than twice the columns' 162 -> 128 (34): Pillow 13 resamples
+        # rows first; for the crop alone (162 -> 112) it would not, and the pixels would differ by 1.
+        (162, 447, 128, 112, "bicubic", (128, 353)),
+        (162, 447, 128, 112, "nearest", (128, 353)),
+    ]
+    for w, h, size, crop, interpolation, resampled in cases:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        asked.clear()
+        got = np.asarray(resized_center_crop(img, size, crop, interpolation))
+        assert asked == [resampled], (w, h)
+        expected = np.asarray(TF.center_crop(TF.resize(img, size, InterpolationMode(interpolation)), [crop, crop]))
+        assert got.shape == expected.shape == (crop, crop, 3) and np.array_equal(got, expected), (w, h)
 
 
 def test_augmented_pixels_then_normalising_equal_the_augmented_view():

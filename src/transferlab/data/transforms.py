@@ -8,6 +8,7 @@ Each view is made in two steps: the geometry (PIL, 8-bit pixels: :func:`eval_pix
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,14 +67,83 @@ def build_transform(pre: Preprocessing):
 
 def eval_pixels(img: Image.Image, pre: Preprocessing) -> np.ndarray:
     """The evaluation view's geometry of an RGB image as ``(H, W, 3)`` uint8: :func:`build_transform`'s
-    Resize and CenterCrop, as torchvision's functions (no transform objects built per image)."""
+    Resize and CenterCrop, pixel for pixel (:func:`resized_center_crop`)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
     interp, size = InterpolationMode(pre.interpolation), [pre.input_size, pre.input_size]
     if pre.squash:
         return np.asarray(TF.resize(img, size, interp))
-    return np.asarray(TF.center_crop(TF.resize(img, pre.resize_size, interp), size))
+    return np.asarray(resized_center_crop(img, pre.resize_size, pre.input_size, pre.interpolation))
+
+
+def resized_center_crop(img: Image.Image, resize_size: int, crop_size: int, interpolation: str) -> Image.Image:
+    """torchvision's ``center_crop(resize(img, resize_size), crop_size)`` of a PIL image, the same pixels,
+    resampling only the crop on each axis where that gives the same numbers.
+
+    Pillow computes output pixel i of an axis from source position ``box_start + (i + 0.5) * scale``,
+    with the box in float32. Resampling just the crop's box puts each of its pixels at the same source
+    position when those positions are exact: when the axis's scale (source / resized length) is a
+    dyadic fraction, as for any side resized to 256 (227 -> 256: 227/256). Such an axis skips the
+    resized pixels the crop drops (a 227 px square to 256 then 224: 23% less resampling); any other
+    axis is resampled whole and cropped after. Pillow 13 runs the vertical pass first when the
+    height shrinks by more than twice as many pixels as the width; the crop's box is asked for only
+    where that choice is the same as for the whole resize (the two orders round differently).
+    """
+    from torchvision.transforms import functional as TF
+
+    resample = INTERPOLATIONS[interpolation]
+    plan = None if resample == Image.Resampling.NEAREST else _crop_plan(*img.size, resize_size, crop_size)
+    if plan is None:  # nearest (no filter taps, nothing to gain), or a crop larger than the image (padded)
+        return TF.center_crop(TF.resize(img, resize_size, TF.InterpolationMode(interpolation)), [crop_size, crop_size])
+    size, box, crop = plan
+    resized = img.resize(size, resample, box=box)
+    return resized if crop is None else resized.crop(crop)
+
+
+Box = tuple[float, float, float, float]
+
+
+@functools.lru_cache(maxsize=4096)
+def _crop_plan(w: int, h: int, resize_size: int, crop_size: int) -> tuple[tuple[int, int], Box, Box | None] | None:
+    """For :func:`resized_center_crop`: the size and source box to resample and the crop of that left to take
+    (None: none); None when the crop is larger than the resized image."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize_size, int(resize_size * long / short)  # torchvision's rule
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if crop_size > min(new_w, new_h):
+        return None
+    left, top = int(round((new_w - crop_size) / 2.0)), int(round((new_h - crop_size) / 2.0))
+    x_box, y_box = _exact_crop_box(w, new_w, left, crop_size), _exact_crop_box(h, new_h, top, crop_size)
+    out_w, out_h = crop_size if x_box else new_w, crop_size if y_box else new_h
+    if _vertical_first(w, h, new_w, new_h) != _vertical_first(w, h, out_w, out_h):  # the two orders round differently
+        x_box = y_box = None
+        out_w, out_h = new_w, new_h
+    (x0, x1), (y0, y1) = x_box or (0.0, float(w)), y_box or (0.0, float(h))
+    if x_box and y_box:
+        return (out_w, out_h), (x0, y0, x1, y1), None
+    crop_left, crop_top = 0 if x_box else left, 0 if y_box else top
+    return (out_w, out_h), (x0, y0, x1, y1), (crop_left, crop_top, crop_left + crop_size, crop_top + crop_size)
+
+
+def _exact_crop_box(n_source: int, n_resized: int, start: int, n_crop: int) -> tuple[float, float] | None:
+    """The source interval of resized pixels ``[start, start + n_crop)`` when Pillow's sample positions
+    for it are exactly those of the whole resize (see :func:`resized_center_crop`); else None."""
+    from fractions import Fraction
+
+    scale = Fraction(n_source, n_resized)
+    if n_source == n_resized or scale.denominator & (scale.denominator - 1):  # no resampling; not dyadic
+        return None
+    lo, hi = scale * start, scale * (start + n_crop)
+    # With a dyadic scale every position is exact in double; the box's float32 corners and length must be too.
+    if any(Fraction(float(np.float32(float(v)))) != v for v in (lo, hi, hi - lo)):
+        return None
+    return float(lo), float(hi)
+
+
+def _vertical_first(w: int, h: int, out_w: int, out_h: int) -> bool:
+    """Whether Pillow (13 and later) resamples rows before columns for a `w` x `h` -> `out_w` x `out_h` resize."""
+    return h - out_h > 0 and h - out_h > (w - out_w) * 2
 
 
 def normalise_into(pixels: np.ndarray, pre: Preprocessing, out: torch.Tensor) -> torch.Tensor:
